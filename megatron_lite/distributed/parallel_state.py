@@ -1,0 +1,178 @@
+"""ParallelState: this rank's coordinates and the process groups of one parallel layout.
+
+An explicit object instead of Megatron's module globals (DESIGN rule 1): tests can build
+several layouts in one process, and library code receives the state it works in.
+Collective helpers elsewhere treat a size-1 axis as "no communication", so a ParallelState
+for a single process works without torch.distributed being initialized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from megatron_lite.distributed.rank_grid import (
+    DEFAULT_ORDER,
+    RankGrid,
+    embedding_groups,
+    position_embedding_groups,
+)
+
+# Group tokens created for every layout; names follow spec §5.2.
+_GROUP_TOKENS = ("tp", "cp", "dp", "pp", "dp-cp", "tp-pp", "tp-cp", "tp-dp-cp", "tp-dp")
+
+
+@dataclass
+class ParallelState:
+    grid: RankGrid
+    rank: int
+    groups: dict = field(default_factory=dict)  # token -> ProcessGroup (None when size 1 / no dist)
+    ranks: dict = field(default_factory=dict)  # token -> list of global ranks of this rank's group
+    embedding_group: object = None
+    embedding_ranks: list = field(default_factory=list)
+    position_embedding_group: object = None
+    position_embedding_ranks: list = field(default_factory=list)
+    _owned: list = field(default_factory=list, repr=False)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        tp: int = 1,
+        pp: int = 1,
+        cp: int = 1,
+        order: str = DEFAULT_ORDER,
+        tied_embeddings: bool = True,
+        backend: str | None = None,
+    ) -> ParallelState:
+        """Build every group for this layout. Collective: all ranks of the world must call it."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        model_parallel = tp * pp * cp
+        if world % model_parallel:
+            raise ValueError(
+                f"world size ({world}) is not divisible by tensor ({tp}) x pipeline ({pp}) "
+                f"x context ({cp}) parallel sizes"
+            )
+        grid = RankGrid(tp=tp, cp=cp, dp=world // model_parallel, pp=pp, order=order)
+        state = cls(grid=grid, rank=rank)
+        for token in _GROUP_TOKENS:
+            state.groups[token], state.ranks[token] = state._new_groups(grid.groups(token), backend)
+        pipelines = grid.groups("pp")
+        state.embedding_group, state.embedding_ranks = state._new_groups(
+            embedding_groups(pipelines, tied=tied_embeddings), backend, only_members=True
+        )
+        state.position_embedding_group, state.position_embedding_ranks = state._new_groups(
+            position_embedding_groups(pipelines), backend, only_members=True
+        )
+        return state
+
+    def _new_groups(self, all_groups, backend, only_members=False):
+        """Create one process group per rank list (every rank calls new_group for each, as
+        torch.distributed requires) and return this rank's group and its member list."""
+        mine, mine_ranks = None, []
+        for ranks in all_groups:
+            group = None
+            if dist.is_initialized() and len(ranks) > 1:
+                group = dist.new_group(ranks, backend=backend)
+                self._owned.append(group)
+            if self.rank in ranks:
+                mine, mine_ranks = group, list(ranks)
+        if not mine_ranks and not only_members:
+            raise AssertionError(f"rank {self.rank} is in no group of {all_groups}")
+        return mine, mine_ranks
+
+    def destroy(self) -> None:
+        """Free this layout's groups (the default group stays)."""
+        for group in self._owned:
+            dist.destroy_process_group(group)
+        self._owned.clear()
+        self.groups.clear()
+
+    # ---- coordinates --------------------------------------------------------------------
+    def _coord(self, axis: str) -> int:
+        return self.grid.coords_of(self.rank)[axis]
+
+    @property
+    def world_size(self) -> int:
+        return self.grid.world_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.grid.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.grid.pp
+
+    @property
+    def cp_size(self) -> int:
+        return self.grid.cp
+
+    @property
+    def dp_size(self) -> int:
+        return self.grid.dp
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coord("tp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self._coord("pp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self._coord("cp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self._coord("dp")
+
+    @property
+    def tp_group(self):
+        return self.groups.get("tp")
+
+    @property
+    def pp_group(self):
+        return self.groups.get("pp")
+
+    @property
+    def cp_group(self):
+        return self.groups.get("cp")
+
+    @property
+    def dp_group(self):
+        return self.groups.get("dp")
+
+    @property
+    def dp_cp_group(self):
+        return self.groups.get("dp-cp")
+
+    @property
+    def mp_group(self):
+        """Model-parallel group (tp x pp): grad-norm and found-inf reductions (spec §5.2)."""
+        return self.groups.get("tp-pp")
+
+    @property
+    def is_pipeline_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_pipeline_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def in_embedding_group(self) -> bool:
+        return self.rank in self.embedding_ranks
+
+    def pipeline_peer(self, offset: int) -> int:
+        """Global rank `offset` stages away in this rank's pipeline (wrapping, for VPP rings)."""
+        ranks = self.ranks["pp"]
+        return ranks[(self.pp_rank + offset) % len(ranks)]
+
+    def describe(self) -> str:
+        return (
+            f"rank {self.rank}: tp {self.tp_rank}/{self.tp_size} cp {self.cp_rank}/{self.cp_size} "
+            f"dp {self.dp_rank}/{self.dp_size} pp {self.pp_rank}/{self.pp_size}"
+        )

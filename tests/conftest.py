@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from tests.dist_pool import PoolRegistry
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def _pools():
+    registry = PoolRegistry()
+    yield registry
+    registry.close()
+
+
+@pytest.fixture
+def run_dist(_pools):
+    """`run_dist(world_size, fn, *args)` -> list of per-rank results of `fn(rank, world, *args)`."""
+    return _pools.run
