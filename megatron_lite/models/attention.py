@@ -1,0 +1,121 @@
+"""Self-attention: fused QKV projection, RoPE, core attention (SDPA or an explicit
+reference), output projection. Heads are split across tensor-parallel ranks."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.config.configs import ModelConfig
+from megatron_lite.models.rope import apply_rotary
+from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+_SDPA_BACKENDS = ("auto", "flash", "fused")
+_REFERENCE_BACKENDS = ("unfused", "local")
+
+
+def _sdpa_context(backend: str):
+    """Pin SDPA to one kernel when the user asked for one (flash / cuDNN); `auto` lets torch pick."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = SDPBackend.FLASH_ATTENTION if backend == "flash" else SDPBackend.CUDNN_ATTENTION
+    return sdpa_kernel([kernel])
+
+
+def core_attention(q, k, v, *, backend: str, dropout_p: float, softmax_in_fp32: bool):
+    """Causal attention. q `[s, b, np, d]`, k/v `[s, b, ng, d]` -> `[s, b, np*d]`.
+
+    The SDPA path never materializes `[s, s]` scores on the GPU (flash / cuDNN / efficient
+    kernels). The reference path is the textbook computation, kept for testing and debugging.
+    """
+    s, b, n_heads, d = q.shape
+    n_groups = k.shape[2]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+    if backend in _SDPA_BACKENDS:
+        with _sdpa_context(backend):
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=n_groups != n_heads
+            )  # [b, np, s, d]
+    elif backend in _REFERENCE_BACKENDS:
+        out = _reference_attention(q, k, v, dropout_p, softmax_in_fp32)
+    else:
+        raise ValueError(f"--attention-backend {backend!r} is not one of "
+                         f"{_SDPA_BACKENDS + _REFERENCE_BACKENDS}")
+    return out.permute(2, 0, 1, 3).reshape(s, b, n_heads * d)  # [s, b, np*d]
+
+
+def _reference_attention(q, k, v, dropout_p: float, softmax_in_fp32: bool):
+    n_heads, n_groups = q.shape[1], k.shape[1]
+    if n_groups != n_heads:  # GQA: each KV head serves n_heads/n_groups consecutive query heads
+        k = k.repeat_interleave(n_heads // n_groups, dim=1)
+        v = v.repeat_interleave(n_heads // n_groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [b, np, s, s]
+    if softmax_in_fp32:
+        scores = scores.float()
+    s = q.shape[2]
+    causal = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1).to(v.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return torch.matmul(probs, v)  # [b, np, s, d]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, ps, rng_tracker=None, device=None):
+        super().__init__()
+        tp = ps.tp_size
+        if config.num_attention_heads % tp:
+            raise ValueError(f"--num-attention-heads ({config.num_attention_heads}) must be divisible "
+                             f"by --tensor-model-parallel-size ({tp})")
+        if config.num_query_groups % tp:
+            raise ValueError(f"--num-query-groups ({config.num_query_groups}) must be a multiple of "
+                             f"--tensor-model-parallel-size ({tp}): each TP rank needs whole KV heads")
+        self.config, self.rng_tracker = config, rng_tracker
+        self.heads_per_group = config.num_attention_heads // config.num_query_groups
+        self.local_groups = config.num_query_groups // tp
+        d = config.kv_channels
+        # Fused QKV rows grouped per query group: [q heads of g0, k0, v0, q heads of g1, ...]
+        # (spec §4.2), so a contiguous TP shard holds whole groups.
+        self.linear_qkv = ColumnParallelLinear(
+            config.hidden_size, config.query_projection_size + 2 * config.kv_projection_size,
+            tp_group=ps.tp_group, bias=config.add_bias_linear or config.add_qkv_bias,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device)
+        self.linear_proj = RowParallelLinear(
+            config.query_projection_size, config.hidden_size, tp_group=ps.tp_group,
+            bias=config.add_bias_linear, input_is_parallel=True,
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device)
+        self.head_dim = d
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        cfg = self.config
+        qkv = self.linear_qkv(x)  # [s, b, ng/tp * (np/ng + 2) * d]
+        s, b = qkv.shape[:2]
+        d, per = self.head_dim, self.heads_per_group
+        qkv = qkv.view(s, b, self.local_groups, (per + 2) * d)  # [s, b, ng/tp, (np/ng + 2) * d]
+        q, k, v = qkv.split([per * d, d, d], dim=-1)
+        q = q.reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d]
+        if rope is not None:
+            cos, sin = rope
+            q = apply_rotary(q, cos, sin, cfg.rotary_interleaved)
+            k = apply_rotary(k, cos, sin, cfg.rotary_interleaved)
+        dropout_p = cfg.attention_dropout if self.training else 0.0
+        attend = lambda q_, k_, v_: core_attention(  # noqa: E731
+            q_, k_, v_, backend=cfg.attention_backend, dropout_p=dropout_p,
+            softmax_in_fp32=cfg.attention_softmax_in_fp32)
+        # Attention dropout acts on this rank's heads only: draw it from the TP-rank stream.
+        fork = (self.rng_tracker.fork() if dropout_p and self.rng_tracker is not None
+                else contextlib.nullcontext())
+        with fork:
+            if cfg.recompute_granularity == "selective" and self.training:
+                # Recompute the core attention in backward (its activations are O(s^2) without
+                # flash); checkpoint restores the forked RNG state so dropout repeats exactly.
+                ctx = checkpoint(attend, q, k, v, use_reentrant=False)
+            else:
+                ctx = attend(q, k, v)  # [s, b, np/tp * d]
+        return self.linear_proj(ctx)  # [s, b, h] (or [s/tp, b, h] with SP)

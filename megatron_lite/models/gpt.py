@@ -1,0 +1,131 @@
+"""The decoder-only language model. GPT and Llama are the same class with different config
+values (learned positions + LayerNorm + GeLU + biases + tied head vs RoPE + RMSNorm + SwiGLU
++ GQA + untied head). One instance is one pipeline chunk: it may own the embedding
+(`pre_process`), the final norm + output layer + loss (`post_process`), and any layers."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.config.configs import ModelConfig
+from megatron_lite.models.rope import inverse_frequencies, rotary_cos_sin
+from megatron_lite.models.transformer import TransformerBlock
+from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_lite.tensor_parallel.embedding import VocabParallelEmbedding
+from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, linear_with_tp
+from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ModelConfig, ps, device=None):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, tp_group=ps.tp_group,
+            params_dtype=config.params_dtype, device=device)
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(
+                config.max_position_embeddings, config.hidden_size,
+                dtype=config.params_dtype, device=device)
+
+    def forward(self, input_ids, position_ids):  # [b, s] -> [b, s, h]
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
+        return x
+
+
+class GPTModel(nn.Module):
+    def __init__(self, config: ModelConfig, ps, layer_numbers: list[int] | None = None,
+                 pre_process: bool = True, post_process: bool = True, rng_tracker=None, device=None):
+        super().__init__()
+        if config.position_embedding_type not in ("learned_absolute", "rope", "none"):
+            raise ValueError(f"--position-embedding-type {config.position_embedding_type!r} is not "
+                             "supported (learned_absolute, rope, none)")
+        self.config, self.ps, self.rng_tracker = config, ps, rng_tracker
+        self.pre_process, self.post_process = pre_process, post_process
+        if layer_numbers is None:
+            layer_numbers = list(range(1, config.num_layers + 1))
+        self.layer_numbers = list(layer_numbers)
+        self.embedding = Embedding(config, ps, device) if pre_process else None
+        self.decoder = TransformerBlock(config, ps, self.layer_numbers, final_norm=post_process,
+                                        rng_tracker=rng_tracker, device=device)
+        self.output_layer = None
+        if post_process and (config.untie_embeddings_and_output_weights or not pre_process):
+            # Untied head, or the last pipeline stage's copy of the tied embedding (kept equal
+            # to the first stage's through the embedding group, spec §5.3).
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, tp_group=ps.tp_group, bias=False,
+                params_dtype=config.params_dtype, device=device)
+            if not config.untie_embeddings_and_output_weights:
+                self.output_layer.weight.shared_embedding = True
+        if config.position_embedding_type == "rope":
+            rot_dim = int(config.kv_channels * config.rotary_percent)
+            self.register_buffer("inv_freq", inverse_frequencies(
+                rot_dim, config.rotary_base, config.use_rope_scaling, config.rope_scaling_factor,
+            ).to(device), persistent=False)
+
+    # ---- naming ---------------------------------------------------------------------------
+    def global_name(self, name: str) -> str:
+        """Layout-independent name of a parameter: layer indices are global (0-based) and the
+        last stage's tied head is the word embedding. Initialization and checkpoints use it."""
+        parts = name.split(".")
+        if parts[:2] == ["decoder", "layers"]:
+            parts[2] = str(self.layer_numbers[int(parts[2])] - 1)
+            return ".".join(parts)
+        if name == "output_layer.weight" and not self.config.untie_embeddings_and_output_weights:
+            return TIED_EMBEDDING
+        return name
+
+    def output_weight(self) -> torch.Tensor:
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    # ---- forward --------------------------------------------------------------------------
+    def _rope(self, position_ids):
+        if self.config.position_embedding_type != "rope":
+            return None
+        cfg = self.config
+        return rotary_cos_sin(position_ids, self.inv_freq, cfg.rotary_interleaved,
+                              cfg.rotary_seq_len_interpolation_factor, dtype=cfg.params_dtype)
+
+    def embed(self, input_ids, position_ids):  # [b, s] -> [s(/tp), b, h]
+        cfg = self.config
+        x = self.embedding(input_ids, position_ids).transpose(0, 1).contiguous()  # [s, b, h]
+        if cfg.fp32_residual_connection:
+            x = x.float()
+        if cfg.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.ps.tp_group)  # [s/tp, b, h]
+        p = cfg.hidden_dropout if self.training else 0.0
+        if p:
+            fork = (self.rng_tracker.fork() if cfg.sequence_parallel and self.rng_tracker
+                    else contextlib.nullcontext())
+            with fork:
+                x = F.dropout(x, p)
+        return x
+
+    def forward(self, input_ids=None, position_ids=None, labels=None, hidden_states=None):
+        """First stage: `input_ids` `[b, s]`; later stages: `hidden_states` `[s(/tp), b, h]`.
+        Returns the hidden states (not last stage), per-token loss `[b, s]` fp32 (labels given)
+        or vocab-parallel logits `[b, s, V/tp]`."""
+        if position_ids is None:
+            ref = input_ids if input_ids is not None else labels
+            position_ids = torch.arange(ref.shape[1], device=ref.device).expand_as(ref)
+        x = self.embed(input_ids, position_ids) if self.pre_process else hidden_states
+        x = self.decoder(x, self._rope(position_ids))
+        if not self.post_process:
+            return x
+        logits = linear_with_tp(x.to(self.config.params_dtype), self.output_weight(), None,
+                                self.ps.tp_group, self.config.sequence_parallel)  # [s, b, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1)
+        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ps.tp_group,
+                                            self.config.label_smoothing)  # [s, b]
+        return loss.t()  # [b, s]
+

@@ -1,0 +1,44 @@
+"""LayerNorm and RMSNorm over the hidden dimension, with Megatron's zero-centred gamma option."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_lite.tensor_parallel.sharding import mark_sequence_parallel
+
+
+class Norm(nn.Module):
+    """`y = norm(x) * gamma (+ beta)`; `apply_layernorm_1p` stores gamma - 1 (init zeros), which
+    keeps weight decay pulling gamma towards 1 instead of 0 (spec §11)."""
+
+    def __init__(self, hidden_size: int, kind: str = "LayerNorm", eps: float = 1e-5,
+                 zero_centered: bool = False, sequence_parallel: bool = False,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if kind not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"--normalization {kind!r} is not supported (LayerNorm or RMSNorm)")
+        self.kind, self.eps, self.zero_centered = kind, eps, zero_centered
+        self.shape = (hidden_size,)
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
+        self.bias = (nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
+                     if kind == "LayerNorm" else None)
+        for p in self.parameters():
+            # Under sequence parallelism each TP rank sees different tokens: grads need a TP sum.
+            if sequence_parallel:
+                mark_sequence_parallel(p)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.zero_centered else nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, h] -> [s, b, h]
+        weight = self.weight + 1 if self.zero_centered else self.weight
+        weight = weight.to(x.dtype)
+        if self.kind == "LayerNorm":
+            bias = self.bias.to(x.dtype)
+            return F.layer_norm(x, self.shape, weight, bias, self.eps)
+        # RMSNorm statistics in fp32 (as TE and HF Llama do), output in the input dtype.
+        return F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype) * weight

@@ -1,0 +1,112 @@
+"""Pre-norm transformer layer and the block of layers one model chunk holds, with
+activation recomputation (`--recompute-granularity full`, methods uniform/block)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron_lite.config.configs import ModelConfig
+from megatron_lite.models.attention import SelfAttention
+from megatron_lite.models.mlp import MLP
+from megatron_lite.models.norms import Norm
+
+
+def make_norm(config: ModelConfig, device=None) -> Norm:
+    return Norm(config.hidden_size, config.normalization, config.norm_epsilon,
+                zero_centered=config.apply_layernorm_1p, sequence_parallel=config.sequence_parallel,
+                dtype=config.params_dtype, device=device)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ps, layer_number: int, rng_tracker=None, device=None):
+        super().__init__()
+        self.config, self.rng_tracker = config, rng_tracker
+        self.layer_number = layer_number  # 1-based global index, independent of the layout
+        self.input_layernorm = make_norm(config, device)
+        self.self_attention = SelfAttention(config, ps, rng_tracker, device)
+        self.pre_mlp_layernorm = make_norm(config, device)
+        self.mlp = MLP(config, ps, device)
+
+    def _dropout_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        p = self.config.hidden_dropout if self.training else 0.0
+        if not p:
+            return residual + x.to(residual.dtype)
+        # With sequence parallelism each TP rank holds different tokens, so the mask must come
+        # from the per-rank stream; otherwise all TP ranks must draw the same mask.
+        fork = (self.rng_tracker.fork() if self.config.sequence_parallel and self.rng_tracker
+                else contextlib.nullcontext())
+        with fork:
+            return residual + F.dropout(x, p).to(residual.dtype)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:  # [s(/tp), b, h]
+        dtype = self.config.params_dtype
+        h = self.self_attention(self.input_layernorm(x).to(dtype), rope)
+        x = self._dropout_add(h, x)
+        h = self.mlp(self.pre_mlp_layernorm(x).to(dtype))
+        return self._dropout_add(h, x)
+
+
+class TransformerBlock(nn.Module):
+    """The layers of one model chunk, by their global 1-based numbers, plus the final norm
+    when this chunk ends the network."""
+
+    def __init__(self, config: ModelConfig, ps, layer_numbers: list[int], final_norm: bool,
+                 rng_tracker=None, device=None):
+        super().__init__()
+        self.config, self.rng_tracker = config, rng_tracker
+        self.layers = nn.ModuleList(
+            TransformerLayer(config, ps, n, rng_tracker, device) for n in layer_numbers)
+        self.final_layernorm = make_norm(config, device) if final_norm else None
+
+    def _recompute_context(self):
+        # Full recompute re-runs dropout inside TP regions: replay the tracker's states as they
+        # were at forward time (torch's checkpoint only restores the default generators).
+        tracker = self.rng_tracker
+        if tracker is None:
+            return contextlib.nullcontext(), contextlib.nullcontext()
+        saved = tracker.state_dict()
+
+        @contextlib.contextmanager
+        def replay():
+            current = tracker.state_dict()
+            tracker.load_state_dict(saved)
+            try:
+                yield
+            finally:
+                tracker.load_state_dict(current)
+
+        return contextlib.nullcontext(), replay()
+
+    def _run(self, layers, x, rope):
+        for layer in layers:
+            x = layer(x, rope)
+        return x
+
+    def _checkpointed(self, layers, x, rope):
+        return checkpoint(self._run, layers, x, rope, use_reentrant=False,
+                          context_fn=self._recompute_context)
+
+    def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        cfg = self.config
+        layers = list(self.layers)
+        if cfg.recompute_granularity == "full" and self.training:
+            n = cfg.recompute_num_layers or 1
+            if cfg.recompute_method == "uniform":
+                # Checkpoint the input of every group of n layers; recompute the group in backward.
+                for start in range(0, len(layers), n):
+                    x = self._checkpointed(layers[start:start + n], x, rope)
+            elif cfg.recompute_method == "block":
+                # Checkpoint each of the first n layers of this chunk, keep the rest's activations.
+                for i, layer in enumerate(layers):
+                    x = self._checkpointed([layer], x, rope) if i < n else layer(x, rope)
+            else:
+                raise ValueError("--recompute-granularity full needs --recompute-method uniform|block")
+        else:
+            x = self._run(layers, x, rope)
+        if self.final_layernorm is not None:
+            x = self.final_layernorm(x)
+        return x

@@ -1,0 +1,32 @@
+"""Global gradient norm across model-parallel ranks, without double counting (spec §7.4)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def counts_toward_norm(param, tp_rank: int, is_first_pp_stage: bool) -> bool:
+    """A TP-replicated parameter is counted on TP rank 0 only; the last stage's copy of the
+    tied embedding is counted on the first stage only."""
+    if getattr(param, "shared_embedding", False) and not is_first_pp_stage:
+        return False
+    return getattr(param, "tensor_model_parallel", False) or tp_rank == 0
+
+
+def global_grad_norm(grads: list[torch.Tensor], group, device) -> torch.Tensor:
+    """L2 norm of `grads` summed over `group` (a 0-dim fp32 tensor, no host sync)."""
+    if grads:
+        sq = torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2).sum()
+    else:
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+    if group is not None:
+        dist.all_reduce(sq, group=group)
+    return sq.sqrt()
+
+
+def clip_by_norm_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale `grads` by `max_norm / (norm + 1e-6)` when that is below 1 (no host sync)."""
+    if not grads:
+        return
+    coeff = (max_norm / (total_norm + 1.0e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, coeff)

@@ -1,0 +1,70 @@
+"""Start torch.distributed from torchrun's environment, bind the device, build the
+ParallelState and seed the generators (spec §2.12)."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.distributed.parallel_state import ParallelState
+from megatron_lite.distributed.random import RNGTracker, build_rng_tracker
+
+
+@dataclass
+class DistributedEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_backend(requested: str | None) -> str:
+    """nccl where CUDA is present, gloo otherwise, unless `--distributed-backend` says."""
+    if requested is None:
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("--distributed-backend nccl needs CUDA, and no GPU is visible; use gloo")
+    return requested
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10) -> DistributedEnv:
+    """Initialize the default process group. Without torchrun variables this is a world of one
+    (so `python pretrain_gpt.py ...` works too)."""
+    backend = resolve_backend(backend)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = timedelta(minutes=timeout_minutes)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device if backend == "nccl" else None)
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=rank, world_size=world, timeout=timeout)
+    return DistributedEnv(rank, world, local_rank, device, backend)
+
+
+def build_parallel_state(tp: int, pp: int, cp: int, tied_embeddings: bool, order: str) -> ParallelState:
+    return ParallelState.create(tp=tp, pp=pp, cp=cp, order=order, tied_embeddings=tied_embeddings)
+
+
+def seed_rank(seed: int, ps: ParallelState, device: torch.device,
+              data_parallel_random_init: bool = False) -> RNGTracker:
+    return build_rng_tracker(seed, ps.tp_rank, ps.pp_rank, device, ps.dp_rank, data_parallel_random_init)

@@ -1,0 +1,131 @@
+"""`pretrain()`: the edge where the argparse namespace becomes objects. Parses and validates
+the command line, starts the distributed world, builds model, optimizer, scheduler and data,
+and runs the loop."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_lite.config.arguments import parse_args
+from megatron_lite.config.configs import model_config_from_args
+from megatron_lite.config.validation import (
+    ConfigError,
+    format_args_dump,
+    pad_vocab_size,
+    padded_vocab_line,
+    validate_args,
+    world_size_line,
+)
+from megatron_lite.data.mock import MockTokens
+from megatron_lite.data.samplers import micro_batch_iterator
+from megatron_lite.data_parallel.grad_buffer import GradBuffer
+from megatron_lite.models.gpt import GPTModel
+from megatron_lite.models.init import init_model_parameters
+from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossScaler
+from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
+from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
+from megatron_lite.training.initialize import build_parallel_state, init_distributed, seed_rank
+from megatron_lite.training.logging import RankLogger
+from megatron_lite.training.timers import Timers
+from megatron_lite.training.train_loop import LoopConfig, run_training
+
+# GPT-2's BPE vocabulary: what mock data uses when no tokenizer size is given.
+_GPT2_VOCAB = 50257
+
+
+def _original_vocab_size(args) -> int:
+    if getattr(args, "vocab_size", None):
+        return args.vocab_size
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        return _GPT2_VOCAB
+    raise ConfigError(f"--tokenizer-type {args.tokenizer_type} needs --vocab-size for --mock-data runs")
+
+
+def _build_optimizer(args, model, ps):
+    cfg = OptimizerConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                          adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                          sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad)
+    scaler = None
+    if args.fp16:
+        scaler = (ConstantLossScaler(args.loss_scale) if args.loss_scale else DynamicLossScaler(
+            args.initial_loss_scale, args.min_loss_scale, args.loss_scale_window, args.hysteresis))
+    elif args.loss_scale:
+        scaler = ConstantLossScaler(args.loss_scale)
+    return MixedPrecisionOptimizer(model.named_parameters(), cfg, ps, scaler)
+
+
+def _build_scheduler(args, optimizer):
+    B = args.global_batch_size
+    decay_iters = args.lr_decay_iters or args.train_iters
+    decay = decay_iters * B
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * decay)
+    else:
+        warmup = args.lr_warmup_iters * B or args.lr_warmup_samples
+    return OptimizerParamScheduler(
+        optimizer, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup, lr_decay_steps=decay,
+        lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay, end_wd=args.end_weight_decay,
+        wd_incr_steps=args.train_iters * B, wd_incr_style=args.weight_decay_incr_style,
+        init_lr=args.lr_warmup_init,
+        wsd_decay_steps=(args.lr_wsd_decay_iters or 0) * B, lr_wsd_decay_style=args.lr_wsd_decay_style)
+
+
+def pretrain(argv=None, defaults: dict | None = None) -> int:
+    start = time.time()
+    args = parse_args(argv, defaults=defaults)
+    env = init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+    logger = RankLogger(env.rank, env.world_size)
+    try:
+        validate_args(args, env.world_size)
+    except ConfigError as e:
+        if env.rank == 0:
+            raise SystemExit(f"error: {e}") from None
+        raise SystemExit(2) from None
+    logger.rank0(world_size_line(args))
+    if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
+        raise SystemExit("error: --pipeline-model-parallel-size > 1 and --context-parallel-size > 1 "
+                         "are not available in this version yet")
+    if not args.mock_data:
+        raise SystemExit("error: only --mock-data is available in this version (datasets come next)")
+    orig_vocab = _original_vocab_size(args)
+    args.padded_vocab_size = pad_vocab_size(orig_vocab, args.make_vocab_size_divisible_by,
+                                            args.tensor_model_parallel_size)
+    logger.rank0(padded_vocab_line(orig_vocab, args.padded_vocab_size))
+    logger.rank0(format_args_dump(args))
+
+    ps = build_parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                              args.context_parallel_size, not args.untie_embeddings_and_output_weights,
+                              "tp-cp-pp-dp" if getattr(args, "use_tp_pp_dp_mapping", False) else "tp-cp-dp-pp")
+    tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init)
+    logger.datetime_line("after megatron is initialized")
+    logger.rank0(f"time to initialize megatron (seconds): {time.time() - start:.3f}")
+
+    timers = Timers(args.timing_log_level, args.timing_log_option, sync_cuda=env.device.type == "cuda")
+    config = model_config_from_args(args)
+    model = GPTModel(config, ps, rng_tracker=tracker, device=env.device)
+    init_model_parameters(model, args.seed, config.init_method_std, config.num_layers, ps.tp_rank, ps.tp_size)
+    if ps.dp_rank == 0 and ps.cp_rank == 0:
+        n = sum(p.numel() for p in model.parameters())
+        logger.all(f" > number of parameters on (tensor, pipeline) model parallel rank "
+                   f"({ps.tp_rank}, {ps.pp_rank}): {n}")
+    grad_buffers = [GradBuffer(list(model.parameters()))]
+    optimizer = _build_optimizer(args, model, ps)
+    scheduler = _build_scheduler(args, optimizer)
+    logger.datetime_line("after model, optimizer, and learning rate scheduler are built")
+
+    total = args.train_iters * args.global_batch_size
+    dataset = MockTokens(total, args.seq_length, orig_vocab, args.seed)
+    data_iter = micro_batch_iterator(dataset, 0, args.micro_batch_size, ps.dp_rank, ps.dp_size)
+    logger.datetime_line("after dataloaders are built")
+    logger.rank0("done with setup ...")
+    logger.rank0("training ...")
+    logger.datetime_line("before the start of training step")
+    loop = LoopConfig(args.train_iters, args.global_batch_size, args.num_micro_batches,
+                      args.log_interval, args.timing_log_level)
+    run_training(model=model, grad_buffers=grad_buffers, optimizer=optimizer, scheduler=scheduler,
+                 data_iter=data_iter, ps=ps, device=env.device, loop=loop, timers=timers, logger=logger)
+    logger.datetime_line("after training is done")
+    if env.device.type == "cuda":
+        torch.cuda.synchronize()
+    return 0

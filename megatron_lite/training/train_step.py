@@ -1,0 +1,49 @@
+"""One training iteration: forward/backward over the micro-batches, gradient fix-ups,
+optimizer step. The micro-batch loop is the no-pipelining schedule; pipeline schedules
+plug in at `forward_backward`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.data_parallel.finalize import finalize_grads
+
+
+@dataclass
+class StepResult:
+    loss_sum_count: torch.Tensor  # [2] fp32: masked loss sum and token count over DP x CP
+    update_successful: bool
+    grad_norm: torch.Tensor | None
+
+
+def loss_from_batch(model, batch: dict[str, torch.Tensor]):
+    """Masked per-token loss of one micro-batch: (loss sum, token count), both 0-dim fp32."""
+    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])  # [b, s] fp32
+    mask = batch["loss_mask"].float()
+    return (losses * mask).sum(), mask.sum()
+
+
+def forward_backward(model, data_iter, num_microbatches: int, device, loss_scale: float):
+    """No pipelining: gradients accumulate over micro-batches (spec §6.4 normalisation:
+    each micro-batch back-propagates loss_sum / tokens / M, times the loss scale)."""
+    totals = torch.zeros(2, dtype=torch.float32, device=device)
+    for _ in range(num_microbatches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iter).items()}
+        loss_sum, count = loss_from_batch(model, batch)
+        (loss_sum / count.clamp(min=1) / num_microbatches * loss_scale).backward()
+        totals += torch.stack([loss_sum.detach(), count])
+    return totals
+
+
+def train_step(model, grad_buffers, optimizer, data_iter, num_microbatches: int, ps, device) -> StepResult:
+    for buf in grad_buffers:
+        buf.zero()
+    model.train()
+    totals = forward_backward(model, data_iter, num_microbatches, device, optimizer.loss_scale)
+    finalize_grads([model], grad_buffers, ps)
+    success, grad_norm = optimizer.step()
+    if ps.dp_size * ps.cp_size > 1:
+        dist.all_reduce(totals, group=ps.dp_cp_group)  # spec §3.2: token-weighted global mean
+    return StepResult(totals, success, grad_norm)

@@ -1,0 +1,58 @@
+"""Tiny model configurations and a one-step runner shared by the model tests."""
+from __future__ import annotations
+
+import torch
+
+from megatron_lite.config.configs import ModelConfig
+from megatron_lite.data_parallel.finalize import finalize_grads
+from megatron_lite.data_parallel.grad_buffer import GradBuffer
+from megatron_lite.distributed.random import build_rng_tracker
+from megatron_lite.models.gpt import GPTModel
+from megatron_lite.models.init import gather_global, init_model_parameters
+
+
+def tiny_config(family: str, **overrides) -> ModelConfig:
+    common = dict(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=128,
+                  max_position_embeddings=32, attention_dropout=0.0, hidden_dropout=0.0,
+                  attention_backend="auto")
+    if family == "gpt":
+        cfg = dict(common)
+    elif family == "llama":
+        cfg = dict(common, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                   add_bias_linear=False, untie_embeddings_and_output_weights=True,
+                   num_query_groups=4, ffn_hidden_size=96)
+    else:
+        raise ValueError(family)
+    cfg.update(overrides)
+    return ModelConfig(**cfg)
+
+
+def tiny_batch(cfg: ModelConfig, batch: int = 2, seq: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()  # tokens, labels: [b, s]
+
+
+def build(cfg: ModelConfig, ps, seed: int = 1234, device="cpu"):
+    tracker = build_rng_tracker(seed, ps.tp_rank, ps.pp_rank, device)
+    model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
+    init_model_parameters(model, seed, cfg.init_method_std, cfg.num_layers, ps.tp_rank, ps.tp_size)
+    return model
+
+
+def one_step(cfg: ModelConfig, ps, seed: int = 1234):
+    """Forward + backward of a tiny batch. Returns (global logits, loss, global grads)."""
+    model = build(cfg, ps, seed)
+    buffers = [GradBuffer(list(model.parameters()))]
+    tokens, labels = tiny_batch(cfg)
+    with torch.no_grad():
+        logits = model(tokens)  # [b, s, V/tp]
+    if ps.tp_size > 1:
+        parts = [torch.empty_like(logits) for _ in range(ps.tp_size)]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=ps.tp_group)
+        logits = torch.cat(parts, dim=-1)
+    loss = model(tokens, labels=labels).mean()
+    loss.backward()
+    finalize_grads([model], buffers, ps)
+    grads = gather_global(model, ps.tp_group, grads=True)
+    return logits, loss.detach(), grads
