@@ -1,0 +1,142 @@
+"""Plain (non-autograd) tensor-parallel collectives that work on any backend.
+
+Every helper takes `group`: a ProcessGroup, or None meaning a group of size 1, for which the
+helper is the identity and no communication happens (a single-process run needs no
+torch.distributed). On NCCL the single-buffer collectives (`all_gather_into_tensor`,
+`reduce_scatter_tensor`) are used; gloo implements neither reduce_scatter nor (reliably)
+all_gather_into_tensor, so there the helpers fall back to `all_gather` into a list and
+all_reduce-then-take-own-chunk. The fallbacks move more bytes but only run in CPU tests.
+
+`async_op=True` returns a `Pending` whose `wait()` gives the result, so that a backward pass
+can overlap communication with a GEMM (layers.py). The gloo fallbacks of reduce_scatter
+finish their post-processing inside `wait()` too, so callers never branch on the backend.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Pending:
+    """A collective in flight: `wait()` blocks until it is done and returns its result."""
+
+    work: object | None  # torch.distributed Work handle; None when already complete
+    finish: Callable[[], torch.Tensor]
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.finish()
+
+
+def group_size(group) -> int:
+    """Number of ranks in `group` (1 for None)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    """This rank's index inside `group` (0 for None)."""
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _native(group) -> bool:
+    """Whether the backend has the single-buffer collectives (NCCL does, gloo does not)."""
+    return dist.get_backend(group) == dist.Backend.NCCL
+
+
+def _done(x: torch.Tensor, async_op: bool):
+    return Pending(None, lambda: x) if async_op else x
+
+
+def _result(work, finish: Callable[[], torch.Tensor], async_op: bool):
+    if async_op:
+        return Pending(work, finish)
+    return finish()
+
+
+def _check_divisible(x: torch.Tensor, dim: int, world: int) -> None:
+    if x.size(dim) % world:
+        raise ValueError(f"dimension {dim} of size {x.size(dim)} is not divisible by the "
+                         f"tensor-parallel size {world}")
+
+
+def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: bool = False):
+    """Reduce `x` over `group` IN PLACE and return it (or a Pending returning it).
+
+    In place because every caller owns a fresh buffer (a GEMM output, a clone) and the
+    tensor can be as large as `[s, b, h]`; callers that do not own `x` must clone first.
+    """
+    if group_size(group) == 1:
+        return _done(x, async_op)
+    work = dist.all_reduce(x, op=op, group=group, async_op=async_op)
+    return _result(work, lambda: x, async_op)
+
+
+def all_gather(x: torch.Tensor, dim: int, group, async_op: bool = False):
+    """Concatenate every rank's `x` along `dim` in rank order: `[.., n, ..] -> [.., n*tp, ..]`."""
+    world = group_size(group)
+    if world == 1:
+        return _done(x, async_op)
+    dim = dim % x.dim()
+    x = x.contiguous()
+    if _native(group):
+        # One flat buffer holds the ranks' tensors back to back, i.e. stacked along a new
+        # leading dim; along dim 0 that already is the concatenation (no copy).
+        out = x.new_empty((world * x.size(0),) + tuple(x.shape[1:]))  # [tp*n0, ...]
+        work = dist.all_gather_into_tensor(out, x, group=group, async_op=async_op)
+        if dim == 0:
+            return _result(work, lambda: out, async_op)
+        shape = list(x.shape)
+        shape[dim] *= world
+
+        def finish():
+            # [tp, ..., n, ...] -> [..., tp, n, ...] -> [..., tp*n, ...] (one copy)
+            return out.view((world,) + tuple(x.shape)).movedim(0, dim).reshape(shape)
+
+        return _result(work, finish, async_op)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    work = dist.all_gather(parts, x, group=group, async_op=async_op)
+    return _result(work, lambda: torch.cat(parts, dim), async_op)  # [.., tp*n, ..]
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool = False):
+    """Sum `x` over `group` and keep this rank's chunk along `dim`: `[.., n, ..] -> [.., n/tp, ..]`.
+
+    `x` itself is left unchanged.
+    """
+    world = group_size(group)
+    if world == 1:
+        return _done(x, async_op)
+    dim = dim % x.dim()
+    _check_divisible(x, dim, world)
+    if _native(group):
+        src = x.movedim(dim, 0).contiguous()  # [n, ...]; no copy when dim == 0 and contiguous
+        out = src.new_empty((src.size(0) // world,) + tuple(src.shape[1:]))  # [n/tp, ...]
+        work = dist.reduce_scatter_tensor(out, src, group=group, async_op=async_op)
+        if dim == 0:
+            return _result(work, lambda: out, async_op)
+        return _result(work, lambda: out.movedim(0, dim).contiguous(), async_op)
+    # gloo: all-reduce a private copy, then keep our chunk; clone() so the result does not
+    # pin the whole reduced buffer in memory.
+    buf = x.clone(memory_format=torch.contiguous_format)
+    work = dist.all_reduce(buf, group=group, async_op=async_op)
+    chunk = x.size(dim) // world
+    start = group_rank(group) * chunk
+    return _result(work, lambda: buf.narrow(dim, start, chunk).clone(), async_op)
+
+
+def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """This rank's contiguous chunk of `x` along `dim`: `[.., n, ..] -> [.., n/tp, ..]`.
+
+    A view (no copy) when the chunk is already contiguous, e.g. dim 0 of a contiguous tensor.
+    """
+    world = group_size(group)
+    if world == 1:
+        return x
+    _check_divisible(x, dim, world)
+    chunk = x.size(dim) // world
+    return x.narrow(dim, group_rank(group) * chunk, chunk).contiguous()

@@ -1,0 +1,226 @@
+"""Column- and row-parallel linear layers (Shoeybi et al. 2019, §3) with optional sequence
+parallelism (Korthikanti et al. 2022, §4.2.2).
+
+Column-parallel: weight split along the output dim, `[out/tp, in]`; the input is replicated
+(or, with sequence parallelism, all-gathered from `[s/tp, b, in]`), the output is split.
+Row-parallel: weight split along the input dim, `[out, in/tp]`; the input is split, the
+partial outputs are all-reduced (or reduce-scattered to `[s/tp, b, out]`).
+
+The column-parallel GEMM is one autograd Function (`_ColumnParallelMatmul`, also exposed as
+`linear_with_tp` for externally owned weights such as a tied output layer) because that lets
+its backward (a) keep only the local `[s/tp, b, in]` input under sequence parallelism and
+re-gather it, and (b) overlap both the re-gather and the input-gradient reduction with GEMMs,
+as Megatron's `LinearWithGradAccumulationAndAsyncCommunication` does. For the overlap to be
+ordered as written on GPU, Megatron runs with CUDA_DEVICE_MAX_CONNECTIONS=1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lite.tensor_parallel.collectives import (
+    all_gather,
+    all_reduce,
+    group_rank,
+    group_size,
+    reduce_scatter,
+)
+from megatron_lite.tensor_parallel.mappings import (
+    gather_from_tp_region,
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_tp_region,
+)
+from megatron_lite.tensor_parallel.sharding import mark_parallel, mark_sequence_parallel, shard
+
+
+class _ColumnParallelMatmul(torch.autograd.Function):
+    """`y = x W^T + b` with x entering a TP region: all-gathered along the sequence (SP) or
+    replicated (its gradient all-reduced)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group, sequence_parallel):
+        # Save the local input only: under SP it is 1/tp of the gathered one (the memory
+        # saving that motivates SP); backward gathers it again.
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        if sequence_parallel:
+            x = all_gather(x, 0, group)  # [s/tp, b, in] -> [s, b, in]
+        return F.linear(x, weight, bias)  # [s, b, out/tp]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out: [s, b, out/tp]
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        group, sp = ctx.group, ctx.sequence_parallel
+        gathering = all_gather(x, 0, group, async_op=True) if sp and need_w else None  # [s, b, in]
+        grad_x = reducing = None
+        if need_x:
+            # A fresh GEMM output, so the in-place all-reduce below cannot alias anyone's grad.
+            grad_x = grad_out.matmul(weight)  # [s, b, in], partial over this rank's columns
+        total_x = gathering.wait() if gathering is not None else x  # [s, b, in]
+        if need_x:
+            if sp:
+                reducing = reduce_scatter(grad_x, 0, group, async_op=True)  # -> [s/tp, b, in]
+            else:
+                reducing = all_reduce(grad_x, group, async_op=True)  # [s, b, in] summed over tp
+        grad_w = grad_b = None
+        if need_w or need_b:
+            g2d = grad_out.reshape(-1, grad_out.size(-1))  # [s*b, out/tp]
+        if need_w:
+            grad_w = g2d.t().matmul(total_x.reshape(-1, total_x.size(-1)))  # [out/tp, in]
+        if need_b:
+            grad_b = g2d.sum(0)  # [out/tp]
+        if reducing is not None:
+            grad_x = reducing.wait()
+        return grad_x, grad_w, grad_b, None, None
+
+
+def linear_with_tp(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tp_group,
+    sequence_parallel: bool,
+    gather_output: bool = False,
+) -> torch.Tensor:
+    """Column-parallel `x W^T + b` for a weight owned elsewhere (e.g. the tied output layer,
+    weight `[V/tp, h]`).
+
+    x: `[s, b, in]`, or `[s/tp, b, in]` with sequence_parallel. Returns `[s, b, out/tp]`, or
+    `[s, b, out]` when gather_output (not allowed with sequence_parallel, as in Megatron: the
+    vocab-parallel loss consumes the split output).
+    """
+    if gather_output and sequence_parallel:
+        raise ValueError("gather_output is not supported together with sequence_parallel")
+    if group_size(tp_group) == 1:
+        y = F.linear(x, weight, bias)  # [s, b, out]
+    else:
+        y = _ColumnParallelMatmul.apply(x, weight, bias, tp_group, sequence_parallel)  # [s, b, out/tp]
+    if gather_output:
+        y = gather_from_tp_region(y, tp_group)  # [s, b, out/tp] -> [s, b, out]
+    return y
+
+
+def _divide(n: int, tp: int, what: str) -> int:
+    if n % tp:
+        raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({tp})")
+    return n // tp
+
+
+def _normal_shard(param: torch.nn.Parameter, global_shape, dim, stride, rank, tp, std, generator):
+    """Fill `param` with its shard of a global N(0, std) tensor, so that the same generator
+    state gives the same global weight for any TP size (DESIGN rule 3). `generator` (if any)
+    must live on the parameter's device."""
+    full = torch.empty(global_shape, dtype=torch.float32, device=param.device)
+    full.normal_(0.0, std, generator=generator)
+    with torch.no_grad():
+        param.copy_(shard(full, dim, rank, tp, stride))
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """`Y = X A^T + b` with A split along its output dim: weight `[out/tp, in]`, bias `[out/tp]`.
+
+    forward(x `[s, b, in]`, or `[s/tp, b, in]` with sequence_parallel) -> `[s, b, out/tp]`,
+    or `[s, b, out]` with gather_output. `partition_stride` > 1 marks a weight made of that
+    many stacked parts (SwiGLU `[gate; up]`: 2), so each rank gets its chunk of every part.
+    Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
+                 gather_output: bool = False, sequence_parallel: bool = False,
+                 partition_stride: int = 1, params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if gather_output and sequence_parallel:
+            raise ValueError("gather_output is not supported together with sequence_parallel")
+        self.input_size, self.output_size = input_size, output_size
+        self.tp_group, self.gather_output = tp_group, gather_output
+        self.sequence_parallel, self.partition_stride = sequence_parallel, partition_stride
+        tp = group_size(tp_group)
+        _divide(output_size, tp * partition_stride, "output_size")
+        local_out = output_size // tp
+        self.weight = torch.nn.Parameter(
+            torch.zeros(local_out, input_size, dtype=params_dtype, device=device))  # [out/tp, in]
+        mark_parallel(self.weight, 0, partition_stride)
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(local_out, dtype=params_dtype, device=device))
+            mark_parallel(self.bias, 0, partition_stride)
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Weight: this rank's shard of a global N(0, std) matrix; bias: zeros."""
+        _normal_shard(self.weight, (self.output_size, self.input_size), 0, self.partition_stride,
+                      group_rank(self.tp_group), group_size(self.tp_group), std, generator)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_with_tp(x, self.weight, self.bias, self.tp_group, self.sequence_parallel,
+                              self.gather_output)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_size}, tp={group_size(self.tp_group)}, "
+                f"sequence_parallel={self.sequence_parallel}, stride={self.partition_stride}")
+
+
+class RowParallelLinear(torch.nn.Module):
+    """`Y = X A^T + b` with A split along its input dim: weight `[out, in/tp]`, bias `[out]`
+    replicated and added once, after the reduction.
+
+    forward(x `[s, b, in/tp]`, or `[s, b, in]` when not input_is_parallel) -> `[s, b, out]`
+    summed over TP, or `[s/tp, b, out]` (reduce-scattered) with sequence_parallel.
+    Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
+                 input_is_parallel: bool = True, sequence_parallel: bool = False,
+                 params_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            # The SP reduce-scatter assumes the column-parallel layer before it split the input.
+            raise ValueError("sequence_parallel requires input_is_parallel=True")
+        self.input_size, self.output_size = input_size, output_size
+        self.tp_group, self.input_is_parallel = tp_group, input_is_parallel
+        self.sequence_parallel = sequence_parallel
+        local_in = _divide(input_size, group_size(tp_group), "input_size")
+        self.weight = torch.nn.Parameter(
+            torch.zeros(output_size, local_in, dtype=params_dtype, device=device))  # [out, in/tp]
+        mark_parallel(self.weight, 1)
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=params_dtype, device=device))
+            if sequence_parallel:
+                # Each rank's bias gradient covers only its sequence chunk: sum over TP.
+                mark_sequence_parallel(self.bias)
+        else:
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Weight: this rank's shard of a global N(0, std) matrix; bias: zeros."""
+        _normal_shard(self.weight, (self.output_size, self.input_size), 1, 1,
+                      group_rank(self.tp_group), group_size(self.tp_group), std, generator)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.tp_group
+        if group_size(group) == 1:
+            return F.linear(x, self.weight, self.bias)  # [s, b, out]
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, group)  # [s, b, in] -> [s, b, in/tp]
+        y = F.linear(x, self.weight)  # [s, b, out], partial sum over tp
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(y, group)  # -> [s/tp, b, out]
+        else:
+            y = reduce_from_tp_region(y, group)  # [s, b, out] summed over tp (in place)
+        if self.bias is not None:
+            # After the reduction, so the bias is counted once; in place because `y` is the
+            # reduction's own fresh buffer that nothing saved for backward.
+            y = y.add_(self.bias)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.input_size}, out={self.output_size}, tp={group_size(self.tp_group)}, "
+                f"sequence_parallel={self.sequence_parallel}")
