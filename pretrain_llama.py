@@ -12,13 +12,12 @@ LLAMA_DEFAULTS = {
     "position_embedding_type": "rope",
     "normalization": "RMSNorm",
     "swiglu": True,
-    "disable_bias_linear": True,
+    "add_bias_linear": False,
     "untie_embeddings_and_output_weights": True,
     "rotary_base": 500000,
     "norm_epsilon": 1e-5,
     "attention_dropout": 0.0,
     "hidden_dropout": 0.0,
-    "tokenizer_type": "GPT2BPETokenizer",
 }
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_
   --num-layers 2 --hidden-size 64 --num-attention-heads 4 \
   --group-query-attention --num-query-groups 2 \
   --seq-length 64 --max-position-embeddings 64 \
-  --vocab-size 512 --make-vocab-size-divisible-by 64 \
+  --tokenizer-type NullTokenizer --vocab-size 512 --make-vocab-size-divisible-by 64 \
   --micro-batch-size 4 --global-batch-size 8 \
   --train-iters 30 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 3 \
   --mock-data --log-interval 5 --seed 1234 --distributed-backend "$BACKEND" "$@"

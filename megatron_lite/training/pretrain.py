@@ -39,7 +39,8 @@ def _original_vocab_size(args) -> int:
         return args.vocab_size
     if args.tokenizer_type == "GPT2BPETokenizer":
         return _GPT2_VOCAB
-    raise ConfigError(f"--tokenizer-type {args.tokenizer_type} needs --vocab-size for --mock-data runs")
+    raise ConfigError(f"--tokenizer-type {args.tokenizer_type} needs --vocab-size for --mock-data runs "
+                      "(e.g. --tokenizer-type NullTokenizer --vocab-size 32000)")
 
 
 def _build_optimizer(args, model, ps):

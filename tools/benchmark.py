@@ -1,0 +1,163 @@
+"""Training-throughput benchmark on one GPU: tokens/s, TFLOP/s/GPU (spec §3.9), MFU against
+a measured bf16 matmul peak, and peak memory.
+
+    python tools/benchmark.py --preset llama-1b --steps 20 --warmup 5
+    python tools/benchmark.py --preset llama-1b --hf-baseline   # transformers + SDPA + autocast
+
+The megatron_lite path is the training path of `pretrain()` (model, main-grad buffer,
+mixed-precision optimizer, train_step) on mock tokens; the baseline trains the same shape
+with `transformers`' LlamaForCausalLM under bf16 autocast and torch AdamW.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from megatron_lite.config.configs import ModelConfig
+from megatron_lite.data_parallel.grad_buffer import GradBuffer
+from megatron_lite.distributed.parallel_state import ParallelState
+from megatron_lite.distributed.random import build_rng_tracker
+from megatron_lite.models.gpt import GPTModel
+from megatron_lite.models.init import init_model_parameters
+from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
+from megatron_lite.training.flops import num_floating_point_operations
+from megatron_lite.training.train_step import train_step
+
+PRESETS = {
+    # Llama-3.2-1B shape (issue 3): 16 layers, h 2048, ffn 8192, 32 heads, 8 KV groups.
+    "llama-1b": dict(num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+                     num_query_groups=8, vocab_size=128256, max_position_embeddings=2048,
+                     position_embedding_type="rope", rotary_base=500000.0, use_rope_scaling=True,
+                     rope_scaling_factor=32.0, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                     untie_embeddings_and_output_weights=False, attention_dropout=0.0, hidden_dropout=0.0),
+    "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                 vocab_size=512, max_position_embeddings=128, position_embedding_type="rope",
+                 normalization="RMSNorm", swiglu=True, add_bias_linear=False,
+                 attention_dropout=0.0, hidden_dropout=0.0),
+}
+
+
+def matmul_peak_tflops(device, n: int = 8192, reps: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def _batches(cfg, mbs, seq, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    while True:
+        ids = torch.randint(0, cfg.vocab_size, (mbs, seq + 1), generator=g)
+        yield {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(mbs, seq),
+               "position_ids": torch.arange(seq).expand(mbs, seq)}
+
+
+def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device):
+    ps = ParallelState.create()
+    tracker = build_rng_tracker(1234, 0, 0, device)
+    model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
+    init_model_parameters(model, 1234, cfg.init_method_std, cfg.num_layers, 0, 1)
+    buffers = [GradBuffer(list(model.parameters()))]
+    opt = MixedPrecisionOptimizer(model.named_parameters(), OptimizerConfig(lr=1e-4), ps)
+    data = _batches(cfg, mbs, seq, device)
+    losses = []
+
+    def step():
+        r = train_step(model, buffers, opt, data, 1, ps, device)
+        losses.append(r.loss_sum_count)
+
+    return _time(step, steps, warmup), losses
+
+
+def run_hf_baseline(cfg: ModelConfig, mbs, seq, steps, warmup, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_attention_heads,
+                         num_key_value_heads=cfg.num_query_groups, max_position_embeddings=seq,
+                         rope_theta=cfg.rotary_base, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(hf_cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    data = _batches(cfg, mbs, seq, device)
+    losses = []
+
+    def step():
+        b = next(data)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=b["tokens"].to(device), labels=b["tokens"].to(device))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.detach())
+
+    return _time(step, steps, warmup), losses
+
+
+def _time(step, steps, warmup) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--recompute-granularity", default=None)
+    p.add_argument("--hf-baseline", action="store_true", help="time transformers instead")
+    p.add_argument("--json", help="append the result as one JSON line to this file")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: tools/benchmark.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    cfg = ModelConfig(**PRESETS[a.preset], params_dtype=torch.bfloat16,
+                      attention_backend=a.attention_backend, recompute_granularity=a.recompute_granularity)
+    runner = run_hf_baseline if a.hf_baseline else run_megatron_lite
+    sec, losses = runner(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup, device)
+    tokens = a.micro_batch_size * a.seq_length
+    flops = num_floating_point_operations(cfg, a.micro_batch_size, a.seq_length)
+    peak = matmul_peak_tflops(device)
+    result = {
+        "impl": "hf-transformers" if a.hf_baseline else "megatron_lite", "preset": a.preset,
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "micro_batch": a.micro_batch_size, "seq": a.seq_length, "step_ms": round(sec * 1000, 2),
+        "tokens_per_s": round(tokens / sec), "tflops_per_gpu": round(flops / sec / 1e12, 1),
+        "mfu_vs_measured_matmul_peak": round(flops / sec / 1e12 / peak, 3),
+        "matmul_peak_tflops": round(peak, 1),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "first_last_loss": [float(_loss(losses[0])), float(_loss(losses[-1]))],
+    }
+    print(json.dumps(result), flush=True)
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+def _loss(x: torch.Tensor) -> float:
+    return (x[0] / x[1]).item() if x.ndim == 1 and x.numel() == 2 else x.item()
+
+
+if __name__ == "__main__":
+    main()
