@@ -61,7 +61,7 @@ def _batches(cfg, mbs, seq, device):
                "position_ids": torch.arange(seq).expand(mbs, seq)}
 
 
-def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device):
+def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False):
     ps = ParallelState.create()
     tracker = build_rng_tracker(1234, 0, 0, device)
     model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
@@ -75,10 +75,10 @@ def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device):
         r = train_step(model, buffers, opt, data, 1, ps, device)
         losses.append(r.loss_sum_count)
 
-    return _time(step, steps, warmup), losses
+    return _time(step, steps, warmup, profile), losses
 
 
-def run_hf_baseline(cfg: ModelConfig, mbs, seq, steps, warmup, device):
+def run_hf_baseline(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -102,12 +102,21 @@ def run_hf_baseline(cfg: ModelConfig, mbs, seq, steps, warmup, device):
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.detach())
 
-    return _time(step, steps, warmup), losses
+    return _time(step, steps, warmup, profile), losses
 
 
-def _time(step, steps, warmup) -> float:
+def _time(step, steps, warmup, profile=False) -> float:
     for _ in range(warmup):
         step()
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -126,21 +135,28 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--recompute-granularity", default=None)
+    p.add_argument("--cross-entropy-loss-fusion", action="store_true")
+    p.add_argument("--no-fusion", action="store_true", help="eager SwiGLU, RoPE and RMSNorm")
     p.add_argument("--hf-baseline", action="store_true", help="time transformers instead")
     p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: tools/benchmark.py needs a CUDA GPU")
     device = torch.device("cuda")
     cfg = ModelConfig(**PRESETS[a.preset], params_dtype=torch.bfloat16,
-                      attention_backend=a.attention_backend, recompute_granularity=a.recompute_granularity)
+                      attention_backend=a.attention_backend, recompute_granularity=a.recompute_granularity,
+                      cross_entropy_loss_fusion=a.cross_entropy_loss_fusion,
+                      bias_swiglu_fusion=not a.no_fusion, apply_rope_fusion=not a.no_fusion,
+                      no_persist_layer_norm=a.no_fusion)
     runner = run_hf_baseline if a.hf_baseline else run_megatron_lite
-    sec, losses = runner(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup, device)
+    sec, losses = runner(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup, device, a.profile)
     tokens = a.micro_batch_size * a.seq_length
     flops = num_floating_point_operations(cfg, a.micro_batch_size, a.seq_length)
     peak = matmul_peak_tflops(device)
     result = {
         "impl": "hf-transformers" if a.hf_baseline else "megatron_lite", "preset": a.preset,
+        "fusion": not a.no_fusion, "ce_fusion": a.cross_entropy_loss_fusion,
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "micro_batch": a.micro_batch_size, "seq": a.seq_length, "step_ms": round(sec * 1000, 2),
         "tokens_per_s": round(tokens / sec), "tflops_per_gpu": round(flops / sec / 1e12, 1),

@@ -46,6 +46,12 @@ class ModelConfig:
     recompute_num_layers: int | None = None
     sequence_parallel: bool = False
     label_smoothing: float = 0.0
+    # Fusions (Megatron's flag names; spec §10 "Fusion switches"). On CUDA the first three
+    # compile their PyTorch reference (fused/elementwise.py); the last is a Triton kernel.
+    bias_swiglu_fusion: bool = True
+    apply_rope_fusion: bool = True
+    no_persist_layer_norm: bool = False  # True: RMSNorm unfused
+    cross_entropy_loss_fusion: bool = False
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
@@ -84,5 +90,5 @@ def model_config_from_args(args) -> ModelConfig:
     values["vocab_size"] = args.padded_vocab_size
     if not getattr(args, "group_query_attention", False):
         values["num_query_groups"] = None
-    values["add_bias_linear"] = getattr(args, "add_bias_linear", not getattr(args, "disable_bias_linear", False))
+    values["add_bias_linear"] = getattr(args, "add_bias_linear", True)
     return ModelConfig(**values)

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.config.configs import ModelConfig
-from megatron_lite.models.rope import apply_rotary
+from megatron_lite.fused.elementwise import rotary
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 _SDPA_BACKENDS = ("auto", "flash", "fused")
@@ -102,8 +102,9 @@ class SelfAttention(nn.Module):
         q = q.reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d]
         if rope is not None:
             cos, sin = rope
-            q = apply_rotary(q, cos, sin, cfg.rotary_interleaved)
-            k = apply_rotary(k, cos, sin, cfg.rotary_interleaved)
+            rot = rotary if cfg.apply_rope_fusion else rotary.reference
+            q = rot(q, cos, sin, cfg.rotary_interleaved)
+            k = rot(k, cos, sin, cfg.rotary_interleaved)
         dropout_p = cfg.attention_dropout if self.training else 0.0
         attend = lambda q_, k_, v_: core_attention(  # noqa: E731
             q_, k_, v_, backend=cfg.attention_backend, dropout_p=dropout_p,

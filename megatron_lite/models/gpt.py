@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config.configs import ModelConfig
+from megatron_lite.fused.cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron_lite.models.rope import inverse_frequencies, rotary_cos_sin
 from megatron_lite.models.transformer import TransformerBlock
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -125,7 +126,8 @@ class GPTModel(nn.Module):
                                 self.ps.tp_group, self.config.sequence_parallel)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        loss = vocab_parallel_cross_entropy(logits, labels.t(), self.ps.tp_group,
-                                            self.config.label_smoothing)  # [s, b]
+        cross_entropy = (fused_vocab_parallel_cross_entropy if self.config.cross_entropy_loss_fusion
+                         else vocab_parallel_cross_entropy)
+        loss = cross_entropy(logits, labels.t(), self.ps.tp_group, self.config.label_smoothing)  # [s, b]
         return loss.t()  # [b, s]
 

@@ -6,13 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config.configs import ModelConfig
+from megatron_lite.fused.elementwise import swiglu
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, ps, device=None):
         super().__init__()
-        self.swiglu = config.swiglu
+        self.swiglu, self.swiglu_fusion = config.swiglu, config.bias_swiglu_fusion
         ffn = config.ffn_hidden_size
         # SwiGLU: fc1 holds [gate; up] globally; stride 2 gives each TP rank [gate_i; up_i].
         self.linear_fc1 = ColumnParallelLinear(
@@ -27,8 +28,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)  # [s, b, ffn/tp] (x2 for SwiGLU)
         if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up  # [s, b, ffn/tp]
+            h = swiglu(h) if self.swiglu_fusion else swiglu.reference(h)  # [s, b, ffn/tp]
         else:
             # tanh-approximate GeLU: what Megatron's fused bias-GeLU computes (spec §11).
             h = F.gelu(h, approximate="tanh")

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_lite.fused.elementwise import rms_norm
 from megatron_lite.tensor_parallel.sharding import mark_sequence_parallel
 
 
@@ -14,11 +15,11 @@ class Norm(nn.Module):
 
     def __init__(self, hidden_size: int, kind: str = "LayerNorm", eps: float = 1e-5,
                  zero_centered: bool = False, sequence_parallel: bool = False,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, fused: bool = True):
         super().__init__()
         if kind not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"--normalization {kind!r} is not supported (LayerNorm or RMSNorm)")
-        self.kind, self.eps, self.zero_centered = kind, eps, zero_centered
+        self.kind, self.eps, self.zero_centered, self.fused = kind, eps, zero_centered, fused
         self.shape = (hidden_size,)
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
         self.bias = (nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device))
@@ -41,4 +42,6 @@ class Norm(nn.Module):
             bias = self.bias.to(x.dtype)
             return F.layer_norm(x, self.shape, weight, bias, self.eps)
         # RMSNorm statistics in fp32 (as TE and HF Llama do), output in the input dtype.
-        return F.rms_norm(x.float(), self.shape, None, self.eps).to(x.dtype) * weight
+        if self.fused:
+            return rms_norm(x, weight, self.eps)
+        return rms_norm.reference(x, weight, self.eps)

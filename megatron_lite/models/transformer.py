@@ -18,7 +18,7 @@ from megatron_lite.models.norms import Norm
 def make_norm(config: ModelConfig, device=None) -> Norm:
     return Norm(config.hidden_size, config.normalization, config.norm_epsilon,
                 zero_centered=config.apply_layernorm_1p, sequence_parallel=config.sequence_parallel,
-                dtype=config.params_dtype, device=device)
+                dtype=config.params_dtype, device=device, fused=not config.no_persist_layer_norm)
 
 
 class TransformerLayer(nn.Module):

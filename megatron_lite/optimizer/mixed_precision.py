@@ -60,6 +60,7 @@ class MixedPrecisionOptimizer:
         self._norm_mask = [counts_toward_norm(p, ps.tp_rank, ps.is_pipeline_first_stage)
                            for p in self.model_params]
         self.device = device
+        self._low_precision = [(p, m) for p, m in zip(self.model_params, self.main_params) if m is not p]
 
     @property
     def param_groups(self):
@@ -95,9 +96,10 @@ class MixedPrecisionOptimizer:
         else:
             grad_norm = torch.zeros((), device=self.device)  # spec §3.2: 0.0 with --clip-grad 0
         self.inner.step()
-        for p, main in zip(self.model_params, self.main_params):
-            if main is not p:
-                p.copy_(main)
+        if self._low_precision:
+            low, mains = zip(*self._low_precision)
+            torch._foreach_copy_(list(low), list(mains))  # fp32 main -> bf16/fp16 model params
+        for main in self.main_params:
             main.grad = None
         return True, grad_norm
 

@@ -97,7 +97,7 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
 
     ps = build_parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.context_parallel_size, not args.untie_embeddings_and_output_weights,
-                              "tp-cp-pp-dp" if getattr(args, "use_tp_pp_dp_mapping", False) else "tp-cp-dp-pp")
+                              "tp-cp-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-dp-pp")
     tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init)
     logger.datetime_line("after megatron is initialized")
     logger.rank0(f"time to initialize megatron (seconds): {time.time() - start:.3f}")

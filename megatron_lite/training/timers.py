@@ -101,7 +101,8 @@ class Timers:
             if positive.numel() == 0:
                 continue
             if self.log_option == "minmax":
-                lines.append(f"    {(name + ' ').ljust(48, '.')}: ({positive.min():.2f}, {positive.max():.2f})")
+                lo, hi = positive.min().item(), positive.max().item()
+                lines.append(f"    {(name + ' ').ljust(48, '.')}: ({lo:.2f}, {hi:.2f})")
             elif self.log_option == "max":
                 lines.append(f"    {(name + ' ').ljust(48, '.')}: {positive.max():.2f}")
             else:

@@ -1,0 +1,30 @@
+"""Fused elementwise ops of the transformer layer (Megatron's bias-SwiGLU, RoPE and RMSNorm
+fusions, spec §11), each defined once as its PyTorch reference and compiled on CUDA by
+`jit_fuser`. The model calls the unfused reference when a `--no-*-fusion` flag asks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lite.fused.jit import jit_fuser
+from megatron_lite.models.rope import apply_rotary
+
+
+@jit_fuser
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """`[.., 2f]` -> `[.., f]`: silu(gate) * up, with h = [gate | up] on the last dim."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@jit_fuser
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with fp32 statistics, output in x's dtype times gamma."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y.to(x.dtype) * weight
+
+
+@jit_fuser
+def rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    return apply_rotary(t, cos, sin, interleaved)
