@@ -47,6 +47,7 @@ def test_tensor_parallel_matches_dense(run_dist, family, tp, sp):
     {"attention_backend": "unfused"},
     {"apply_layernorm_1p": True, "add_qkv_bias": True, "untie_embeddings_and_output_weights": True},
     {"position_embedding_type": "rope", "rotary_percent": 0.5, "label_smoothing": 0.1},
+    {"fp32_residual_connection": True, "normalization": "RMSNorm", "swiglu": True, "kv_channels": 16},
 ])
 def test_gpt_variants_tp2(run_dist, overrides):
     ref_logits, ref_loss, ref_grads = _reference("gpt", overrides)

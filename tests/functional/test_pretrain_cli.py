@@ -57,10 +57,12 @@ def test_iteration_lines_follow_the_template(tp1_lines):
     assert losses[-1] < losses[0]  # the mock data is learnable
 
 
-@pytest.mark.parametrize("extra", [[], ["--sequence-parallel"]])
-def test_tp2_prints_the_same_losses(tp1_lines, extra):
-    lines = iteration_lines(torchrun(2, "pretrain_llama.py", *TINY_LLAMA,
-                                     "--tensor-model-parallel-size", "2", *extra).stdout)
+@pytest.mark.parametrize("extra", [["--tensor-model-parallel-size", "2"],
+                                   ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                   ["--tensor-model-parallel-size", "1"]],  # DP = 2
+                         ids=["tp2", "tp2-sp", "dp2"])
+def test_two_processes_print_the_same_losses(tp1_lines, extra):
+    lines = iteration_lines(torchrun(2, "pretrain_llama.py", *TINY_LLAMA, *extra).stdout)
     # lm loss and learning rate identical to the printed precision; grad norm to 3 decimals.
     assert [(r[0], r[3], r[5]) for r in lines] == [(r[0], r[3], r[5]) for r in tp1_lines]
     for a, b in zip(lines, tp1_lines):
