@@ -50,7 +50,8 @@ def test_timers_max_and_all_formats_and_levels():
     timers = Timers(log_level=1, log_option="max")
     timers("optimizer", 1)._elapsed = 0.002
     assert timers("forward-compute", 2).elapsed() == 0.0  # above the level: a null timer
-    assert timers.log_string(["optimizer"]) == "max time across ranks (ms):\n    optimizer " + "." * 38 + ": 2.00"
+    expected = "max time across ranks (ms):\n    optimizer " + "." * 38 + ": 2.00"
+    assert timers.log_string(["optimizer"]) == expected
     timers = Timers(log_level=1, log_option="all")
     timers("optimizer", 1)._elapsed = 0.002
     assert timers.log_string(["optimizer"]) == "times across ranks (ms):\n  optimizer:\n     rank  0: 2.00"
