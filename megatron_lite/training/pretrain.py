@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.configs import model_config_from_args
@@ -129,4 +130,6 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     logger.datetime_line("after training is done")
     if env.device.type == "cuda":
         torch.cuda.synchronize()
+    ps.destroy()
+    dist.destroy_process_group()
     return 0
