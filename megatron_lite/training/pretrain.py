@@ -3,6 +3,7 @@ the command line, starts the distributed world, builds model, optimizer, schedul
 and runs the loop."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -26,10 +27,16 @@ from megatron_lite.models.init import init_model_parameters
 from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
+from megatron_lite.training.flops import num_floating_point_operations
 from megatron_lite.training.initialize import build_parallel_state, init_distributed, seed_rank
 from megatron_lite.training.logging import RankLogger
+from megatron_lite.training.microbatches import MicroBatchCalculator
+from megatron_lite.training.signals import SignalHandler
+from megatron_lite.training.tensorboard import TensorboardConfig, TensorboardLogger
+from megatron_lite.training.theoretical_memory import LayoutInfo, theoretical_memory_lines
 from megatron_lite.training.timers import Timers
-from megatron_lite.training.train_loop import LoopConfig, run_training
+from megatron_lite.training.train_loop import LoopConfig, LoopHooks, LoopState, Trainer
+from megatron_lite.training.train_step import evaluation_step, train_step
 
 # GPT-2's BPE vocabulary: what mock data uses when no tokenizer size is given.
 _GPT2_VOCAB = 50257
@@ -58,19 +65,23 @@ def _build_optimizer(args, model, ps):
 
 
 def _build_scheduler(args, optimizer):
+    """Schedule lengths in samples (spec §10): from iterations x global batch, or from the
+    `*-samples` flags when training is given in samples."""
     B = args.global_batch_size
-    decay_iters = args.lr_decay_iters or args.train_iters
-    decay = decay_iters * B
-    if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * decay)
+    if args.train_samples:
+        total, decay = args.train_samples, args.lr_decay_samples or args.train_samples
+        warmup_explicit = args.lr_warmup_samples
+        wsd = args.lr_wsd_decay_samples or 0
     else:
-        warmup = args.lr_warmup_iters * B or args.lr_warmup_samples
+        total, decay = args.train_iters * B, (args.lr_decay_iters or args.train_iters) * B
+        warmup_explicit = args.lr_warmup_iters * B or args.lr_warmup_samples
+        wsd = (args.lr_wsd_decay_iters or 0) * B
+    warmup = int(args.lr_warmup_fraction * decay) if args.lr_warmup_fraction is not None else warmup_explicit
     return OptimizerParamScheduler(
         optimizer, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup, lr_decay_steps=decay,
         lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay, end_wd=args.end_weight_decay,
-        wd_incr_steps=args.train_iters * B, wd_incr_style=args.weight_decay_incr_style,
-        init_lr=args.lr_warmup_init,
-        wsd_decay_steps=(args.lr_wsd_decay_iters or 0) * B, lr_wsd_decay_style=args.lr_wsd_decay_style)
+        wd_incr_steps=total, wd_incr_style=args.weight_decay_incr_style, init_lr=args.lr_warmup_init,
+        wsd_decay_steps=wsd, lr_wsd_decay_style=args.lr_wsd_decay_style)
 
 
 def pretrain(argv=None, defaults: dict | None = None) -> int:
@@ -85,6 +96,10 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
             raise SystemExit(f"error: {e}") from None
         raise SystemExit(2) from None
     logger.rank0(world_size_line(args))
+    batches = MicroBatchCalculator(args.global_batch_size, args.micro_batch_size, args.data_parallel_size,
+                                   tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
+    if args.train_samples:
+        args.train_iters = batches.iterations_for_samples(args.train_samples)
     if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
         raise SystemExit("error: --pipeline-model-parallel-size > 1 and --context-parallel-size > 1 "
                          "are not available in this version yet")
@@ -119,14 +134,60 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     total = args.train_iters * args.global_batch_size
     dataset = MockTokens(total, args.seq_length, orig_vocab, args.seed)
     data_iter = micro_batch_iterator(dataset, 0, args.micro_batch_size, ps.dp_rank, ps.dp_size)
+    eval_samples = (args.train_iters // (args.eval_interval or args.train_iters) + 2) * args.eval_iters \
+        * args.eval_global_batch_size + args.eval_global_batch_size
+    valid_iter = micro_batch_iterator(MockTokens(eval_samples, args.seq_length, orig_vocab, args.seed + 1),
+                                      0, args.eval_micro_batch_size, ps.dp_rank, ps.dp_size)
+    test_iter = micro_batch_iterator(MockTokens(eval_samples, args.seq_length, orig_vocab, args.seed + 2),
+                                     0, args.eval_micro_batch_size, ps.dp_rank, ps.dp_size)
     logger.datetime_line("after dataloaders are built")
     logger.rank0("done with setup ...")
-    logger.rank0("training ...")
-    logger.datetime_line("before the start of training step")
-    loop = LoopConfig(args.train_iters, args.global_batch_size, args.num_micro_batches,
-                      args.log_interval, args.timing_log_level)
-    run_training(model=model, grad_buffers=grad_buffers, optimizer=optimizer, scheduler=scheduler,
-                 data_iter=data_iter, ps=ps, device=env.device, loop=loop, timers=timers, logger=logger)
+    for line in theoretical_memory_lines(config, LayoutInfo(
+            tp=ps.tp_size, pp=ps.pp_size, dp=ps.dp_size, vpp=args.virtual_pipeline_model_parallel_size,
+            num_microbatches=args.num_micro_batches, micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length, use_distributed_optimizer=args.use_distributed_optimizer)):
+        logger.rank0(line)
+
+    tensorboard = TensorboardLogger(TensorboardConfig(
+        args.tensorboard_dir, args.tensorboard_log_interval, args.tensorboard_queue_size,
+        log_loss_scale=args.log_loss_scale_to_tensorboard, log_timers=args.log_timers_to_tensorboard,
+        log_validation_ppl=args.log_validation_ppl_to_tensorboard,
+        log_memory=args.log_memory_to_tensorboard, log_world_size=args.log_world_size_to_tensorboard),
+        is_last_rank=logger.is_last)
+    tensorboard.text("arguments", "<pre>" + format_args_dump(args) + "</pre>")
+
+    def step(num_microbatches):
+        return train_step(model, grad_buffers, optimizer, data_iter, num_microbatches, ps, env.device)
+
+    def eval_step(it, num_microbatches):
+        return evaluation_step(model, it, num_microbatches, ps, env.device)
+
+    loop = LoopConfig(
+        train_iters=args.train_iters, log_interval=args.log_interval, seq_length=args.seq_length,
+        world_size=env.world_size, flops_per_sample=num_floating_point_operations(config, 1, args.seq_length),
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+        eval_num_microbatches=args.eval_global_batch_size // (args.eval_micro_batch_size * ps.dp_size),
+        eval_global_batch_size=args.eval_global_batch_size, exit_interval=args.exit_interval,
+        exit_duration_in_mins=args.exit_duration_in_mins, save_interval=args.save_interval,
+        timing_log_level=args.timing_log_level, log_throughput=args.log_throughput,
+        tensorboard_log_interval=args.tensorboard_log_interval)
+    trainer = Trainer(loop, LoopHooks(step, eval_step, valid_iter), optimizer=optimizer, scheduler=scheduler,
+                      batches=batches, timers=timers, logger=logger, tensorboard=tensorboard,
+                      device=env.device, start_time=start)
+    state = LoopState()
+    exit_reason = None
+    if not args.skip_train:
+        logger.rank0("training ...")
+        logger.datetime_line("before the start of training step")
+        with SignalHandler() if args.exit_signal_handler else contextlib.nullcontext() as handler:
+            trainer.hooks.signal_handler = handler
+            exit_reason = trainer.train(state)
+    if exit_reason is None and args.eval_iters > 0:
+        prefix = f"iteration {state.iteration}"
+        if not args.skip_train or args.eval_interval:
+            trainer.run_evaluation(state, valid_iter, f"{prefix} on validation set", count_samples=False)
+        trainer.run_evaluation(state, test_iter, f"{prefix} on test set", count_samples=False)
+    tensorboard.close()
     logger.datetime_line("after training is done")
     if env.device.type == "cuda":
         torch.cuda.synchronize()

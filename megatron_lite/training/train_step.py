@@ -47,3 +47,17 @@ def train_step(model, grad_buffers, optimizer, data_iter, num_microbatches: int,
     if ps.dp_size * ps.cp_size > 1:
         dist.all_reduce(totals, group=ps.dp_cp_group)  # spec §3.2: token-weighted global mean
     return StepResult(totals, success, grad_norm)
+
+
+def evaluation_step(model, data_iter, num_microbatches: int, ps, device) -> torch.Tensor:
+    """Forward-only pass over one evaluation batch: `[2]` (loss sum, tokens) over DP x CP."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        for _ in range(num_microbatches):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iter).items()}
+            totals += torch.stack(loss_from_batch(model, batch))
+    model.train()
+    if ps.dp_size * ps.cp_size > 1:
+        dist.all_reduce(totals, group=ps.dp_cp_group)
+    return totals

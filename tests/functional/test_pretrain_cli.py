@@ -18,6 +18,7 @@ TINY_LLAMA = [
     "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
     "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
     "--mock-data", "--log-interval", "2", "--distributed-backend", "gloo", "--seed", "1234",
+    "--eval-interval", "3", "--eval-iters", "1",
 ]
 
 ITERATION_LINE = re.compile(
@@ -39,7 +40,7 @@ def torchrun(nproc: int, script: str, *flags: str, check: bool = True):
 
 
 def iteration_lines(stdout: str):
-    rows = [ITERATION_LINE.match(line) for line in stdout.splitlines() if " iteration " in line]
+    rows = [ITERATION_LINE.match(line) for line in stdout.splitlines() if line.startswith(" [")]
     assert rows and all(rows), stdout[-2000:]
     return [m.groups() for m in rows]
 

@@ -1,0 +1,100 @@
+"""The loop's bookkeeping with a fake step: window averages skip skipped iterations
+(spec §3.2), first-iteration printing, batch-size ramp-up, exits and running out of data."""
+import io
+import re
+
+import pytest
+import torch
+
+from megatron_lite.training.logging import RankLogger
+from megatron_lite.training.microbatches import MicroBatchCalculator
+from megatron_lite.training.tensorboard import TensorboardConfig, TensorboardLogger
+from megatron_lite.training.timers import Timers
+from megatron_lite.training.train_loop import LoopConfig, LoopHooks, LoopState, Trainer
+from megatron_lite.training.train_step import StepResult
+
+
+class _Opt:
+    loss_scale = 1.0
+
+    def __init__(self):
+        self.param_groups = [{"lr": 0.1}]
+
+
+class _Sched:
+    def __init__(self, opt):
+        self.opt, self.steps = opt, 0
+
+    def step(self, n):
+        self.steps += n
+
+
+def _run(losses, skipped=(), log_interval=2, rampup=None, exit_interval=None, train_iters=None):
+    out = io.StringIO()
+    calls = []
+
+    def step(num_microbatches):
+        i = len(calls)
+        calls.append(num_microbatches)
+        if i >= len(losses):
+            raise StopIteration
+        ok = i not in skipped
+        return StepResult(torch.tensor([losses[i] * 10.0, 10.0]), ok, torch.tensor(2.0) if ok else None)
+
+    opt = _Opt()
+    sched = _Sched(opt)
+    cfg = LoopConfig(train_iters=train_iters or len(losses), log_interval=log_interval, seq_length=8,
+                     world_size=1, flops_per_sample=1.0, exit_interval=exit_interval)
+    trainer = Trainer(cfg, LoopHooks(step), optimizer=opt, scheduler=sched,
+                      batches=MicroBatchCalculator(8, 1, 1, rampup), timers=Timers(),
+                      logger=RankLogger(0, 1, out),
+                      tensorboard=TensorboardLogger(TensorboardConfig(None), True), device="cpu")
+    state = LoopState()
+    reason = trainer.train(state)
+    return out.getvalue(), state, sched, calls, reason
+
+
+def _printed(text):
+    return [(int(m.group(1)), float(m.group(2)), int(m.group(3)), int(m.group(4)))
+            for m in re.finditer(r"iteration +(\d+)/.*?lm loss: (\S+) \|.*?skipped iterations: +(\d+) \| "
+                                 r"number of nan iterations: +(\d+)", text)]
+
+
+def test_window_average_excludes_skipped_and_first_line_is_not_reset():
+    text, state, sched, _, _ = _run([1.0, 2.0, 3.0, 100.0, 5.0, float("nan")], skipped={3, 5})
+    rows = _printed(text)
+    # iteration 1 printed alone; iteration 2's window still includes iteration 1.
+    assert rows[0] == (1, 1.0, 0, 0)
+    assert rows[1] == (2, 1.5, 0, 0)
+    assert rows[2] == (4, 3.0, 1, 0)  # iteration 4 skipped: excluded from the average
+    assert rows[3] == (6, 5.0, 1, 1)  # iteration 6 skipped with a nan loss
+    assert state.consumed_train_samples == 48  # skipped iterations still consume samples
+    assert sched.steps == 32  # the scheduler only steps on successful iterations
+
+
+def test_ramp_up_batch_sizes_and_train_samples():
+    calc = MicroBatchCalculator(8, 1, 2, rampup=(2, 2, 12))
+    sizes, consumed = [], 0
+    for _ in range(6):
+        sizes.append(calc.global_batch(consumed))
+        consumed += sizes[-1]
+    assert sizes == [2, 2, 4, 6, 8, 8]
+    assert [calc.num_microbatches(c) for c in (0, 4, 8)] == [1, 2, 3]
+    assert calc.iterations_for_samples(30) == 6  # 2 + 2 + 4 + 6 = 14 in 4 ramp steps, then 16 / 8
+    with pytest.raises(ValueError, match="--rampup-batch-size"):
+        MicroBatchCalculator(8, 1, 2, rampup=(3, 1, 10))
+    with pytest.raises(ValueError, match="--global-batch-size"):
+        MicroBatchCalculator(9, 2, 2)
+
+
+def test_loop_passes_ramp_microbatches_to_the_step():
+    _, state, _, calls, _ = _run([1.0] * 5, rampup=(2, 2, 12))
+    assert calls == [2, 2, 4, 6, 8]
+    assert state.consumed_train_samples == 2 + 2 + 4 + 6 + 8
+
+
+def test_exit_interval_and_data_running_out():
+    text, state, _, _, reason = _run([1.0] * 6, exit_interval=3)
+    assert state.iteration == 3 and reason == "exiting program at iteration 3"
+    with pytest.raises(SystemExit, match="training data ran out at iteration 3"):
+        _run([1.0, 1.0], train_iters=5)
