@@ -24,6 +24,7 @@ TINY_LLAMA = [
 ITERATION_LINE = re.compile(
     r"^ \[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\] iteration +(\d+)/ +(\d+) \| "
     r"consumed samples: +(\d+) \| elapsed time per iteration \(ms\): [\d.]+ \| "
+    r"(?:throughput per GPU \(TFLOP/s/GPU\): [\d.]+ \| )?"
     r"learning rate: (\d\.\d{6}E[+-]\d\d) \| global batch size: +(\d+) \| "
     r"lm loss: (\d\.\d{6}E[+-]\d\d) \| loss scale: 1\.0 \| grad norm: ([\d.]+) \| "
     r"number of skipped iterations: +0 \| number of nan iterations: +0 \|$")

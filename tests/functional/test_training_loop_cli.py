@@ -1,0 +1,87 @@
+"""Training-loop behaviour through torchrun on CPU: validation/test blocks (spec §3.6),
+tensorboard scalars read back with tensorboard's own EventAccumulator (spec §3.8), exits
+(--exit-interval, SIGTERM with --exit-signal-handler)."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.functional.test_pretrain_cli import ITERATION_LINE, ROOT, TINY_LLAMA, iteration_lines, torchrun
+
+VALIDATION = re.compile(r"^ validation loss at (iteration \d+(?: on (?:validation|test) set)?) \| "
+                        r"lm loss value: (\d\.\d{6}E[+-]\d\d) \| lm loss PPL: (\d\.\d{6}E[+-]\d\d) \| $")
+
+
+def _flags(**overrides):
+    flags = list(TINY_LLAMA)
+    for key, value in overrides.items():
+        flag = "--" + key.replace("_", "-")
+        if flag in flags:
+            i = flags.index(flag)
+            flags[i + 1] = str(value)
+        else:
+            flags += [flag, str(value)] if value is not True else [flag]
+    return flags
+
+
+def test_validation_blocks_and_tensorboard(tmp_path):
+    tb = tmp_path / "tb"
+    out = torchrun(1, "pretrain_llama.py", *_flags(tensorboard_dir=str(tb), log_throughput=True,
+                                                    log_validation_ppl_to_tensorboard=True)).stdout
+    lines = out.splitlines()
+    blocks = [(i, VALIDATION.match(line)) for i, line in enumerate(lines) if "validation loss at" in line]
+    assert [m.group(1) for _, m in blocks] == ["iteration 3", "iteration 6", "iteration 6 on validation set",
+                                               "iteration 6 on test set"]
+    for i, m in blocks:  # dash lines are one longer than the middle line (spec §3.6)
+        assert lines[i - 1] == lines[i + 1] == "-" * (len(lines[i]) + 1)
+        assert float(m.group(3)) == pytest.approx(2.718281828 ** float(m.group(2)), rel=1e-5)
+    assert all("throughput per GPU (TFLOP/s/GPU):" in line for line in lines if ITERATION_LINE.match(line))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("learning-rate", "batch-size", "lm loss", "loss-scale", "grad-norm", "lm loss validation",
+                "lm loss validation ppl"):
+        assert tag in tags and f"{tag} vs samples" in tags, tag
+    loss = [e.value for e in acc.Scalars("lm loss")]
+    assert [e.step for e in acc.Scalars("lm loss")] == [1, 2, 3, 4, 5, 6]
+    printed = {int(r[0]): float(r[5]) for r in iteration_lines(out)}
+    assert loss[0] == pytest.approx(printed[1], rel=1e-6)  # iteration 1 is printed alone
+    assert [e.step for e in acc.Scalars("lm loss vs samples")] == [4, 8, 12, 16, 20, 24]
+    valid = {e.step: e.value for e in acc.Scalars("lm loss validation")}
+    assert valid[3] == pytest.approx(float(blocks[0][1].group(2)), rel=1e-6)
+
+
+def test_exit_interval_stops_at_that_iteration():
+    out = torchrun(1, "pretrain_llama.py", *_flags(exit_interval=4, log_interval=1)).stdout
+    assert [int(r[0]) for r in iteration_lines(out)] == [1, 2, 3, 4]
+    assert "exiting program at iteration 4" in out
+
+
+def test_sigterm_finishes_the_step_and_exits_cleanly():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "pretrain_llama.py"), *_flags(train_iters=100000, log_interval=1, exit_signal_handler=True,
+                                                   eval_iters=0)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    seen, deadline = [], time.time() + 120
+    for line in proc.stdout:
+        seen.append(line)
+        if ITERATION_LINE.match(line.rstrip("\n")) and " iteration        3/" in line:
+            os.killpg(proc.pid, signal.SIGTERM)  # what a cluster scheduler does to the whole job
+            break
+        assert time.time() < deadline, "no iteration 3 within 120 s"
+    rest, _ = proc.communicate(timeout=120)
+    text = "".join(seen) + rest
+    iterations = [int(r[0]) for r in iteration_lines(text)]
+    assert "exiting program after receiving SIGTERM." in text, text[-2000:]
+    assert iterations[-1] <= 5  # stopped within a couple of iterations of the signal
+    # torchrun itself reports the signal it got; the workers must not have failed.
+    assert not re.search(r"^\[rank\d\]:", text, re.M), text[-3000:]
