@@ -1,0 +1,282 @@
+"""Save and load distributed checkpoints (`--ckpt-format torch_dist`, spec §4).
+
+Tensors (model, fp32 main params, optimizer moments, per-rank RNG tensors) go through
+`torch.distributed.checkpoint` as DTensors keyed by global names, so any layout loads any
+other. Everything else (iteration, consumed samples, args, scheduler, loss scaler, Python /
+NumPy RNG values, FLOPs so far) is JSON in `common.json`: loading it executes no code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from megatron_lite.checkpoint import rng
+from megatron_lite.checkpoint.layout import (
+    COMMON,
+    METADATA,
+    METADATA_CONTENT,
+    TRACKER,
+    CheckpointError,
+    check_complete,
+    iteration_dir,
+    read_tracker,
+    write_json,
+    write_tracker,
+)
+from megatron_lite.checkpoint.sharded import (
+    copy_main_to_model,
+    model_state,
+    optimizer_state,
+    restore_step,
+)
+
+CHECKPOINT_VERSION = 3.0
+# spec §4.5: model-shape arguments a resumed run must agree on.
+_MUST_MATCH = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "add_position_embedding",
+    "ffn_hidden_size",
+    "num_query_groups",
+    "kv_channels",
+    "swiglu",
+    "normalization",
+    "padded_vocab_size",
+    "untie_embeddings_and_output_weights",
+)
+_SCHEDULER_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+
+@dataclass
+class CheckpointContext:
+    """What saving/loading needs besides the training objects; built once per run."""
+
+    mesh: object  # the TP DeviceMesh (checkpoint/sharded.py: build_tp_mesh)
+    ps: object
+    device: torch.device
+    rng_tracker: object = None
+
+
+@dataclass
+class LoadedState:
+    iteration: int
+    consumed_train_samples: int
+    consumed_valid_samples: int
+    skipped_train_samples: int
+    floating_point_operations_so_far: float
+    release: bool
+
+
+def _jsonable(value):
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)  # torch.dtype and friends: informative only
+
+
+def _rng_prefix(ps) -> str:
+    return f"rng.pp{ps.pp_rank}.tp{ps.tp_rank}."
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    models,
+    optimizer,
+    scheduler,
+    loop_state,
+    args_dict: dict,
+    ctx: CheckpointContext,
+    *,
+    save_optim: bool = True,
+    save_rng: bool = True,
+    grad_scaler=None,
+) -> str:
+    """Collective. Returns the directory written."""
+    final = iteration_dir(root, iteration)
+    partial = final + ".partial"
+    if _rank0():
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
+    _barrier()
+    state = model_state(models, ctx.mesh)
+    if save_optim:
+        state.update(optimizer_state(optimizer, models, ctx.mesh, for_load=False))
+    rng_values = None
+    if save_rng:
+        tensors, rng_values = rng.capture(ctx.rng_tracker, ctx.device)
+        state.update({_rng_prefix(ctx.ps) + k: v for k, v in tensors.items()})
+    dcp.save(state, checkpoint_id=partial)
+    gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    key = f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, (key, rng_values))
+    else:
+        gathered = [(key, rng_values)]
+    if _rank0():
+        common = {
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "consumed_train_samples": loop_state.consumed_train_samples,
+            "consumed_valid_samples": loop_state.consumed_valid_samples,
+            "skipped_train_samples": loop_state.skipped_train_samples,
+            "num_floating_point_operations_so_far": loop_state.floating_point_operations_so_far,
+            "tensor_model_parallel_size": ctx.ps.tp_size,
+            "pipeline_model_parallel_size": ctx.ps.pp_size,
+            "has_optimizer": save_optim,
+            "has_rng": save_rng,
+            "opt_param_scheduler": scheduler.state_dict(),
+            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+            "rng_values": dict(gathered) if save_rng else {},
+            "args": _jsonable(args_dict),
+        }
+        write_json(os.path.join(partial, COMMON), common)
+        write_json(os.path.join(partial, METADATA), METADATA_CONTENT)  # marker written last
+        if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new is in
+            os.replace(final, final + ".old")
+        os.replace(partial, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        write_tracker(root, iteration)
+    _barrier()
+    return final
+
+
+def _check_args(common: dict, args_dict: dict, directory: str) -> None:
+    saved = common.get("args", {})
+    for name in _MUST_MATCH:
+        if name in saved and name in args_dict and _jsonable(args_dict[name]) != saved[name]:
+            raise CheckpointError(
+                f"{directory}: {name} is {saved[name]!r} in the checkpoint but "
+                f"{args_dict[name]!r} on the command line"
+            )
+
+
+def _check_scheduler(saved: dict, scheduler, override: bool, use_checkpoint: bool, directory: str) -> None:
+    for key in _SCHEDULER_KEYS:
+        mine, theirs = getattr(scheduler, key), saved[key]
+        if mine == theirs or override:
+            continue
+        if use_checkpoint:
+            setattr(scheduler, key, theirs)
+            continue
+        raise CheckpointError(
+            f"{directory}: learning-rate schedule value {key} is {theirs!r} in the checkpoint "
+            f"but {mine!r} now; pass --override-opt_param-scheduler or "
+            "--use-checkpoint-opt_param-scheduler"
+        )
+
+
+def load_checkpoint(
+    root: str,
+    models,
+    optimizer,
+    scheduler,
+    args_dict: dict,
+    ctx: CheckpointContext,
+    logger,
+    *,
+    ckpt_step: int | None = None,
+    finetune: bool = False,
+    load_optim: bool = True,
+    load_rng: bool = True,
+    override_scheduler: bool = False,
+    use_checkpoint_scheduler: bool = False,
+    grad_scaler=None,
+) -> LoadedState | None:
+    """Collective. None when `root` has no checkpoint (the run starts from scratch)."""
+    found = read_tracker(root) if ckpt_step is None else (ckpt_step, False)
+    if found is None:
+        logger.rank0(f"WARNING: could not find the metadata file {os.path.join(root, TRACKER)}")
+        logger.rank0("    will not load any checkpoints and will start from random")
+        return None
+    iteration, release = found
+    directory = iteration_dir(root, iteration, release)
+    check_complete(directory)
+    with open(os.path.join(directory, COMMON)) as f:
+        common = json.load(f)
+    logger.rank0(f" loading distributed checkpoint from {root} at iteration {iteration}")
+    logger.rank0(f" checkpoint version {common['checkpoint_version']}")
+    _check_args(common, args_dict, directory)
+    weights_only = finetune or release
+    load_optim = load_optim and not weights_only and common["has_optimizer"]
+    same_layout = (
+        common["tensor_model_parallel_size"] == ctx.ps.tp_size
+        and common["pipeline_model_parallel_size"] == ctx.ps.pp_size
+    )
+    load_rng = load_rng and not weights_only and common["has_rng"] and same_layout
+    state = model_state(models, ctx.mesh)
+    if load_optim:
+        state.update(optimizer_state(optimizer, models, ctx.mesh, for_load=True))
+    rng_tensors = {}
+    if load_rng:
+        tensors, _ = rng.capture(ctx.rng_tracker, ctx.device)  # templates of the right shapes
+        rng_tensors = {_rng_prefix(ctx.ps) + k: v.clone() for k, v in tensors.items()}
+        state.update(rng_tensors)
+    try:
+        dcp.load(state, checkpoint_id=directory)
+    except Exception as e:  # DCP raises a CheckpointException listing every rank's failure
+        raise CheckpointError(
+            f"{directory}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
+    if load_optim:
+        if "optimizer.step" in state:
+            restore_step(optimizer, state["optimizer.step"])
+        copy_main_to_model(optimizer)
+        _check_scheduler(
+            common["opt_param_scheduler"], scheduler, override_scheduler, use_checkpoint_scheduler, directory
+        )
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+        if grad_scaler is not None and common.get("grad_scaler"):
+            grad_scaler.load_state_dict(common["grad_scaler"])
+    else:
+        _refresh_main_from_model(optimizer)
+    if load_rng:
+        prefix = _rng_prefix(ctx.ps)
+        rng.restore(
+            {k[len(prefix) :]: state[k] for k in rng_tensors},
+            common["rng_values"][f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"],
+            ctx.rng_tracker,
+            ctx.device,
+        )
+    logger.rank0(
+        f"  successfully loaded checkpoint from {root} [ t {ctx.ps.tp_rank + 1}/{ctx.ps.tp_size}, "
+        f"p {ctx.ps.pp_rank + 1}/{ctx.ps.pp_size} ] at iteration {iteration}"
+    )
+    if weights_only:
+        return LoadedState(0, 0, 0, 0, 0.0, release)
+    return LoadedState(
+        iteration,
+        common["consumed_train_samples"],
+        common["consumed_valid_samples"],
+        common["skipped_train_samples"],
+        common["num_floating_point_operations_so_far"],
+        release,
+    )
+
+
+def _refresh_main_from_model(optimizer) -> None:
+    """Without optimizer state the fp32 main params are re-derived from the loaded weights."""
+    with torch.no_grad():
+        for p, main in zip(optimizer.model_params, optimizer.main_params):
+            if main is not p:
+                main.copy_(p)

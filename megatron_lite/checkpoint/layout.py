@@ -1,0 +1,70 @@
+"""Checkpoint directory layout (spec §4.1, §4.3): `iter_0000100/`, the tracker file
+`latest_checkpointed_iteration.txt`, and the completeness marker `metadata.json`.
+
+A save writes into `iter_XXXXXXX.partial/`, renames it when every rank has finished, and only
+then replaces the tracker (write-to-temp + rename): a crash at any point leaves the last
+complete checkpoint as the one `--load` finds.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "metadata.json"
+COMMON = "common.json"
+# spec §4.3: torch_dist's marker content.
+METADATA_CONTENT = {"sharded_backend": "torch_dist", "sharded_backend_version": 1}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, partial or inconsistent; the message names the file."""
+
+
+def iteration_dir(root: str, iteration: int | None, release: bool = False) -> str:
+    return os.path.join(root, "release" if release else f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> tuple[int, bool] | None:
+    """(iteration, is_release), or None when there is no tracker (start from scratch)."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0, True
+    try:
+        return int(text), False
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Atomically point the tracker at `iteration` (content: the number, no newline; spec §4.1)."""
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+
+
+def write_json(path: str, content: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_complete(directory: str) -> None:
+    marker = os.path.join(directory, METADATA)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"{directory} is not a complete torch_dist checkpoint: {METADATA} is missing "
+                              "(the save was interrupted?)")
+    for name in (".metadata", COMMON):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise CheckpointError(f"{directory}: {name} is missing")

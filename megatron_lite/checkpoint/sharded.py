@@ -1,0 +1,102 @@
+"""Sharded state dicts: every tensor described by its global key, global shape and this
+rank's slice, as DTensors over the tensor-parallel mesh (spec §4.3).
+
+Keys never mention the layout: parameters use their global names (`models/gpt.py`
+`global_name`), so `torch.distributed.checkpoint` can load any TP/PP/DP layout from any
+other. TP-sharded tensors are `Shard(partition_dim)`; a tensor made of `stride` stacked parts
+(SwiGLU fc1 = [gate; up]) is stored as `[stride, n, ...]` sharded on the part axis, which is
+exactly how each TP rank holds it. Replicated tensors are `Replicate()`; DP replicas and the
+duplicate tied head write once (DCP deduplicates equal keys and offsets).
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+
+def build_tp_mesh(ps, device_type: str) -> DeviceMesh:
+    """A (rest, tp) mesh whose `tp` rows are exactly this layout's TP groups. Collective."""
+    # Rank order keeps TP fastest-varying (spec §5.1), so TP groups are rows of arange(world).
+    return init_device_mesh(device_type, (ps.world_size // ps.tp_size, ps.tp_size),
+                            mesh_dim_names=("rest", "tp"))["tp"]
+
+
+def wrap(tensor: torch.Tensor, param: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """View `tensor` (laid out like `param`'s local shard) as a DTensor over the TP mesh."""
+    if getattr(param, "tensor_model_parallel", False):
+        dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+        if stride > 1:
+            tensor = tensor.unflatten(dim, (stride, -1))  # [.., stride, n/tp, ..]: a view
+            dim += 1
+        return DTensor.from_local(tensor, mesh, [Shard(dim)], run_check=False)
+    return DTensor.from_local(tensor, mesh, [Replicate()], run_check=False)
+
+
+def model_items(models) -> list[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) of every chunk, each global name once."""
+    out, seen = [], set()
+    for model in models:
+        for name, param in model.named_parameters():
+            key = model.global_name(name)
+            if key not in seen:  # a rank never holds both copies of the tied embedding, but be safe
+                seen.add(key)
+                out.append((key, param))
+    return out
+
+
+def model_state(models, mesh: DeviceMesh) -> dict[str, DTensor]:
+    return {f"model.{key}": wrap(p.data, p, mesh) for key, p in model_items(models)}
+
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_state(optimizer, models, mesh: DeviceMesh, for_load: bool) -> dict[str, object]:
+    """fp32 main params and per-parameter optimizer moments, keyed by global name.
+
+    For loading into a fresh optimizer the moment tensors are created (zeros) first, so
+    DCP has storage to read into.
+    """
+    names = {id(p): key for key, p in model_items(models)}
+    inner = optimizer.inner
+    moment_keys = _ADAM_KEYS if isinstance(inner, torch.optim.AdamW) else ("momentum_buffer",)
+    out: dict[str, object] = {}
+    step = None
+    for model_param, main in zip(optimizer.model_params, optimizer.main_params):
+        key = names.get(id(model_param))
+        if key is None:
+            continue
+        state = inner.state[main]
+        if for_load and not all(k in state for k in moment_keys):
+            for k in moment_keys:
+                state[k] = torch.zeros_like(main)
+            if moment_keys == _ADAM_KEYS:
+                fused = inner.defaults.get("fused") or inner.defaults.get("capturable")
+                state["step"] = torch.zeros((), dtype=torch.float32, device=main.device if fused else "cpu")
+        if moment_keys[0] not in state:  # never stepped (SGD without momentum state yet)
+            continue
+        if main is not model_param:
+            out[f"optimizer.main.{key}"] = wrap(main.data, model_param, mesh)
+        for k in moment_keys:
+            out[f"optimizer.{k}.{key}"] = wrap(state[k], model_param, mesh)
+        step = state.get("step", step)
+    if step is not None:
+        out["optimizer.step"] = step
+    return out
+
+
+def restore_step(optimizer, step: torch.Tensor) -> None:
+    """Every parameter's Adam step counter equals the loaded one (they advance together)."""
+    for main in optimizer.main_params:
+        state = optimizer.inner.state.get(main)
+        if state and "step" in state:
+            state["step"].copy_(step)
+
+
+def copy_main_to_model(optimizer) -> None:
+    """After loading fp32 main params, refresh the low-precision model params from them."""
+    with torch.no_grad():
+        for p, main in zip(optimizer.model_params, optimizer.main_params):
+            if main is not p:
+                p.copy_(main)
