@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from megatron_lite.config.configs import ModelConfig
+from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.data_parallel.finalize import finalize_grads
-from megatron_lite.data_parallel.grad_buffer import GradBuffer
 from megatron_lite.distributed.random import build_rng_tracker
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.init import gather_global, init_model_parameters
@@ -43,7 +43,7 @@ def build(cfg: ModelConfig, ps, seed: int = 1234, device="cpu"):
 def one_step(cfg: ModelConfig, ps, seed: int = 1234):
     """Forward + backward of a tiny batch. Returns (global logits, loss, global grads)."""
     model = build(cfg, ps, seed)
-    buffers = [GradBuffer(list(model.parameters()))]
+    ddp = DistributedDataParallel(model, ps, DDPConfig())
     tokens, labels = tiny_batch(cfg)
     with torch.no_grad():
         logits = model(tokens)  # [b, s, V/tp]
@@ -53,6 +53,6 @@ def one_step(cfg: ModelConfig, ps, seed: int = 1234):
         logits = torch.cat(parts, dim=-1)
     loss = model(tokens, labels=labels).mean()
     loss.backward()
-    finalize_grads([model], buffers, ps)
+    finalize_grads([ddp], ps)
     grads = gather_global(model, ps.tp_group, grads=True)
     return logits, loss.detach(), grads

@@ -17,7 +17,7 @@ import time
 import torch
 
 from megatron_lite.config.configs import ModelConfig
-from megatron_lite.data_parallel.grad_buffer import GradBuffer
+from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
 from megatron_lite.models.gpt import GPTModel
@@ -66,13 +66,13 @@ def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile
     tracker = build_rng_tracker(1234, 0, 0, device)
     model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
     init_model_parameters(model, 1234, cfg.init_method_std, cfg.num_layers, 0, 1)
-    buffers = [GradBuffer(list(model.parameters()))]
-    opt = MixedPrecisionOptimizer(model.named_parameters(), OptimizerConfig(lr=1e-4), ps)
+    model = DistributedDataParallel(model, ps, DDPConfig())
+    opt = MixedPrecisionOptimizer(model.module.named_parameters(), OptimizerConfig(lr=1e-4), ps)
     data = _batches(cfg, mbs, seq, device)
     losses = []
 
     def step():
-        r = train_step(model, buffers, opt, data, 1, ps, device)
+        r = train_step(model, opt, data, 1, ps, device)
         losses.append(r.loss_sum_count)
 
     return _time(step, steps, warmup, profile), losses

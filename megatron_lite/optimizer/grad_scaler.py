@@ -9,7 +9,10 @@ class ConstantLossScaler:
         self.scale = float(scale)
 
     def update(self, found_inf: bool) -> None:
-        pass
+        pass  # spec §7.1: a constant scale; overflowing steps are still skipped
+
+    def inv_scale(self, device) -> torch.Tensor:
+        return torch.tensor(1.0 / self.scale, dtype=torch.float32, device=device)
 
     def state_dict(self) -> dict:
         return {"scale": self.scale}

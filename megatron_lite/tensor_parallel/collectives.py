@@ -76,17 +76,26 @@ def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: bool = Fa
     return _result(work, lambda: x, async_op)
 
 
-def all_gather(x: torch.Tensor, dim: int, group, async_op: bool = False):
-    """Concatenate every rank's `x` along `dim` in rank order: `[.., n, ..] -> [.., n*tp, ..]`."""
+def all_gather(x: torch.Tensor, dim: int, group, async_op: bool = False, out: torch.Tensor | None = None):
+    """Concatenate every rank's `x` along `dim` in rank order: `[.., n, ..] -> [.., n*tp, ..]`.
+
+    `out` (dim 0 only): a preallocated `[n*tp, ..]` result, which `x` may be this rank's
+    chunk of (in-place gather, as the distributed optimizer does with its param buffer).
+    """
     world = group_size(group)
+    if out is not None and dim % x.dim() != 0:
+        raise ValueError("all_gather with `out` gathers along dim 0 only")
     if world == 1:
-        return _done(x, async_op)
+        if out is not None and out.data_ptr() != x.data_ptr():
+            out.copy_(x)
+        return _done(x if out is None else out, async_op)
     dim = dim % x.dim()
     x = x.contiguous()
     if _native(group):
         # One flat buffer holds the ranks' tensors back to back, i.e. stacked along a new
         # leading dim; along dim 0 that already is the concatenation (no copy).
-        out = x.new_empty((world * x.size(0),) + tuple(x.shape[1:]))  # [tp*n0, ...]
+        if out is None:
+            out = x.new_empty((world * x.size(0),) + tuple(x.shape[1:]))  # [tp*n0, ...]
         work = dist.all_gather_into_tensor(out, x, group=group, async_op=async_op)
         if dim == 0:
             return _result(work, lambda: out, async_op)
@@ -100,32 +109,43 @@ def all_gather(x: torch.Tensor, dim: int, group, async_op: bool = False):
         return _result(work, finish, async_op)
     parts = [torch.empty_like(x) for _ in range(world)]
     work = dist.all_gather(parts, x, group=group, async_op=async_op)
+    if out is not None:
+        return _result(work, lambda: torch.cat(parts, 0, out=out), async_op)  # [tp*n, ..]
     return _result(work, lambda: torch.cat(parts, dim), async_op)  # [.., tp*n, ..]
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool = False):
-    """Sum `x` over `group` and keep this rank's chunk along `dim`: `[.., n, ..] -> [.., n/tp, ..]`.
+def reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool = False, op=dist.ReduceOp.SUM,
+                   out: torch.Tensor | None = None):
+    """Reduce `x` over `group` and keep this rank's chunk along `dim`: `[.., n, ..] -> [.., n/tp, ..]`.
 
-    `x` itself is left unchanged.
+    `x` itself is left unchanged, except where `out` (dim 0 only: a preallocated `[n/tp, ..]`
+    result) is this rank's chunk of `x`, the in-place form the gradient buckets use.
     """
     world = group_size(group)
+    if out is not None and dim % x.dim() != 0:
+        raise ValueError("reduce_scatter with `out` scatters along dim 0 only")
     if world == 1:
-        return _done(x, async_op)
+        if out is not None and out.data_ptr() != x.data_ptr():
+            out.copy_(x)
+        return _done(x if out is None else out, async_op)
     dim = dim % x.dim()
     _check_divisible(x, dim, world)
     if _native(group):
         src = x.movedim(dim, 0).contiguous()  # [n, ...]; no copy when dim == 0 and contiguous
-        out = src.new_empty((src.size(0) // world,) + tuple(src.shape[1:]))  # [n/tp, ...]
-        work = dist.reduce_scatter_tensor(out, src, group=group, async_op=async_op)
+        if out is None:
+            out = src.new_empty((src.size(0) // world,) + tuple(src.shape[1:]))  # [n/tp, ...]
+        work = dist.reduce_scatter_tensor(out, src, op=op, group=group, async_op=async_op)
         if dim == 0:
             return _result(work, lambda: out, async_op)
         return _result(work, lambda: out.movedim(0, dim).contiguous(), async_op)
     # gloo: all-reduce a private copy, then keep our chunk; clone() so the result does not
     # pin the whole reduced buffer in memory.
     buf = x.clone(memory_format=torch.contiguous_format)
-    work = dist.all_reduce(buf, group=group, async_op=async_op)
+    work = dist.all_reduce(buf, op=op, group=group, async_op=async_op)
     chunk = x.size(dim) // world
     start = group_rank(group) * chunk
+    if out is not None:
+        return _result(work, lambda: out.copy_(buf.narrow(0, start, chunk)), async_op)
     return _result(work, lambda: buf.narrow(dim, start, chunk).clone(), async_op)
 
 

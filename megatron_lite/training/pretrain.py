@@ -21,9 +21,10 @@ from megatron_lite.config.validation import (
 )
 from megatron_lite.data.mock import MockTokens
 from megatron_lite.data.samplers import micro_batch_iterator
-from megatron_lite.data_parallel.grad_buffer import GradBuffer
+from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel, default_bucket_size
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.init import init_model_parameters
+from megatron_lite.optimizer.distributed import DistributedOptimizer
 from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
@@ -51,7 +52,26 @@ def _original_vocab_size(args) -> int:
                       "(e.g. --tokenizer-type NullTokenizer --vocab-size 32000)")
 
 
+def _wrap_ddp(args, module, ps) -> DistributedDataParallel:
+    """Contiguous buffers, bucketed DP reduction and (optionally) sharded params (spec §8)."""
+    num_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    cfg = DDPConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        bucket_size=default_bucket_size(args.ddp_bucket_size, args.ddp_num_buckets, num_params,
+                                        ps.dp_size * ps.cp_size, args.overlap_grad_reduce, ps.pp_rank),
+        average_in_collective=args.ddp_average_in_collective,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad,
+        pad_buckets_for_high_nccl_busbw=args.ddp_pad_buckets_for_high_nccl_busbw)
+    return DistributedDataParallel(module, ps, cfg)
+
+
 def _build_optimizer(args, model, ps):
+    """`model`: the DDP-wrapped chunk. fp32 main params and grads, loss scaling (spec §7)."""
+    if args.num_distributed_optimizer_instances > 1:
+        raise SystemExit("error: --num-distributed-optimizer-instances > 1 is not available yet")
     cfg = OptimizerConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                           adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                           sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad)
@@ -61,7 +81,9 @@ def _build_optimizer(args, model, ps):
             args.initial_loss_scale, args.min_loss_scale, args.loss_scale_window, args.hysteresis))
     elif args.loss_scale:
         scaler = ConstantLossScaler(args.loss_scale)
-    return MixedPrecisionOptimizer(model.named_parameters(), cfg, ps, scaler)
+    if args.use_distributed_optimizer:
+        return DistributedOptimizer([model], cfg, ps, scaler)
+    return MixedPrecisionOptimizer(model.module.named_parameters(), cfg, ps, scaler)
 
 
 def _build_scheduler(args, optimizer):
@@ -126,7 +148,7 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         n = sum(p.numel() for p in model.parameters())
         logger.all(f" > number of parameters on (tensor, pipeline) model parallel rank "
                    f"({ps.tp_rank}, {ps.pp_rank}): {n}")
-    grad_buffers = [GradBuffer(list(model.parameters()))]
+    model = _wrap_ddp(args, model, ps)
     optimizer = _build_optimizer(args, model, ps)
     scheduler = _build_scheduler(args, optimizer)
     logger.datetime_line("after model, optimizer, and learning rate scheduler are built")
@@ -157,7 +179,7 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     tensorboard.text("arguments", "<pre>" + format_args_dump(args) + "</pre>")
 
     def step(num_microbatches):
-        return train_step(model, grad_buffers, optimizer, data_iter, num_microbatches, ps, env.device)
+        return train_step(model, optimizer, data_iter, num_microbatches, ps, env.device)
 
     def eval_step(it, num_microbatches):
         return evaluation_step(model, it, num_microbatches, ps, env.device)

@@ -1,0 +1,127 @@
+"""The distributed optimizer (ZeRO-1, spec §8.3): each DP×CP rank keeps fp32 main params and
+optimizer state only for its shard `[r*n/D, (r+1)*n/D)` of every bucket, steps on the
+reduce-scattered grads of that shard, and all-gathers the updated params (through the DDP
+chunks, which own the buffers and the gather schedule)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.optimizer.clip_grads import counts_toward_norm
+from megatron_lite.optimizer.core import (
+    OptimizerConfig,
+    build_inner_optimizer,
+    no_weight_decay,
+    state_bytes,
+    unscale_clip_and_step,
+)
+
+
+@dataclass
+class _BucketShard:
+    """This rank's shard of one bucket: buffer elements `[lo, hi)` and the main-param slices
+    cut from it, one per param overlapping the shard (a param may straddle two shards)."""
+
+    buffer: object  # data_parallel.buffers.ParamAndGradBuffer
+    lo: int
+    hi: int
+    main: torch.Tensor  # [hi - lo] fp32: a view of the param buffer for fp32 params, else a copy
+    slices: list[tuple[torch.Tensor, int, int]]  # (main slice, start, end) relative to lo
+
+    @property
+    def owns_main(self) -> bool:
+        return self.buffer.param_dtype != torch.float32
+
+
+class DistributedOptimizer:
+    def __init__(self, chunks, cfg: OptimizerConfig, ps, grad_scaler=None):
+        """`chunks`: this rank's DistributedDataParallel chunks, built with
+        `use_distributed_optimizer=True` (so they own param buffers)."""
+        self.cfg, self.ps, self.scaler, self.chunks = cfg, ps, grad_scaler, list(chunks)
+        self.shards: list[_BucketShard] = []
+        groups = {False: [], True: []}
+        self._norm_mask: list[bool] = []
+        for chunk in self.chunks:
+            if not chunk.config.use_distributed_optimizer:
+                raise ValueError("DistributedOptimizer needs DDP chunks built with use_distributed_optimizer")
+            names = {p: n for n, p in chunk.module.named_parameters()}
+            for buf in chunk.param_buffers:
+                for bucket in buf.buckets:
+                    shard = self._shard_of(buf, bucket, chunk.shard_rank, chunk.shard_world, names, groups)
+                    self.shards.append(shard)
+        self.device = self.chunks[0].param_buffers[0].grad_data.device
+        self.inner = build_inner_optimizer(groups[False], groups[True], cfg, self.device)
+        # spec §7.4: every rank owns a disjoint shard, so norm and inf flag are reduced over
+        # all ranks (TP duplicates are masked, DP shards are disjoint).
+        self._group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+    def _shard_of(self, buf, bucket, rank, world, names, groups) -> _BucketShard:
+        lo, hi = bucket.shard_range(rank, world)
+        lo, hi = bucket.offset + lo, bucket.offset + hi
+        local = buf.param_data[lo:hi]  # [n/D]
+        main = local if buf.param_dtype == torch.float32 else local.float()
+        slices = []
+        for p in bucket.params:
+            start, end = buf.param_range[p]
+            a, b = max(start, lo), min(end, hi)
+            if a >= b:
+                continue
+            piece = main[a - lo:b - lo]
+            slices.append((piece, a - lo, b - lo))
+            groups[no_weight_decay(names[p], p)].append(piece)
+            self._norm_mask.append(counts_toward_norm(p, self.ps.tp_rank, self.ps.is_pipeline_first_stage))
+        return _BucketShard(buf, lo, hi, main, slices)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    @torch.no_grad()
+    def step(self):
+        """Returns (update_successful: bool, grad_norm: 0-dim tensor or None)."""
+        grads = []
+        for shard in self.shards:
+            g = shard.buffer.grad_data[shard.lo:shard.hi]  # reduce-scattered shard [n/D]
+            g = g if g.dtype == torch.float32 else g.float()
+            for piece, a, b in shard.slices:
+                piece.grad = g[a:b]
+                grads.append(piece.grad)
+        try:
+            norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
+            ok, grad_norm = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
+                                                  self.cfg.clip_grad, self._group, self.device)
+        finally:
+            for shard in self.shards:
+                for piece, _, _ in shard.slices:
+                    piece.grad = None
+        if ok:
+            for shard in self.shards:
+                if shard.owns_main:
+                    shard.buffer.param_data[shard.lo:shard.hi].copy_(shard.main)  # fp32 -> bf16/fp16
+            for chunk in self.chunks:
+                chunk.start_param_sync()
+        return ok, grad_norm
+
+    def state_bytes(self) -> int:
+        """Optimizer-owned memory of this rank: inner state plus fp32 main shards."""
+        copies = sum(s.main.numel() * s.main.element_size() for s in self.shards if s.owns_main)
+        return state_bytes(self.inner) + copies
+
+    def state_dict(self) -> dict:
+        """This rank's shard of the optimizer state (the checkpoint layer maps it to global
+        tensors through `shards`)."""
+        out = {"optimizer": self.inner.state_dict()}
+        if self.scaler is not None:
+            out["grad_scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
