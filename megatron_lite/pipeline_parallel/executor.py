@@ -1,0 +1,253 @@
+"""Runs a schedule (schedules.py) over this rank's model chunks: forward and backward of
+(micro-batch, chunk), the p2p transfers between stages (p2p.py), loss normalisation
+(spec §6.4), the per-chunk gradient-reduction hooks, and optional timing (trace.py).
+
+One executor serves every layout: PP = 1 runs the no-pipelining schedule (gradient
+accumulation) without any communication; `forward_only=True` is evaluation.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.autograd import Variable
+
+from megatron_lite.pipeline_parallel import schedules
+from megatron_lite.pipeline_parallel.schedules import ACT, Action, Op
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    microbatch_group_size: int | None = None  # N of spec §6.2 (None: PP)
+    overlap_p2p_comm: bool = False
+    # Megatron's deallocate_pipeline_outputs: once a stage output is sent, only its autograd
+    # graph is needed, so its data is freed and held activations stay at the schedule's bound.
+    deallocate_outputs: bool = True
+    calculate_per_token_loss: bool = False  # back-propagate raw loss sums (spec §6.4)
+
+
+@dataclass
+class GradSyncHooks:
+    """How the executor drives data-parallel gradient reduction, per chunk index: sync is
+    switched off at the start of a step, on right before the chunk's last backward, and the
+    reduction is launched right after it (spec §6.2, Megatron's no_sync / grad_sync_func)."""
+
+    disable: Callable[[int], None] | None = None
+    before_last_backward: Callable[[int], None] | None = None
+    on_chunk_backward_done: Callable[[int], None] | None = None
+
+    @classmethod
+    def for_ddp(cls, chunks) -> GradSyncHooks:
+        """Hooks for `data_parallel.ddp.DistributedDataParallel`-style chunks."""
+        return cls(disable=lambda c: chunks[c].enable_grad_sync(False),
+                   before_last_backward=lambda c: chunks[c].enable_grad_sync(True),
+                   on_chunk_backward_done=lambda c: chunks[c].start_grad_sync())
+
+
+@dataclass
+class ForwardBackwardResult:
+    # Last pipeline stage only (empty elsewhere): per micro-batch [2] fp32 (masked loss sum,
+    # unmasked tokens), detached.
+    losses: list[torch.Tensor]
+    totals: torch.Tensor  # [2]: their sum (zeros off the last stage)
+
+
+@dataclass
+class _StepState:
+    data_iter: Iterator
+    num_microbatches: int
+    loss_scale: float
+    forward_only: bool
+    batches: list = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)  # (mb, chunk) -> received activation (or None)
+    outputs: dict = field(default_factory=dict)  # (mb, chunk) -> stage output / scaled loss
+    input_grads: dict = field(default_factory=dict)  # (mb, chunk) -> grad to send upstream
+    recvs: dict = field(default_factory=dict)  # (kind, mb, chunk) -> (buffer, work or None)
+    sends: list = field(default_factory=list)  # (work, tensor kept alive until done)
+    losses: dict = field(default_factory=dict)  # mb -> [2]
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _custom_backward(output: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """`torch.autograd.backward` without its shape check: the output's data may have been
+    freed after it was sent (Megatron's custom_backward)."""
+    if grad is None:
+        grad = torch.ones_like(output, memory_format=torch.preserve_format)
+    Variable._execution_engine.run_backward(
+        tensors=(output,), grad_tensors=(grad,), keep_graph=False, create_graph=False,
+        inputs=tuple(), allow_unreachable=True, accumulate_grad=True)
+
+
+class PipelineExecutor:
+    """`chunks`: this rank's model chunks in chunk order (GPTModel, possibly wrapped in DDP).
+    `channels`: a p2p.PipelineChannels (required when PP > 1). `trace`: a trace.PipelineTrace."""
+
+    def __init__(self, chunks, ps, config: PipelineConfig | None = None, channels=None, trace=None):
+        self.chunks = list(chunks)
+        self.ps, self.config = ps, config or PipelineConfig()
+        self.channels, self.trace = channels, trace
+        if ps.pp_size > 1 and channels is None:
+            raise ValueError("pipeline parallelism needs p2p channels (PipelineChannels.create)")
+        model_cfg = _unwrap(self.chunks[0]).config
+        self._sequence_parallel = model_cfg.sequence_parallel
+        self._hidden = model_cfg.hidden_size
+        # Stage outputs are the residual stream: fp32 with --fp32-residual-connection.
+        self._dtype = torch.float32 if model_cfg.fp32_residual_connection else model_cfg.params_dtype
+        self._device = next(self.chunks[0].parameters()).device
+
+    @property
+    def vpp_size(self) -> int:
+        return len(self.chunks)
+
+    def train(self) -> None:
+        for c in self.chunks:
+            c.train()
+
+    def eval(self) -> None:
+        for c in self.chunks:
+            c.eval()
+
+    def schedule(self, num_microbatches: int, forward_only: bool = False) -> list[Action]:
+        return schedules.build(self.ps.pp_size, self.vpp_size, num_microbatches, self.ps.pp_rank,
+                               group_size=self.config.microbatch_group_size, forward_only=forward_only,
+                               overlap_p2p_comm=self.config.overlap_p2p_comm)
+
+    # ---- one step -------------------------------------------------------------------------
+    def forward_backward(self, data_iter, num_microbatches: int, *, loss_scale: float = 1.0,
+                         forward_only: bool = False, grad_sync: GradSyncHooks | None = None
+                         ) -> ForwardBackwardResult:
+        """Run every micro-batch through this rank's part of the model. Every stage reads the
+        same micro-batches from `data_iter` (dicts of `[b, s]` tensors), so the iterators of a
+        pipeline stay in step."""
+        actions = self.schedule(num_microbatches, forward_only)
+        st = _StepState(data_iter, num_microbatches, loss_scale, forward_only)
+        hooks = grad_sync or GradSyncHooks()
+        if hooks.disable and not forward_only:
+            for c in range(self.vpp_size):
+                hooks.disable(c)
+        if self.trace is not None:
+            self.trace.start_step()
+        with torch.no_grad() if forward_only else torch.enable_grad():
+            for action in actions:
+                self._run(action, st, hooks)
+        self._batch(st, num_microbatches - 1)  # keep the data iterator in step on every stage
+        if self.trace is not None:
+            self.trace.finish_step()
+        losses = [st.losses[mb] for mb in sorted(st.losses)]
+        totals = torch.stack(losses).sum(0) if losses else torch.zeros(2, device=self._device)
+        return ForwardBackwardResult(losses, totals)
+
+    def _run(self, a: Action, st: _StepState, hooks: GradSyncHooks) -> None:
+        if a.op is Op.RECV:
+            self._post_recv(a, st)
+        elif a.op is Op.SEND:
+            self._post_send(a, st)
+        elif a.op is Op.SYNC:
+            for key, (buf, work) in st.recvs.items():
+                if work is not None:
+                    work.wait()
+                    st.recvs[key] = (buf, None)
+            for work, _ in st.sends:
+                work.wait()
+            st.sends.clear()
+        else:
+            self._release_finished_sends(st)
+            if a.op is Op.FORWARD:
+                with self._timed(a):
+                    self._forward(a.microbatch, a.chunk, st)
+            else:
+                if a.last and hooks.before_last_backward:
+                    hooks.before_last_backward(a.chunk)
+                with self._timed(a):
+                    self._backward(a.microbatch, a.chunk, st)
+                if a.last and hooks.on_chunk_backward_done:
+                    hooks.on_chunk_backward_done(a.chunk)
+
+    def _timed(self, a: Action):
+        return self.trace.span(a.op.value, a.microbatch, a.chunk) if self.trace else contextlib.nullcontext()
+
+    # ---- compute ------------------------------------------------------------------------
+    def _stage(self, chunk: int) -> tuple[bool, bool]:
+        v, last = chunk * self.ps.pp_size + self.ps.pp_rank, self.ps.pp_size * self.vpp_size - 1
+        return v == 0, v == last
+
+    def _batch(self, st: _StepState, mb: int) -> dict:
+        while len(st.batches) <= mb:
+            batch = next(st.data_iter)
+            st.batches.append({k: v.to(self._device, non_blocking=True) for k, v in batch.items()})
+        return st.batches[mb]
+
+    def _take_recv(self, st: _StepState, kind: str, mb: int, chunk: int) -> torch.Tensor:
+        buf, work = st.recvs.pop((kind, mb, chunk))
+        if work is not None:
+            work.wait()
+        return buf
+
+    def _forward(self, mb: int, chunk: int, st: _StepState) -> None:
+        first, last = self._stage(chunk)
+        batch = self._batch(st, mb)
+        x = None
+        if not first:
+            x = self._take_recv(st, ACT, mb, chunk)  # [s/cp(/tp), b, h]
+            x.requires_grad_(not st.forward_only)
+        out = self.chunks[chunk](batch["tokens"], batch["position_ids"],
+                                 labels=batch["labels"] if last else None, hidden_states=x)
+        st.inputs[(mb, chunk)] = x
+        if not last:
+            st.outputs[(mb, chunk)] = out  # [s/cp(/tp), b, h]
+            return
+        mask = batch["loss_mask"].float()  # [b, s]
+        loss_sum, count = (out.float() * mask).sum(), mask.sum()
+        st.losses[mb] = torch.stack([loss_sum.detach(), count])
+        if not st.forward_only:
+            # spec §6.4: each micro-batch back-propagates loss_sum / tokens / M (or the raw sum
+            # with per-token loss), times the loss scale.
+            scaled = loss_sum if self.config.calculate_per_token_loss else (
+                loss_sum / count.clamp(min=1) / st.num_microbatches)
+            st.outputs[(mb, chunk)] = scaled * st.loss_scale
+
+    def _backward(self, mb: int, chunk: int, st: _StepState) -> None:
+        first, last = self._stage(chunk)
+        out, x = st.outputs.pop((mb, chunk)), st.inputs.pop((mb, chunk))
+        grad = None if last else self._take_recv(st, schedules.GRAD, mb, chunk)
+        _custom_backward(out, grad)
+        if not first:
+            st.input_grads[(mb, chunk)] = x.grad  # [s/cp(/tp), b, h]
+
+    # ---- communication --------------------------------------------------------------------
+    def _activation_shape(self, st: _StepState, mb: int) -> tuple[int, int, int]:
+        b, s = self._batch(st, mb)["tokens"].shape  # already this CP rank's share of the sequence
+        if self._sequence_parallel:
+            s //= self.ps.tp_size
+        return s, b, self._hidden
+
+    def _post_recv(self, a: Action, st: _StepState) -> None:
+        shape = self._activation_shape(st, a.microbatch)
+        buf = torch.empty(shape, dtype=self._dtype, device=self._device)
+        st.recvs[(a.kind, a.microbatch, a.chunk)] = (buf, self.channels.irecv(buf, a.kind, a.peer))
+
+    def _post_send(self, a: Action, st: _StepState) -> None:
+        key = (a.microbatch, a.chunk)
+        if a.kind == ACT:
+            out = st.outputs[key]
+            # A separate tensor object sharing the storage: the send keeps the data alive while
+            # `out` itself drops it (below) and keeps only its autograd graph.
+            tensor = out.detach()
+            work = self.channels.isend(tensor, ACT, a.peer)
+            if self.config.deallocate_outputs and out._base is None:
+                out.data = torch.empty((1,), device=out.device, dtype=out.dtype)
+        else:
+            tensor = st.input_grads.pop(key)
+            work = self.channels.isend(tensor, schedules.GRAD, a.peer)
+        st.sends.append((work, tensor))
+
+    @staticmethod
+    def _release_finished_sends(st: _StepState) -> None:
+        # Sends are only waited at a SYNC; dropping finished ones frees their buffers earlier.
+        if st.sends:
+            st.sends[:] = [(w, t) for w, t in st.sends if not w.is_completed()]

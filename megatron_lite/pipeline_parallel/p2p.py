@@ -1,0 +1,92 @@
+"""Point-to-point links between neighbouring pipeline stages.
+
+Each pipeline gets one two-rank process group per direction and kind: `act[r]` carries
+activations from pp rank r to r+1, `grad[r]` carries gradients from r+1 back to r (with
+virtual stages the links wrap around: the last rank feeds chunk c+1 of rank 0, spec §6.2).
+A channel is a FIFO in one direction, and a schedule sends and receives the messages of one
+channel in the same order on both ends (schedule tests check it), so any interleaving of
+posts is deadlock free, prefetched receives (`--overlap-p2p-comm`) included. Megatron instead
+batches each step's sends and receives on the single pipeline group (`batch_isend_irecv`)
+so that NCCL, which serialises a communicator's operations on one stream, never sees two
+ranks each waiting in a send; separate channels remove that coupling without requiring the
+send/recv pairs to line up step by step.
+
+Shapes are known in advance (`[s/cp(/tp with SP), b, h]`, the same for every micro-batch), so
+receives allocate their buffer without a shape handshake (spec §6.2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.pipeline_parallel.schedules import ACT, GRAD
+
+
+@dataclass
+class PipelineChannels:
+    pp_rank: int
+    pp_size: int
+    # (kind, lower pp rank r of the link r <-> r+1) -> (group, global rank of r, global rank of r+1)
+    links: dict = field(default_factory=dict)
+    _owned: list = field(default_factory=list, repr=False)
+
+    @classmethod
+    def create(cls, ps, ring: bool, backend: str | None = None) -> PipelineChannels:
+        """Collective over the whole world (every rank creates every group). `ring`: also link
+        the last rank back to the first (needed by the interleaved schedule)."""
+        out = cls(ps.pp_rank, ps.pp_size)
+        pp = ps.pp_size
+        if pp == 1:
+            return out
+        mine = ps.ranks["pp"]
+        for pipeline in ps.grid.groups("pp"):
+            for r in range(pp if ring else pp - 1):
+                a, b = pipeline[r], pipeline[(r + 1) % pp]
+                for kind in (ACT, GRAD):
+                    group = dist.new_group(sorted({a, b}), backend=backend)
+                    out._owned.append(group)
+                    if pipeline == mine:
+                        out.links[(kind, r)] = (group, a, b)
+        out._warm_up()
+        return out
+
+    def _warm_up(self) -> None:
+        # NCCL creates a communicator on its first operation, blocking until both ranks get
+        # there; one tiny exchange per link in a fixed global order keeps that from deadlocking
+        # when the schedule's first uses come in different orders on the two ends.
+        if not self.links or dist.get_backend(next(iter(self.links.values()))[0]) != "nccl":
+            return
+        device = torch.device("cuda", torch.cuda.current_device())
+        for key in sorted(self.links):
+            group, a, b = self.links[key]
+            t = torch.zeros(1, device=device)
+            me = dist.get_rank()
+            dist.send(t, b, group=group) if me == a else dist.recv(t, a, group=group)
+
+    def _link(self, kind: str, sender: int, receiver: int):
+        """The group carrying `kind` from pp rank `sender` to pp rank `receiver`, and the
+        global rank of the other end (seen from this rank)."""
+        pp = self.pp_size
+        low = sender if kind == ACT else receiver  # activations flow r -> r+1, grads r+1 -> r
+        if (low + 1) % pp != (receiver if kind == ACT else sender):
+            raise ValueError(f"no {kind} link from pp rank {sender} to {receiver}")
+        group, a, b = self.links[(kind, low)]
+        ends = {low: a, (low + 1) % pp: b}
+        peer = receiver if self.pp_rank == sender else sender
+        return group, ends[peer]
+
+    def isend(self, tensor: torch.Tensor, kind: str, to_pp_rank: int):
+        group, peer = self._link(kind, self.pp_rank, to_pp_rank)
+        return dist.isend(tensor, peer, group=group)
+
+    def irecv(self, buffer: torch.Tensor, kind: str, from_pp_rank: int):
+        group, peer = self._link(kind, from_pp_rank, self.pp_rank)
+        return dist.irecv(buffer, peer, group=group)
+
+    def destroy(self) -> None:
+        for group in self._owned:
+            dist.destroy_process_group(group)
+        self._owned.clear()
+        self.links.clear()

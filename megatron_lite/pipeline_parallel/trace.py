@@ -1,0 +1,153 @@
+"""Pipeline timeline (`--pipeline-trace`, `--pipeline-trace-file`): start and end of every
+forward and backward with its (micro-batch, chunk), per rank, as log lines, as a Chrome trace
+(chrome://tracing, Perfetto) and as measured bubble fractions to set beside the theoretical
+`(PP - 1) / (VPP * M)` (spec §6).
+
+On CUDA the times come from events recorded on the compute stream, so a stage's idle time
+(waiting for its input) shows as a gap without the trace adding host synchronisation inside
+the step; the step boundaries synchronise once to pin the events to the wall clock, which is
+shared by all ranks of a host.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    rank: int  # global rank
+    pp_rank: int
+    step: int  # 0-based step of this trace
+    op: str  # "F" | "B"
+    microbatch: int
+    chunk: int
+    start_us: float  # wall clock, microseconds
+    end_us: float
+
+
+class PipelineTrace:
+    def __init__(self, rank: int, pp_rank: int, device: torch.device, max_steps: int = 200):
+        self.rank, self.pp_rank, self.max_steps = rank, pp_rank, max_steps
+        self.cuda = torch.device(device).type == "cuda"
+        self.events: list[TraceEvent] = []
+        self.step_starts: list[float] = []
+        self._pending: list = []
+        self._active = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_starts)
+
+    def start_step(self) -> None:
+        self._active = self.steps < self.max_steps
+        if not self._active:
+            return
+        self._pending = []
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin.record()
+        self.step_starts.append(time.time() * 1e6)
+
+    @contextlib.contextmanager
+    def span(self, op: str, microbatch: int, chunk: int):
+        if not self._active:
+            yield
+            return
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.time() * 1e6
+            yield
+            end = time.time() * 1e6
+        self._pending.append((op, microbatch, chunk, start, end))
+
+    def finish_step(self) -> None:
+        if not self._active:
+            return
+        t0 = self.step_starts[-1]
+        if self.cuda:
+            torch.cuda.synchronize()
+        for op, mb, chunk, start, end in self._pending:
+            if self.cuda:
+                start = t0 + self._origin.elapsed_time(start) * 1e3
+                end = t0 + self._origin.elapsed_time(end) * 1e3
+            self.events.append(TraceEvent(self.rank, self.pp_rank, self.steps - 1, op, mb, chunk, start, end))
+        self._pending = []
+        self._active = False
+
+    def step_line(self, step: int = -1) -> str:
+        """One log line: this rank's computes of a step, in ms from the step's start."""
+        step = step % self.steps
+        t0 = self.step_starts[step]
+        parts = [f"{e.op}{e.microbatch}.{e.chunk} {(e.start_us - t0) / 1e3:.3f}-{(e.end_us - t0) / 1e3:.3f}"
+                 for e in self.events if e.step == step]
+        return (f"[pipeline trace] step {step + 1} rank {self.rank} (pp {self.pp_rank}) "
+                f"[op mb.chunk start-end ms]: " + " | ".join(parts))
+
+
+def gather_events(trace: PipelineTrace, group=None) -> list[TraceEvent]:
+    """All ranks' events (collective over `group`, default the world)."""
+    mine = [asdict(e) for e in trace.events]
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return list(trace.events)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, mine, group=group)
+    return [TraceEvent(**e) for part in parts for e in part]
+
+
+def chrome_trace(events: list[TraceEvent]) -> dict:
+    """Chrome trace-event JSON: one process row per global rank, ordered by pipeline rank."""
+    out = []
+    for rank, pp_rank in sorted({(e.rank, e.pp_rank) for e in events}):
+        out.append({"name": "process_name", "ph": "M", "pid": rank,
+                    "args": {"name": f"pp rank {pp_rank} (global rank {rank})"}})
+        out.append({"name": "process_sort_index", "ph": "M", "pid": rank,
+                    "args": {"sort_index": pp_rank * 100000 + rank}})
+    for e in events:
+        name = f"{'forward' if e.op == 'F' else 'backward'} mb {e.microbatch} chunk {e.chunk}"
+        out.append({"name": name, "cat": e.op, "ph": "X", "pid": e.rank, "tid": 0, "ts": e.start_us,
+                    "dur": e.end_us - e.start_us,
+                    "args": {"step": e.step, "microbatch": e.microbatch, "chunk": e.chunk}})
+    return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
+def write_chrome_trace(events: list[TraceEvent], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(chrome_trace(events), f)
+
+
+@dataclass(frozen=True)
+class BubbleStats:
+    steps: int
+    mean_busy_ms: float  # compute time per rank and step
+    mean_span_ms: float  # first start to last end over all ranks, per step
+    bubble_fraction: float  # mean over ranks and steps of idle / busy (theory: (PP-1)/(VPP M))
+
+
+def bubble_stats(events: list[TraceEvent], skip_steps: int = 1) -> BubbleStats:
+    """Idle over compute time per rank, with idle = the step's span across all ranks minus the
+    rank's own compute; the first `skip_steps` steps (warm-up, allocator) are left out."""
+    steps = sorted({e.step for e in events if e.step >= skip_steps})
+    busy_all, spans, fractions = [], [], []
+    for s in steps:
+        evs = [e for e in events if e.step == s]
+        span = max(e.end_us for e in evs) - min(e.start_us for e in evs)
+        spans.append(span)
+        for rank in {e.rank for e in evs}:
+            busy = sum(e.end_us - e.start_us for e in evs if e.rank == rank)
+            busy_all.append(busy)
+            fractions.append((span - busy) / busy)
+    if not steps:
+        raise ValueError("no traced steps after the warm-up steps")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return BubbleStats(len(steps), mean(busy_all) / 1e3, mean(spans) / 1e3, mean(fractions))
