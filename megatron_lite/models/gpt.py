@@ -65,6 +65,10 @@ class GPTModel(nn.Module):
                 params_dtype=config.params_dtype, device=device)
             if not config.untie_embeddings_and_output_weights:
                 self.output_layer.weight.shared_embedding = True
+        if pre_process and not post_process and not config.untie_embeddings_and_output_weights:
+            # The first stage's copy is marked too: with the distributed optimizer each copy
+            # gets a DP bucket of its own, so both are sharded alike (spec §8.1).
+            self.embedding.word_embeddings.weight.shared_embedding = True
         if config.position_embedding_type == "rope":
             rot_dim = int(config.kv_channels * config.rotary_percent)
             self.register_buffer("inv_freq", inverse_frequencies(

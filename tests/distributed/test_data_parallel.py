@@ -1,20 +1,19 @@
 """Data parallelism equals one process with the same global batch: loss curve, grad norm and
 every parameter after a few optimizer steps, for DP = 1, 2, 4 and DP=2 x TP=2, with plain
-DDP, overlapped bucketed reduction, the distributed optimizer and overlapped param gathers."""
+DDP, overlapped bucketed reduction, the distributed optimizer with overlapped param gathers,
+and per-token loss; and bucket reductions start during the last micro-batch's backward only."""
+import contextlib
+
 import pytest
 import torch
 
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.models.init import gather_global
-from megatron_lite.optimizer.core import OptimizerConfig
-from megatron_lite.optimizer.distributed import DistributedOptimizer
-from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer
-from megatron_lite.training.train_step import train_step
+from tests.dp_utils import micro_batches, train
 from tests.model_utils import build, tiny_config
 
-GLOBAL_BATCH, MICRO_BATCH, SEQ, STEPS = 8, 1, 16, 3
-BUCKET = 20_000  # elements: the tiny GPT (~110k params) splits into several buckets
+BUCKET = 20_000  # elements: the tiny GPT (110k params) splits into 4 buckets
 
 VARIANTS = {
     "plain": {},
@@ -22,49 +21,14 @@ VARIANTS = {
     "distopt": dict(use_distributed_optimizer=True),
     "distopt-overlap": dict(use_distributed_optimizer=True, overlap_grad_reduce=True,
                             overlap_param_gather=True, bucket_size=BUCKET),
+    "per-token": dict(calculate_per_token_loss=True, overlap_grad_reduce=True, bucket_size=BUCKET),
 }
 
 
-def micro_batches(vocab: int, dp_rank: int, dp_size: int, seed: int = 7):
-    """Sample k: a run of consecutive ids from a start drawn from (seed, k), learnable and
-    independent of the layout; micro-step j of `MICRO_BATCH * DP` samples gives DP rank r its
-    slots `[r*b, (r+1)*b)` (spec §2.11), so a global batch is the same samples for any DP."""
-    k = 0
-    while True:
-        ids = [k + dp_rank * MICRO_BATCH + i for i in range(MICRO_BATCH)]
-        starts = [int(torch.randint(vocab, (1,), generator=torch.Generator().manual_seed(seed * 100_003 + i)))
-                  for i in ids]
-        text = torch.stack([(s + torch.arange(SEQ + 1)) % vocab for s in starts])  # [b, s+1]
-        yield {"tokens": text[:, :-1], "labels": text[:, 1:], "loss_mask": torch.ones(len(ids), SEQ),
-               "position_ids": torch.arange(SEQ).expand(len(ids), SEQ)}
-        k += MICRO_BATCH * dp_size
-
-
-def train(ps, ddp_kw: dict, model_kw: dict | None = None, opt_kw: dict | None = None, steps: int = STEPS):
-    """`steps` optimizer steps on mock data; returns (losses, grad norms, global params)."""
-    cfg = tiny_config("gpt", sequence_parallel=ps.tp_size > 1, **(model_kw or {}))
-    model = build(cfg, ps)
-    ddp = DistributedDataParallel(model, ps, DDPConfig(**ddp_kw))
-    ocfg = OptimizerConfig(lr=1e-3, clip_grad=1.0, **(opt_kw or {}))
-    if ddp_kw.get("use_distributed_optimizer"):
-        opt = DistributedOptimizer([ddp], ocfg, ps)
-    else:
-        opt = MixedPrecisionOptimizer(model.named_parameters(), ocfg, ps)
-    data = micro_batches(cfg.vocab_size, ps.dp_rank, ps.dp_size)
-    num_micro = GLOBAL_BATCH // (MICRO_BATCH * ps.dp_size)
-    losses, norms = [], []
-    for _ in range(steps):
-        r = train_step(ddp, opt, data, num_micro, ps, torch.device("cpu"))
-        losses.append((r.loss_sum_count[0] / r.loss_sum_count[1]).item())
-        norms.append(r.grad_norm.item())
-    ddp.finish_param_sync()
-    return losses, norms, gather_global(model, ps.tp_group)
-
-
-def _run_variants(rank, world, tp, names):
+def _run_variants(rank, world, tp, names, model_kw=None):
     ps = ParallelState.create(tp=tp)
     try:
-        return {name: train(ps, VARIANTS[name]) for name in names}
+        return {name: train(ps, VARIANTS[name], model_kw) for name in names}
     finally:
         ps.destroy()
 
@@ -72,10 +36,11 @@ def _run_variants(rank, world, tp, names):
 _REFERENCE = {}
 
 
-def _reference():
-    if "ref" not in _REFERENCE:
-        _REFERENCE["ref"] = _run_variants(0, 1, 1, ["plain"])["plain"]
-    return _REFERENCE["ref"]
+def _reference(model_kw=None):
+    key = tuple(sorted((model_kw or {}).items()))
+    if key not in _REFERENCE:
+        _REFERENCE[key] = _run_variants(0, 1, 1, ["plain"], model_kw)["plain"]
+    return _REFERENCE[key]
 
 
 def assert_same_training(got, ref, what, rtol=1e-5, atol=1e-6, param_atol=5e-5):
@@ -101,3 +66,61 @@ def test_data_parallel_matches_single_process(run_dist, world, tp):
     for rank, per_variant in enumerate(results):
         for name, got in per_variant.items():
             assert_same_training(got, ref, f"world {world} tp {tp} {name} rank {rank}")
+
+
+def test_bf16_distributed_optimizer_tracks_single_process(run_dist):
+    """bf16 params, fp32 main params and grads: the sharded fp32 masters are cast back into
+    the param buffer and gathered. Only the fp32 grad sums differ in order, so the runs agree
+    to bf16 resolution."""
+    bf16 = {"params_dtype": torch.bfloat16}
+    ref = _reference(bf16)
+    for rank, got in enumerate(run_dist(2, _run_variants, 1, ["distopt-overlap", "overlap"], bf16)):
+        for name, run in got.items():
+            assert_same_training(run, ref, f"bf16 {name} rank {rank}", rtol=1e-3, atol=1e-3, param_atol=1e-2)
+
+
+def _launches(rank, world, overlap, num_micro=3):
+    """Backward over `num_micro` micro-batches; records (micro-batch, bucket, grads already
+    accumulated in this backward) at every bucket launch."""
+    ps = ParallelState.create()
+    try:
+        model = build(tiny_config("gpt"), ps)
+        ddp = DistributedDataParallel(model, ps, DDPConfig(overlap_grad_reduce=overlap, bucket_size=BUCKET))
+        now = {"micro": None, "grads": 0}
+        events, launch = [], ddp._launch
+
+        def record(sync):
+            events.append((now["micro"], sync.bucket.index, now["grads"]))
+            launch(sync)
+
+        ddp._launch = record
+        for p in model.parameters():  # runs after DDP's own hook on the same param
+            p.register_post_accumulate_grad_hook(lambda _p: now.update(grads=now["grads"] + 1))
+        data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
+        for i in range(num_micro):
+            now.update(micro=i, grads=0)
+            with ddp.no_sync() if i < num_micro - 1 else contextlib.nullcontext():
+                batch = next(data)
+                ddp(batch["tokens"], batch["position_ids"], labels=batch["labels"]).mean().backward()
+        now.update(micro="finish", grads=0)
+        ddp.finish_grad_sync()
+        n_params = sum(1 for _ in model.parameters())
+        return events, len(ddp.buckets), n_params, gather_global(model, None, grads=True)
+    finally:
+        ps.destroy()
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
+def test_bucket_reductions_start_in_the_last_backward_only(run_dist, overlap):
+    (events, n_buckets, n_params, grads0), (_, _, _, grads1) = run_dist(2, _launches, overlap)
+    assert n_buckets == 4
+    assert [b for _, b, _ in events] == list(range(n_buckets))  # each bucket once, backward order
+    if overlap:
+        assert {m for m, _, _ in events} == {2}  # during the last micro-batch's backward ...
+        assert events[0][2] < n_params - 1  # ... the first one long before that backward ends
+        assert all(e[2] < n_params for e in events)
+    else:
+        assert {m for m, _, _ in events} == {"finish"}
+    for name, g in grads0.items():
+        torch.testing.assert_close(g, grads1[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+        assert g.abs().sum() > 0 or "position_embeddings" in name
