@@ -1,0 +1,85 @@
+"""The argparse namespace -> the frozen data and tokenizer configs (DESIGN rule 2: `args` stops
+here). Also reads the blend files of --data-args-path / --per-split-data-args-path."""
+from __future__ import annotations
+
+import json
+
+from megatron_lite.config.validation import ConfigError
+from megatron_lite.data.builders import DataConfig
+from megatron_lite.data.splits import Blend, parse_blend, train_valid_test_num_samples
+from megatron_lite.data.tokenizers import TokenizerConfig
+
+# GPT-2's vocabulary: the size mock data uses for GPT2BPETokenizer runs without tokenizer files.
+_GPT2_VOCAB = 50257
+_FILE_FLAGS = {"GPT2BPETokenizer": ("vocab_file", "merge_file")}
+
+
+def tokenizer_config_from_args(args) -> TokenizerConfig:
+    """With --mock-data and no tokenizer files (spec §2.10 needs only a vocabulary size), the
+    tokenizer is a NullTokenizer of --vocab-size (GPT-2's 50257 for GPT2BPETokenizer)."""
+    t = args.tokenizer_type
+    files = _FILE_FLAGS.get(t, ("tokenizer_model",) if t != "NullTokenizer" else ())
+    if args.mock_data and files and all(getattr(args, f) is None for f in files):
+        vocab = args.vocab_size or (_GPT2_VOCAB if t == "GPT2BPETokenizer" else None)
+        if vocab is None:
+            raise ConfigError(f"--tokenizer-type {t} needs --vocab-size for --mock-data runs without "
+                              "tokenizer files (e.g. --tokenizer-type NullTokenizer --vocab-size 32000)")
+        return TokenizerConfig("NullTokenizer", vocab_size=vocab,
+                               null_tokenizer_eod_id=args.null_tokenizer_eod_id)
+    special = args.tokenizer_special_tokens
+    return TokenizerConfig(
+        tokenizer_type=t, vocab_file=args.vocab_file, merge_file=args.merge_file,
+        tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size,
+        null_tokenizer_eod_id=args.null_tokenizer_eod_id, tiktoken_pattern=args.tiktoken_pattern,
+        tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+        tokenizer_special_tokens=tuple(special) if special else None,
+        trust_remote_code=args.trust_remote_code)
+
+
+def _read_list(path: str, flag: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().split()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
+
+
+def _blends(args) -> tuple[Blend | None, tuple | None]:
+    try:
+        if args.data_path or args.data_args_path:
+            tokens = args.data_path or _read_list(args.data_args_path, "--data-args-path")
+            return parse_blend(tokens), None
+        if args.per_split_data_args_path:
+            try:
+                with open(args.per_split_data_args_path) as f:
+                    spec = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                path = args.per_split_data_args_path
+                raise ConfigError(f"--per-split-data-args-path {path}: {e}") from None
+            return None, tuple(parse_blend(spec.get(k)) for k in ("train", "valid", "test"))
+        per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
+        if any(per_split):
+            return None, tuple(parse_blend(p) for p in per_split)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return None, None
+
+
+def data_config_from_args(args) -> DataConfig:
+    blend, per_split = _blends(args)
+    if not args.mock_data and blend is None and per_split is None:
+        raise ConfigError("no training data: give --data-path (or --train-data-path ...), or --mock-data")
+    sizes = train_valid_test_num_samples(
+        args.train_iters or 0, args.global_batch_size, args.eval_interval, args.eval_iters,
+        args.eval_global_batch_size, train_samples=args.train_samples,
+        full_validation=getattr(args, "full_validation", False))
+    return DataConfig(
+        seq_length=args.seq_length, seed=args.seed, num_samples=sizes,
+        micro_batch_size=args.micro_batch_size, eval_micro_batch_size=args.eval_micro_batch_size,
+        blend=blend, blend_per_split=per_split, split=args.split, mock=args.mock_data,
+        data_cache_path=args.data_cache_path, mmap_bin_files=args.mmap_bin_files,
+        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss, create_attention_mask=args.create_attention_mask_in_dataloader,
+        mid_level_dataset_surplus=args.mid_level_dataset_surplus,
+        allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens, dataloader_type=args.dataloader_type,
+        num_workers=args.num_workers)
