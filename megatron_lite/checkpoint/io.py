@@ -218,7 +218,7 @@ def load_checkpoint(
     logger.rank0(f" checkpoint version {common['checkpoint_version']}")
     _check_args(common, args_dict, directory)
     weights_only = finetune or release
-    load_optim = load_optim and not weights_only and common["has_optimizer"]
+    load_optim = load_optim and not weights_only and common["has_optimizer"] and optimizer is not None
     same_layout = (
         common["tensor_model_parallel_size"] == ctx.ps.tp_size
         and common["pipeline_model_parallel_size"] == ctx.ps.pp_size
@@ -248,7 +248,7 @@ def load_checkpoint(
         scheduler.load_state_dict(common["opt_param_scheduler"])
         if grad_scaler is not None and common.get("grad_scaler"):
             grad_scaler.load_state_dict(common["grad_scaler"])
-    else:
+    elif optimizer is not None:
         _refresh_main_from_model(optimizer)
     if load_rng:
         prefix = _rng_prefix(ctx.ps)

@@ -37,6 +37,7 @@ def model_items(models) -> list[tuple[str, torch.nn.Parameter]]:
     """(global name, parameter) of every chunk, each global name once."""
     out, seen = [], set()
     for model in models:
+        model = getattr(model, "module", model)  # a DistributedDataParallel chunk wraps the GPTModel
         for name, param in model.named_parameters():
             key = model.global_name(name)
             if key not in seen:  # a rank never holds both copies of the tied embedding, but be safe

@@ -1,0 +1,124 @@
+"""Convert between Hugging Face checkpoints (a local directory with `config.json` and
+`*.safetensors`) and megatron_lite `torch_dist` checkpoints, for Llama and GPT-2.
+
+    python tools/checkpoint/convert.py hf-to-megatron --hf-dir llama-1b/ --save ckpt/
+    python tools/checkpoint/convert.py megatron-to-hf --load ckpt/ --hf-dir out/
+
+A torch_dist checkpoint stores every tensor under its layout-independent name with its global
+shape, so there is no target TP/PP to choose: the converted checkpoint loads at any
+`--tensor-model-parallel-size` / `--pipeline-model-parallel-size` (as a `release`
+checkpoint: weights only, like Megatron's `--finetune`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from megatron_lite.checkpoint.global_io import read_global_checkpoint, write_global_checkpoint  # noqa: E402
+from megatron_lite.config.configs import ModelConfig, model_config_from_args  # noqa: E402
+from megatron_lite.models import hf  # noqa: E402
+
+
+def _read_hf_dir(path: str):
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise SystemExit(f"error: --hf-dir {path} has no config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise SystemExit(f"error: --hf-dir {path} has no *.safetensors files")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return config, state
+
+
+def _args_of(cfg: ModelConfig, family: str, orig_vocab: int) -> dict:
+    args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "params_dtype"}
+    args.update(
+        padded_vocab_size=cfg.vocab_size,
+        orig_vocab_size=orig_vocab,
+        model_family=family,
+        group_query_attention=cfg.num_query_groups != cfg.num_attention_heads,
+        add_position_embedding=cfg.position_embedding_type == "learned_absolute",
+    )
+    return args
+
+
+def hf_to_megatron(a) -> None:
+    config, state = _read_hf_dir(a.hf_dir)
+    family = hf._family(a.family, config)
+    cfg = hf.model_config_from_hf(
+        config,
+        family,
+        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+        tp=a.tensor_model_parallel_size,
+    )
+    global_state = hf.hf_to_global(state, cfg, family)
+    directory = write_global_checkpoint(
+        a.save, global_state, cfg, _args_of(cfg, family, config["vocab_size"])
+    )
+    print(f"wrote {len(global_state)} tensors to {directory} ({family}, padded vocab {cfg.vocab_size})")
+
+
+def megatron_to_hf(a) -> None:
+    from safetensors.torch import save_file
+
+    global_state, common = read_global_checkpoint(a.load, a.ckpt_step)
+    args = dict(common["args"])
+    family = a.family or args.get("model_family") or ("llama" if args.get("swiglu") else "gpt2")
+    orig_vocab = a.vocab_size or args.get("orig_vocab_size") or args.get("vocab_size")
+    if not orig_vocab:
+        raise SystemExit(
+            "error: the checkpoint does not record the tokenizer's vocabulary size: pass --vocab-size"
+        )
+    ns = SimpleNamespace(**args)
+    if not hasattr(ns, "add_bias_linear"):
+        ns.add_bias_linear = True
+    cfg = model_config_from_args(ns)
+    hf_state = hf.global_to_hf(global_state, cfg, family, orig_vocab, tied_head=False)
+    os.makedirs(a.hf_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(a.hf_dir, "model.safetensors"))
+    with open(os.path.join(a.hf_dir, "config.json"), "w") as f:
+        json.dump(hf.hf_config_from_model_config(cfg, family, orig_vocab), f, indent=2)
+    print(f"wrote {len(hf_state)} tensors to {a.hf_dir} ({family})")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="direction", required=True)
+    imp = sub.add_parser("hf-to-megatron", help="Hugging Face directory -> torch_dist checkpoint")
+    imp.add_argument("--hf-dir", required=True)
+    imp.add_argument("--save", required=True)
+    imp.add_argument("--family", choices=hf.FAMILIES, default=None, help="default: config.json model_type")
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    imp.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="only for vocabulary padding (Megatron pads to a multiple of divisor x TP)",
+    )
+    exp = sub.add_parser("megatron-to-hf", help="torch_dist checkpoint -> Hugging Face directory")
+    exp.add_argument("--load", required=True)
+    exp.add_argument("--hf-dir", required=True)
+    exp.add_argument("--ckpt-step", type=int, default=None)
+    exp.add_argument("--family", choices=hf.FAMILIES, default=None)
+    exp.add_argument(
+        "--vocab-size", type=int, default=None, help="tokenizer vocabulary (padding is stripped)"
+    )
+    a = p.parse_args(argv)
+    (hf_to_megatron if a.direction == "hf-to-megatron" else megatron_to_hf)(a)
+
+
+if __name__ == "__main__":
+    main()
