@@ -1,5 +1,6 @@
 """tools/checkpoint/convert.py: Hugging Face -> torch_dist -> (TP=2 model) -> Hugging Face.
 The converted model's logits equal transformers' and the round trip is exact."""
+
 import pytest
 import torch
 
@@ -18,9 +19,16 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 def _hf_model(family):
     torch.manual_seed(0)
     if family == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=32,
-                                       tie_word_embeddings=False)
+        cfg = transformers.LlamaConfig(
+            vocab_size=100,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=32,
+            tie_word_embeddings=False,
+        )
         return transformers.LlamaForCausalLM(cfg).eval()
     cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -60,7 +68,9 @@ def test_hf_round_trip_through_torch_dist(run_dist, tmp_path, family):
 
     convert.main(["megatron-to-hf", "--load", str(tmp_path / "ml"), "--hf-dir", str(tmp_path / "back")])
     back = safetensors_torch.load_file(tmp_path / "back" / "model.safetensors")
-    original = {k: v for k, v in model.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    original = {
+        k: v for k, v in model.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))
+    }
     if model.config.tie_word_embeddings:
         del original["lm_head.weight"]  # safetensors keeps one copy of a tied tensor
     assert set(original) == set(back)
