@@ -194,6 +194,9 @@ def _add_logging_args(parser):
     # megatron_lite extension: print each rank's pipeline schedule (spec §6).
     group.add_argument("--pipeline-trace", action="store_true",
                        help="Log the forward/backward order of each pipeline rank (megatron_lite only).")
+    group.add_argument("--pipeline-trace-file", type=str, default=None,
+                       help="Write every rank's forward/backward timeline as Chrome-trace JSON to this file "
+                       "at the end of training, and print the measured pipeline bubble (megatron_lite only).")
     return parser
 
 

@@ -130,13 +130,14 @@ class PipelineExecutor:
         if hooks.disable and not forward_only:
             for c in range(self.vpp_size):
                 hooks.disable(c)
-        if self.trace is not None:
+        tracing = self.trace is not None and not forward_only  # evaluation is not traced
+        if tracing:
             self.trace.start_step()
         with torch.no_grad() if forward_only else torch.enable_grad():
             for action in actions:
                 self._run(action, st, hooks)
         self._batch(st, num_microbatches - 1)  # keep the data iterator in step on every stage
-        if self.trace is not None:
+        if tracing:
             self.trace.finish_step()
         losses = [st.losses[mb] for mb in sorted(st.losses)]
         totals = torch.stack(losses).sum(0) if losses else torch.zeros(2, device=self._device)
@@ -158,18 +159,20 @@ class PipelineExecutor:
         else:
             self._release_finished_sends(st)
             if a.op is Op.FORWARD:
-                with self._timed(a):
+                with self._timed(a, st):
                     self._forward(a.microbatch, a.chunk, st)
             else:
                 if a.last and hooks.before_last_backward:
                     hooks.before_last_backward(a.chunk)
-                with self._timed(a):
+                with self._timed(a, st):
                     self._backward(a.microbatch, a.chunk, st)
                 if a.last and hooks.on_chunk_backward_done:
                     hooks.on_chunk_backward_done(a.chunk)
 
-    def _timed(self, a: Action):
-        return self.trace.span(a.op.value, a.microbatch, a.chunk) if self.trace else contextlib.nullcontext()
+    def _timed(self, a: Action, st: _StepState):
+        if self.trace is None or st.forward_only:
+            return contextlib.nullcontext()
+        return self.trace.span(a.op.value, a.microbatch, a.chunk)
 
     # ---- compute ------------------------------------------------------------------------
     def _stage(self, chunk: int) -> tuple[bool, bool]:

@@ -40,14 +40,14 @@ class PipelineChannels:
         pp = ps.pp_size
         if pp == 1:
             return out
-        mine = ps.ranks["pp"]
+        mine = ps.ranks["pp"]  # this rank's pipeline
         for pipeline in ps.grid.groups("pp"):
             for r in range(pp if ring else pp - 1):
                 a, b = pipeline[r], pipeline[(r + 1) % pp]
                 for kind in (ACT, GRAD):
                     group = dist.new_group(sorted({a, b}), backend=backend)
                     out._owned.append(group)
-                    if pipeline == mine:
+                    if pipeline == mine and ps.rank in (a, b):
                         out.links[(kind, r)] = (group, a, b)
         out._warm_up()
         return out

@@ -22,12 +22,20 @@ from megatron_lite.config.validation import (
 from megatron_lite.data.mock import MockTokens
 from megatron_lite.data.samplers import micro_batch_iterator
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel, default_bucket_size
-from megatron_lite.models.gpt import GPTModel
-from megatron_lite.models.init import init_model_parameters
 from megatron_lite.optimizer.distributed import DistributedOptimizer
 from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
+from megatron_lite.pipeline_parallel.chunks import build_model_chunks
+from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
+from megatron_lite.pipeline_parallel.layout import PipelineLayout, build_layout
+from megatron_lite.pipeline_parallel.p2p import PipelineChannels
+from megatron_lite.pipeline_parallel.trace import (
+    PipelineTrace,
+    bubble_stats,
+    gather_events,
+    write_chrome_trace,
+)
 from megatron_lite.training.flops import num_floating_point_operations
 from megatron_lite.training.initialize import build_parallel_state, init_distributed, seed_rank
 from megatron_lite.training.logging import RankLogger
@@ -52,7 +60,7 @@ def _original_vocab_size(args) -> int:
                       "(e.g. --tokenizer-type NullTokenizer --vocab-size 32000)")
 
 
-def _wrap_ddp(args, module, ps) -> DistributedDataParallel:
+def _wrap_ddp(args, module, ps, chunk_index: int = 0) -> DistributedDataParallel:
     """Contiguous buffers, bucketed DP reduction and (optionally) sharded params (spec §8)."""
     num_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     cfg = DDPConfig(
@@ -60,7 +68,8 @@ def _wrap_ddp(args, module, ps) -> DistributedDataParallel:
         overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
         bucket_size=default_bucket_size(args.ddp_bucket_size, args.ddp_num_buckets, num_params,
-                                        ps.dp_size * ps.cp_size, args.overlap_grad_reduce, ps.pp_rank),
+                                        ps.dp_size * ps.cp_size, args.overlap_grad_reduce, ps.pp_rank,
+                                        chunk_index),
         average_in_collective=args.ddp_average_in_collective,
         calculate_per_token_loss=args.calculate_per_token_loss,
         check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad,
@@ -68,8 +77,9 @@ def _wrap_ddp(args, module, ps) -> DistributedDataParallel:
     return DistributedDataParallel(module, ps, cfg)
 
 
-def _build_optimizer(args, model, ps):
-    """`model`: the DDP-wrapped chunk. fp32 main params and grads, loss scaling (spec §7)."""
+def _build_optimizer(args, chunks, ps):
+    """`chunks`: this rank's DDP-wrapped model chunks. fp32 main params and grads, loss
+    scaling (spec §7)."""
     if args.num_distributed_optimizer_instances > 1:
         raise SystemExit("error: --num-distributed-optimizer-instances > 1 is not available yet")
     cfg = OptimizerConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
@@ -82,8 +92,52 @@ def _build_optimizer(args, model, ps):
     elif args.loss_scale:
         scaler = ConstantLossScaler(args.loss_scale)
     if args.use_distributed_optimizer:
-        return DistributedOptimizer([model], cfg, ps, scaler)
-    return MixedPrecisionOptimizer(model.module.named_parameters(), cfg, ps, scaler)
+        return DistributedOptimizer(chunks, cfg, ps, scaler)
+    named = [(name, p) for chunk in chunks for name, p in chunk.module.named_parameters()]
+    return MixedPrecisionOptimizer(named, cfg, ps, scaler)
+
+
+def _pipeline_layout(args) -> PipelineLayout:
+    return build_layout(
+        args.num_layers, args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size,
+        first_stage_layers=args.decoder_first_pipeline_num_layers,
+        last_stage_layers=args.decoder_last_pipeline_num_layers,
+        account_for_embedding=args.account_for_embedding_in_pipeline_split,
+        account_for_loss=args.account_for_loss_in_pipeline_split)
+
+
+def _build_executor(args, chunks, ps, env):
+    """The schedule runner over this rank's chunks, its p2p links and the optional trace."""
+    channels = None
+    if ps.pp_size > 1:
+        ring = (args.virtual_pipeline_model_parallel_size or 1) > 1  # chunk c -> c+1 wraps around
+        channels = PipelineChannels.create(ps, ring=ring, backend=env.backend)
+    trace = None
+    if args.pipeline_trace or args.pipeline_trace_file:
+        trace = PipelineTrace(env.rank, ps.pp_rank, env.device)
+    cfg = PipelineConfig(microbatch_group_size=args.microbatch_group_size_per_vp_stage,
+                         overlap_p2p_comm=args.overlap_p2p_comm,
+                         calculate_per_token_loss=args.calculate_per_token_loss)
+    return PipelineExecutor(chunks, ps, cfg, channels, trace), trace
+
+
+def _finish_trace(args, trace, logger) -> None:
+    """Gather every rank's timeline, write the Chrome trace and report the bubble (rank 0)."""
+    events = gather_events(trace)
+    if not (args.pipeline_trace_file and logger.is_first):
+        return
+    write_chrome_trace(events, args.pipeline_trace_file)
+    pp, vpp, m = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size or 1, \
+        args.num_micro_batches
+    line = f"pipeline trace written to {args.pipeline_trace_file}"
+    try:
+        stats = bubble_stats(events)
+        line += (f"; measured bubble (idle / compute) {stats.bubble_fraction:.4f} over {stats.steps} steps "
+                 f"(compute {stats.mean_busy_ms:.2f} ms, span {stats.mean_span_ms:.2f} ms per step), "
+                 f"theoretical (PP-1)/(VPP*M) = {(pp - 1) / (vpp * m):.4f}")
+    except ValueError:
+        pass
+    logger.rank0(line)
 
 
 def _build_scheduler(args, optimizer):
@@ -122,9 +176,8 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
                                    tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
     if args.train_samples:
         args.train_iters = batches.iterations_for_samples(args.train_samples)
-    if args.pipeline_model_parallel_size > 1 or args.context_parallel_size > 1:
-        raise SystemExit("error: --pipeline-model-parallel-size > 1 and --context-parallel-size > 1 "
-                         "are not available in this version yet")
+    if args.context_parallel_size > 1:
+        raise SystemExit("error: --context-parallel-size > 1 is not available in this version yet")
     if not args.mock_data:
         raise SystemExit("error: only --mock-data is available in this version (datasets come next)")
     orig_vocab = _original_vocab_size(args)
@@ -142,14 +195,15 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
 
     timers = Timers(args.timing_log_level, args.timing_log_option, sync_cuda=env.device.type == "cuda")
     config = model_config_from_args(args)
-    model = GPTModel(config, ps, rng_tracker=tracker, device=env.device)
-    init_model_parameters(model, args.seed, config.init_method_std, config.num_layers, ps.tp_rank, ps.tp_size)
+    # One model chunk per virtual pipeline stage of this rank (spec §5.4).
+    chunks = build_model_chunks(config, ps, _pipeline_layout(args), args.seed, tracker, env.device)
     if ps.dp_rank == 0 and ps.cp_rank == 0:
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for chunk in chunks for p in chunk.parameters())
         logger.all(f" > number of parameters on (tensor, pipeline) model parallel rank "
                    f"({ps.tp_rank}, {ps.pp_rank}): {n}")
-    model = _wrap_ddp(args, model, ps)
-    optimizer = _build_optimizer(args, model, ps)
+    chunks = [_wrap_ddp(args, chunk, ps, c) for c, chunk in enumerate(chunks)]
+    model, trace = _build_executor(args, chunks, ps, env)
+    optimizer = _build_optimizer(args, chunks, ps)
     scheduler = _build_scheduler(args, optimizer)
     logger.datetime_line("after model, optimizer, and learning rate scheduler are built")
 
@@ -179,7 +233,10 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     tensorboard.text("arguments", "<pre>" + format_args_dump(args) + "</pre>")
 
     def step(num_microbatches):
-        return train_step(model, optimizer, data_iter, num_microbatches, ps, env.device)
+        result = train_step(model, optimizer, data_iter, num_microbatches, ps, env.device)
+        if args.pipeline_trace and trace.steps:
+            logger.all(trace.step_line())
+        return result
 
     def eval_step(it, num_microbatches):
         return evaluation_step(model, it, num_microbatches, ps, env.device)
@@ -210,9 +267,13 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
             trainer.run_evaluation(state, valid_iter, f"{prefix} on validation set", count_samples=False)
         trainer.run_evaluation(state, test_iter, f"{prefix} on test set", count_samples=False)
     tensorboard.close()
+    if trace is not None:
+        _finish_trace(args, trace, logger)
     logger.datetime_line("after training is done")
     if env.device.type == "cuda":
         torch.cuda.synchronize()
+    if model.channels is not None:
+        model.channels.destroy()
     ps.destroy()
     dist.destroy_process_group()
     return 0

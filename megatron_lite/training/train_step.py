@@ -1,15 +1,20 @@
-"""One training iteration: forward/backward over the micro-batches, gradient fix-ups,
-optimizer step. The micro-batch loop is the no-pipelining schedule; pipeline schedules
-plug in at `forward_backward`."""
+"""One training iteration: forward/backward over the micro-batches through the pipeline
+executor (any schedule: gradient accumulation, 1F1B, interleaved), gradient fix-ups,
+optimizer step; and the forward-only evaluation step."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megatron_lite.data_parallel.finalize import finalize_grads
+from megatron_lite.pipeline_parallel.executor import (
+    ForwardBackwardResult,
+    GradSyncHooks,
+    PipelineConfig,
+    PipelineExecutor,
+)
 
 
 @dataclass
@@ -19,39 +24,38 @@ class StepResult:
     grad_norm: torch.Tensor | None
 
 
-def loss_from_batch(model, batch: dict[str, torch.Tensor]):
-    """Masked per-token loss of one micro-batch: (loss sum, token count), both 0-dim fp32."""
-    losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])  # [b, s] fp32
-    mask = batch["loss_mask"].float()
-    return (losses * mask).sum(), mask.sum()
+def as_executor(model, ps) -> PipelineExecutor:
+    """`model`: a PipelineExecutor (built once by pretrain, PP >= 1), or this rank's
+    DistributedDataParallel chunk / list of chunks without pipelining."""
+    if isinstance(model, PipelineExecutor):
+        return model
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    per_token = getattr(getattr(chunks[0], "config", None), "calculate_per_token_loss", False)
+    return PipelineExecutor(chunks, ps, PipelineConfig(calculate_per_token_loss=per_token))
 
 
-def forward_backward(model, data_iter, num_microbatches: int, device, loss_scale: float,
-                     per_token_loss: bool = False):
-    """No pipelining: gradients accumulate over micro-batches, and the DP reduction is armed
-    only for the last one (spec §8.2). spec §6.4 normalisation: each micro-batch
-    back-propagates loss_sum / tokens / M (the raw sum with per-token loss), times the loss
-    scale. `model`: a DistributedDataParallel chunk."""
-    totals = torch.zeros(2, dtype=torch.float32, device=device)
-    for i in range(num_microbatches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iter).items()}
-        with model.no_sync() if i < num_microbatches - 1 else contextlib.nullcontext():
-            loss_sum, count = loss_from_batch(model, batch)
-            loss = loss_sum if per_token_loss else loss_sum / count.clamp(min=1) / num_microbatches
-            (loss * loss_scale).backward()
-        totals += torch.stack([loss_sum.detach(), count])
-    return totals
+def forward_backward(model, data_iter, num_microbatches: int, ps, *, loss_scale: float = 1.0,
+                     forward_only: bool = False) -> ForwardBackwardResult:
+    """Run one global batch's micro-batches through this rank's chunks (spec §6). On the last
+    pipeline stage the result holds each micro-batch's (loss sum, tokens); DP reduction of
+    gradients is launched per chunk after its last backward (DDP's hooks)."""
+    executor = as_executor(model, ps)
+    hooks = None if forward_only else GradSyncHooks.for_ddp(executor.chunks)
+    return executor.forward_backward(data_iter, num_microbatches, loss_scale=loss_scale,
+                                     forward_only=forward_only, grad_sync=hooks)
 
 
 def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device) -> StepResult:
-    """`model`: this rank's DistributedDataParallel chunk (or a list of them)."""
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    """`model`: see `as_executor`. The loss exists on the last pipeline stage only; other
+    stages report zeros (the iteration line is printed by the last rank, spec §3.2)."""
+    executor = as_executor(model, ps)
+    chunks = executor.chunks
     for chunk in chunks:
         chunk.zero_grad_buffer()
-        chunk.train()
+    executor.train()
+    result = forward_backward(executor, data_iter, num_microbatches, ps, loss_scale=optimizer.loss_scale)
+    totals = result.totals
     cfg = chunks[0].config
-    totals = forward_backward(chunks[0], data_iter, num_microbatches, device, optimizer.loss_scale,
-                              cfg.calculate_per_token_loss)
     if cfg.check_for_nan_in_grad and not bool(torch.isfinite(totals[0])):
         raise RuntimeError(f"Rank {ps.rank}: found NaN or Inf in local forward loss calculation")
     finalize_grads(chunks, ps, num_tokens=totals[1] if cfg.calculate_per_token_loss else None)
@@ -62,14 +66,12 @@ def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device) -
 
 
 def evaluation_step(model, data_iter, num_microbatches: int, ps, device) -> torch.Tensor:
-    """Forward-only pass over one evaluation batch: `[2]` (loss sum, tokens) over DP x CP."""
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float32, device=device)
-    with torch.no_grad():
-        for _ in range(num_microbatches):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iter).items()}
-            totals += torch.stack(loss_from_batch(model, batch))
-    model.train()
+    """Forward-only pass over one evaluation batch: `[2]` (loss sum, tokens) over DP x CP,
+    meaningful on the last pipeline stage (zeros elsewhere)."""
+    executor = as_executor(model, ps)
+    executor.eval()
+    totals = forward_backward(executor, data_iter, num_microbatches, ps, forward_only=True).totals
+    executor.train()
     if ps.dp_size * ps.cp_size > 1:
         dist.all_reduce(totals, group=ps.dp_cp_group)
     return totals
