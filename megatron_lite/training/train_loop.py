@@ -60,6 +60,7 @@ class LoopHooks:
     valid_iter: object = None
     save: Callable | None = None  # (LoopState) -> None
     signal_handler: object = None  # training.signals.SignalHandler or None
+    memory_report: Callable | None = None  # (iteration) -> None; spec §3.4 memory lines
 
 
 class LogWindow:
@@ -176,7 +177,7 @@ class Trainer:
     def train(self, state: LoopState) -> str | None:
         """Run until `train_iters` or an exit condition; returns the exit message, if any."""
         cfg, hooks, timers = self.cfg, self.hooks, self.timers
-        window, first_logged = LogWindow(), False
+        window, first_logged, memory_reports = LogWindow(), False, 0
         timers("interval-time", 0).start(barrier=True)
         while state.iteration < cfg.train_iters:
             batch = self.batches.global_batch(state.consumed_train_samples)
@@ -200,6 +201,10 @@ class Trainer:
             regular = state.iteration % cfg.log_interval == 0
             if regular or not first_logged:
                 self._log(state, window, result, regular, batch)
+                # spec §3.4 (core_v0.16+): memory lines after the first two printed iterations.
+                if hooks.memory_report is not None and memory_reports < 2:
+                    hooks.memory_report(state.iteration)
+                    memory_reports += 1
                 first_logged = True
                 if regular:
                     window = LogWindow()

@@ -1,13 +1,16 @@
 """Buffer and bucket layout of spec §8.1, bucket-size resolution, and the single-process
-behaviour of the DDP wrapper (views, accumulation over micro-batches, no_sync)."""
+behaviour of the DDP wrapper (views, accumulation over micro-batches, no_sync, NaN checks)."""
 import contextlib
 import math
 
+import pytest
 import torch
 
 from megatron_lite.data_parallel.buffers import ParamAndGradBuffer, plan_layout
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel, default_bucket_size
 from megatron_lite.distributed.parallel_state import ParallelState
+from megatron_lite.training.train_step import train_step
+from tests.dp_utils import CPU, build_trainable, micro_batches
 
 
 def test_distributed_layout_aligns_params_and_pads_buckets():
@@ -69,3 +72,18 @@ def test_grads_accumulate_in_fp32_over_micro_batches_of_a_bf16_model():
     torch.testing.assert_close(lin.bias.main_grad, torch.full((3,), 6.0))
     ddp.zero_grad_buffer()
     assert ddp.param_buffers[0].grad_data.abs().sum() == 0
+
+
+def test_nan_checks_name_the_bucket_or_the_loss():
+    ps = ParallelState.create()
+    model, ddp, opt = build_trainable(ps, {"check_for_nan_in_grad": True})
+    data = micro_batches(model.config.vocab_size, 0, 1)
+    params = dict(model.named_parameters())
+    handle = params["decoder.layers.1.mlp.linear_fc2.weight"].register_hook(lambda g: g * float("nan"))
+    with pytest.raises(RuntimeError, match="found NaN in local grad norm for bucket #0 in backward pass"):
+        train_step(ddp, opt, data, 2, ps, CPU)
+    handle.remove()
+    with torch.no_grad():
+        params["decoder.final_layernorm.weight"].fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="found NaN or Inf in local forward loss calculation"):
+        train_step(ddp, opt, data, 2, ps, CPU)
