@@ -39,6 +39,7 @@ from megatron_lite.pipeline_parallel.trace import (
 from megatron_lite.training.flops import num_floating_point_operations
 from megatron_lite.training.initialize import build_parallel_state, init_distributed, seed_rank
 from megatron_lite.training.logging import RankLogger
+from megatron_lite.training.memory import memory_report_line
 from megatron_lite.training.microbatches import MicroBatchCalculator
 from megatron_lite.training.signals import SignalHandler
 from megatron_lite.training.tensorboard import TensorboardConfig, TensorboardLogger
@@ -241,6 +242,11 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     def eval_step(it, num_microbatches):
         return evaluation_step(model, it, num_microbatches, ps, env.device)
 
+    def memory_report(iteration):
+        line = memory_report_line(env.rank, iteration, env.device)
+        if line is not None and ps.dp_rank == 0:  # spec §3.4: one line per model-parallel rank
+            logger.all(line)
+
     loop = LoopConfig(
         train_iters=args.train_iters, log_interval=args.log_interval, seq_length=args.seq_length,
         world_size=env.world_size, flops_per_sample=num_floating_point_operations(config, 1, args.seq_length),
@@ -250,7 +256,8 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         exit_duration_in_mins=args.exit_duration_in_mins, save_interval=args.save_interval,
         timing_log_level=args.timing_log_level, log_throughput=args.log_throughput,
         tensorboard_log_interval=args.tensorboard_log_interval)
-    trainer = Trainer(loop, LoopHooks(step, eval_step, valid_iter), optimizer=optimizer, scheduler=scheduler,
+    trainer = Trainer(loop, LoopHooks(step, eval_step, valid_iter, memory_report=memory_report),
+                      optimizer=optimizer, scheduler=scheduler,
                       batches=batches, timers=timers, logger=logger, tensorboard=tensorboard,
                       device=env.device, start_time=start)
     state = LoopState()
