@@ -52,6 +52,11 @@ class ForwardBackwardResult:
     # unmasked tokens), detached.
     losses: list[torch.Tensor]
     totals: torch.Tensor  # [2]: their sum (zeros off the last stage)
+    # Memory accounting, taken before each compute: most (micro-batch, chunk) outputs held for
+    # a later backward (the schedule's in-flight bound), and the bytes their data occupied
+    # (about nothing for sent outputs when deallocated: only their autograd graphs remain).
+    peak_in_flight: int = 0
+    peak_output_bytes: int = 0
 
 
 @dataclass
@@ -67,6 +72,8 @@ class _StepState:
     recvs: dict = field(default_factory=dict)  # (kind, mb, chunk) -> (buffer, work or None)
     sends: list = field(default_factory=list)  # (work, tensor kept alive until done)
     losses: dict = field(default_factory=dict)  # mb -> [2]
+    peak_in_flight: int = 0
+    peak_output_bytes: int = 0
 
 
 def _unwrap(chunk):
@@ -141,7 +148,7 @@ class PipelineExecutor:
             self.trace.finish_step()
         losses = [st.losses[mb] for mb in sorted(st.losses)]
         totals = torch.stack(losses).sum(0) if losses else torch.zeros(2, device=self._device)
-        return ForwardBackwardResult(losses, totals)
+        return ForwardBackwardResult(losses, totals, st.peak_in_flight, st.peak_output_bytes)
 
     def _run(self, a: Action, st: _StepState, hooks: GradSyncHooks) -> None:
         if a.op is Op.RECV:
@@ -158,6 +165,9 @@ class PipelineExecutor:
             st.sends.clear()
         else:
             self._release_finished_sends(st)
+            st.peak_in_flight = max(st.peak_in_flight, len(st.outputs))
+            held = sum(o.untyped_storage().nbytes() for o in st.outputs.values())
+            st.peak_output_bytes = max(st.peak_output_bytes, held)
             if a.op is Op.FORWARD:
                 with self._timed(a, st):
                     self._forward(a.microbatch, a.chunk, st)

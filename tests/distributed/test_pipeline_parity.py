@@ -20,6 +20,7 @@ from megatron_lite.pipeline_parallel.chunks import build_model_chunks
 from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
 from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
+from megatron_lite.pipeline_parallel.schedules import in_flight_bound
 from megatron_lite.training.train_step import forward_backward
 from tests.model_utils import tiny_config
 
@@ -47,7 +48,13 @@ def _case(ps, channels, case):
     for c in ddp:
         c.zero_grad_buffer()
     executor.train()
-    totals = forward_backward(executor, _data(ps.dp_rank, ps.dp_size), m, ps).totals
+    result = forward_backward(executor, _data(ps.dp_rank, ps.dp_size), m, ps)
+    totals = result.totals
+    # Activations held at once match the schedule's bound; sent outputs keep no data
+    # (deallocated: 4 bytes each), only the last stage's scalar losses remain.
+    bound = in_flight_bound(ps.pp_size, vpp, m, ps.pp_rank, pcfg.microbatch_group_size)
+    assert result.peak_in_flight == bound, (result.peak_in_flight, bound)
+    assert result.peak_output_bytes <= 4 * bound, result.peak_output_bytes
     finalize_grads(ddp, ps)
     evaluation = forward_backward(executor, _data(ps.dp_rank, ps.dp_size), m, ps, forward_only=True).losses
     if ps.dp_size > 1:
