@@ -23,11 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from megatron_lite.data.indexed_dataset import Index, IndexedDatasetBuilder, data_file_path, index_file_path  # noqa: E402
+from megatron_lite.config.tool_args import add_tokenizer_args, tokenizer_config_from_tool_args  # noqa: E402
+from megatron_lite.data.indexed_dataset import (  # noqa: E402
+    Index,
+    IndexedDatasetBuilder,
+    data_file_path,
+    index_file_path,
+)
 from megatron_lite.data.preprocess import EncodeOptions, EncodeStats, encode_file  # noqa: E402
 from megatron_lite.data.sentence_split import punkt_parameters  # noqa: E402
 from megatron_lite.data.text_input import BadLine, decode_document, iter_lines, open_binary  # noqa: E402
-from megatron_lite.data.tokenizers import SUPPORTED_TYPES, TokenizerConfig, TokenizerError  # noqa: E402
+from megatron_lite.data.tokenizers import TokenizerError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,18 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-newlines", action="store_true", help="Keep newlines between sentences.")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="Skip and count malformed lines instead of stopping at the first one.")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=list(SUPPORTED_TYPES))
-    g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json.")
-    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt.")
-    g.add_argument("--tokenizer-model", default=None, help="SentencePiece / tiktoken / HF tokenizer path.")
-    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer / TikTokenizer vocab size.")
-    g.add_argument("--null-tokenizer-eod-id", type=int, default=None,
-                   help="NullTokenizer end-of-document id.")
-    g.add_argument("--tiktoken-pattern", default=None, help="TikTokenizer pattern: v1 or v2.")
-    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000)
-    g.add_argument("--tokenizer-special-tokens", nargs="+", default=None)
-    g.add_argument("--trust-remote-code", action="store_true")
+    add_tokenizer_args(p)
+    g = p.add_argument_group("tokenization")
     g.add_argument("--append-eod", action="store_true", help="Append the end-of-document token.")
     g.add_argument("--lang", default="english", help="Punkt language for --split-sentences.")
     g = p.add_argument_group("output data")
@@ -62,14 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-sequential-samples", action="store_true",
                    help="Partition into contiguous blocks instead of round-robin.")
     return p
-
-
-def tokenizer_config(args) -> TokenizerConfig:
-    special = args.tokenizer_special_tokens
-    return TokenizerConfig(args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model,
-                           args.vocab_size, args.null_tokenizer_eod_id, args.tiktoken_pattern,
-                           args.tiktoken_num_special_tokens, tuple(special) if special else None,
-                           args.trust_remote_code)
 
 
 def _partition_name(pattern: str, i: int) -> str:
@@ -131,7 +119,7 @@ def _encode_partition(args, tok_cfg, options, path, prefix, workers, level, resu
 
 
 def run(args) -> EncodeStats:
-    tok_cfg = tokenizer_config(args)
+    tok_cfg = tokenizer_config_from_tool_args(args)
     level = "sentence" if args.split_sentences else "document"
     if args.partitions < 1 or args.workers < 1 or args.workers % args.partitions:
         raise SystemExit(f"error: --workers ({args.workers}) must be a positive multiple of --partitions "

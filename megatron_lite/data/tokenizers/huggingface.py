@@ -1,6 +1,6 @@
-"""HuggingFaceTokenizer: a tokenizer saved in a local directory (or a tokenizer.json file),
-through `transformers` when installed, else through `tokenizers`. Never downloads: a name that is
-not a local path is an error naming --tokenizer-model."""
+"""HuggingFaceTokenizer: a tokenizer saved in a local directory (through `transformers` when
+installed) or a tokenizer.json file (through `tokenizers`). Never downloads: a name that is not a
+local path is an error naming --tokenizer-model."""
 from __future__ import annotations
 
 import os
@@ -21,7 +21,7 @@ class HuggingFaceTokenizer:
             import transformers
         except ImportError:
             transformers = None
-        if transformers is not None:
+        if transformers is not None and os.path.isdir(path):
             try:
                 self._tok = transformers.AutoTokenizer.from_pretrained(
                     path, local_files_only=True, trust_remote_code=trust_remote_code)
