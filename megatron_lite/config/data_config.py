@@ -6,7 +6,7 @@ import json
 
 from megatron_lite.config.validation import ConfigError
 from megatron_lite.data.builders import DataConfig
-from megatron_lite.data.splits import Blend, parse_blend, train_valid_test_num_samples
+from megatron_lite.data.splits import Blend, parse_blend, split_matrix, train_valid_test_num_samples
 from megatron_lite.data.tokenizers import TokenizerConfig
 
 # GPT-2's vocabulary: the size mock data uses for GPT2BPETokenizer runs without tokenizer files.
@@ -67,6 +67,11 @@ def _blends(args) -> tuple[Blend | None, tuple | None]:
 
 def data_config_from_args(args) -> DataConfig:
     blend, per_split = _blends(args)
+    if args.split:
+        try:
+            split_matrix(args.split)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not args.mock_data and blend is None and per_split is None:
         raise ConfigError("no training data: give --data-path (or --train-data-path ...), or --mock-data")
     sizes = train_valid_test_num_samples(

@@ -1,4 +1,5 @@
-"""The low-level dataset behind `--mock-data` (spec §2.10): 100,000 synthetic sequences.
+"""Synthetic token data. `MockLowLevelDataset` is the low-level dataset behind `--mock-data`
+(spec §2.10): 100,000 synthetic sequences.
 
 Sequence i has `length_i` tokens drawn once from `default_rng(0).integers(1, 4096)`: the ids
 `1, 2, ..., length_i - 1` (mod the vocabulary) followed by EOD. `MockGPTDataset` wraps it exactly
@@ -39,8 +40,9 @@ class MockLowLevelDataset:
 
 
 class MockTokens:
-    """Temporary: the old stand-in still imported by training/pretrain.py until it switches to
-    data/builders.py."""
+    """Ready-made samples for parity tests that need no dataset machinery (not `--mock-data`):
+    sample k is a run of consecutive ids from a start drawn from (seed, k), so it depends only
+    on k, never on the parallel layout."""
 
     def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int = 1234):
         self.num_samples, self.seq_length = num_samples, seq_length

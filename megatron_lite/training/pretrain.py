@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.configs import model_config_from_args
+from megatron_lite.config.data_config import data_config_from_args, tokenizer_config_from_args
 from megatron_lite.config.validation import (
     ConfigError,
     format_args_dump,
@@ -19,8 +20,8 @@ from megatron_lite.config.validation import (
     validate_args,
     world_size_line,
 )
-from megatron_lite.data.mock import MockTokens
-from megatron_lite.data.samplers import micro_batch_iterator
+from megatron_lite.data.builders import build_data_iterators
+from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel, default_bucket_size
 from megatron_lite.optimizer.distributed import DistributedOptimizer
 from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossScaler
@@ -47,18 +48,6 @@ from megatron_lite.training.theoretical_memory import LayoutInfo, theoretical_me
 from megatron_lite.training.timers import Timers
 from megatron_lite.training.train_loop import LoopConfig, LoopHooks, LoopState, Trainer
 from megatron_lite.training.train_step import evaluation_step, train_step
-
-# GPT-2's BPE vocabulary: what mock data uses when no tokenizer size is given.
-_GPT2_VOCAB = 50257
-
-
-def _original_vocab_size(args) -> int:
-    if getattr(args, "vocab_size", None):
-        return args.vocab_size
-    if args.tokenizer_type == "GPT2BPETokenizer":
-        return _GPT2_VOCAB
-    raise ConfigError(f"--tokenizer-type {args.tokenizer_type} needs --vocab-size for --mock-data runs "
-                      "(e.g. --tokenizer-type NullTokenizer --vocab-size 32000)")
 
 
 def _wrap_ddp(args, module, ps, chunk_index: int = 0) -> DistributedDataParallel:
@@ -179,9 +168,15 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         args.train_iters = batches.iterations_for_samples(args.train_samples)
     if args.context_parallel_size > 1:
         raise SystemExit("error: --context-parallel-size > 1 is not available in this version yet")
-    if not args.mock_data:
-        raise SystemExit("error: only --mock-data is available in this version (datasets come next)")
-    orig_vocab = _original_vocab_size(args)
+    logger.rank0(f"> building {args.tokenizer_type} tokenizer ...")
+    try:
+        tokenizer = build_tokenizer(tokenizer_config_from_args(args))
+        data_config = data_config_from_args(args)
+    except (ConfigError, TokenizerError) as e:
+        if env.rank == 0:
+            raise SystemExit(f"error: {e}") from None
+        raise SystemExit(2) from None
+    orig_vocab = tokenizer.vocab_size
     args.padded_vocab_size = pad_vocab_size(orig_vocab, args.make_vocab_size_divisible_by,
                                             args.tensor_model_parallel_size)
     logger.rank0(padded_vocab_line(orig_vocab, args.padded_vocab_size))
@@ -208,15 +203,14 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     scheduler = _build_scheduler(args, optimizer)
     logger.datetime_line("after model, optimizer, and learning rate scheduler are built")
 
-    total = args.train_iters * args.global_batch_size
-    dataset = MockTokens(total, args.seq_length, orig_vocab, args.seed)
-    data_iter = micro_batch_iterator(dataset, 0, args.micro_batch_size, ps.dp_rank, ps.dp_size)
-    eval_samples = (args.train_iters // (args.eval_interval or args.train_iters) + 2) * args.eval_iters \
-        * args.eval_global_batch_size + args.eval_global_batch_size
-    valid_iter = micro_batch_iterator(MockTokens(eval_samples, args.seq_length, orig_vocab, args.seed + 1),
-                                      0, args.eval_micro_batch_size, ps.dp_rank, ps.dp_size)
-    test_iter = micro_batch_iterator(MockTokens(eval_samples, args.seq_length, orig_vocab, args.seed + 2),
-                                     0, args.eval_micro_batch_size, ps.dp_rank, ps.dp_size)
+    try:
+        data = build_data_iterators(data_config, tokenizer, ps.dp_rank, ps.dp_size,
+                                    consumed_train_samples=args.consumed_train_samples,
+                                    consumed_valid_samples=args.consumed_valid_samples,
+                                    is_first_rank=env.rank == 0, barrier=dist.barrier, log=logger.rank0)
+    except (OSError, ValueError, IndexError) as e:  # missing or corrupt data, empty split, oversampled blend
+        raise SystemExit(f"error: {e}") from None
+    data_iter, valid_iter, test_iter = data.train, data.valid, data.test
     logger.datetime_line("after dataloaders are built")
     logger.rank0("done with setup ...")
     for line in theoretical_memory_lines(config, LayoutInfo(
