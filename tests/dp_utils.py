@@ -50,9 +50,10 @@ def build_trainable(ps, ddp_kw: dict, model_kw: dict | None = None, opt_kw: dict
     return model, ddp, opt
 
 
-def train(ps, ddp_kw: dict, model_kw: dict | None = None, opt_kw: dict | None = None, steps: int = 3):
+def train(ps, ddp_kw: dict, model_kw: dict | None = None, opt_kw: dict | None = None, steps: int = 3,
+          family: str = "gpt"):
     """`steps` optimizer steps; returns (losses, grad norms, global params in fp32)."""
-    model, ddp, opt = build_trainable(ps, ddp_kw, model_kw, opt_kw)
+    model, ddp, opt = build_trainable(ps, ddp_kw, model_kw, opt_kw, family=family)
     data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
     losses, norms = [], []
     for _ in range(steps):

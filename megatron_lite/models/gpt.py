@@ -62,7 +62,7 @@ class GPTModel(nn.Module):
             # to the first stage's through the embedding group, spec §5.3).
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, config.vocab_size, tp_group=ps.tp_group, bias=False,
-                params_dtype=config.params_dtype, device=device)
+                sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device)
             if not config.untie_embeddings_and_output_weights:
                 self.output_layer.weight.shared_embedding = True
         if pre_process and not post_process and not config.untie_embeddings_and_output_weights:
@@ -126,8 +126,14 @@ class GPTModel(nn.Module):
         x = self.decoder(x, self._rope(position_ids))
         if not self.post_process:
             return x
-        logits = linear_with_tp(x.to(self.config.params_dtype), self.output_weight(), None,
-                                self.ps.tp_group, self.config.sequence_parallel)  # [s, b, V/tp]
+        x = x.to(self.config.params_dtype)
+        if self.output_layer is not None:
+            # Called as a module, so forward pre-hooks see its weight: the overlapped param
+            # all-gather of the distributed optimizer waits there (spec §8.3).
+            logits = self.output_layer(x)  # [s, b, V/tp]
+        else:
+            logits = linear_with_tp(x, self.embedding.word_embeddings.weight, None, self.ps.tp_group,
+                                    self.config.sequence_parallel)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
         cross_entropy = (fused_vocab_parallel_cross_entropy if self.config.cross_entropy_loss_fusion

@@ -25,10 +25,10 @@ VARIANTS = {
 }
 
 
-def _run_variants(rank, world, tp, names, model_kw=None):
+def _run_variants(rank, world, tp, names, model_kw=None, family="gpt"):
     ps = ParallelState.create(tp=tp)
     try:
-        return {name: train(ps, VARIANTS[name], model_kw) for name in names}
+        return {name: train(ps, VARIANTS[name], model_kw, family=family) for name in names}
     finally:
         ps.destroy()
 
@@ -77,6 +77,23 @@ def test_bf16_distributed_optimizer_tracks_single_process(run_dist):
     for rank, got in enumerate(run_dist(2, _run_variants, 1, ["distopt-overlap", "overlap"], bf16)):
         for name, run in got.items():
             assert_same_training(run, ref, f"bf16 {name} rank {rank}", rtol=1e-3, atol=1e-3, param_atol=1e-2)
+
+
+def _run_llama_small_buckets(rank, world):
+    ps = ParallelState.create()
+    try:
+        # 8192 elements: the untied output layer (128 x 64) fills bucket 0 on its own, so only
+        # its own forward pre-hook can wait for its gather.
+        kw = dict(VARIANTS["distopt-overlap"], bucket_size=8192)
+        return train(ps, kw, family="llama")
+    finally:
+        ps.destroy()
+
+
+def test_param_gather_overlap_waits_for_a_bucket_holding_only_the_output_layer(run_dist):
+    ref = _run_variants(0, 1, 1, ["plain"], family="llama")["plain"]
+    for rank, got in enumerate(run_dist(2, _run_llama_small_buckets)):
+        assert_same_training(got, ref, f"llama rank {rank}")
 
 
 def _launches(rank, world, overlap, num_micro=3):
