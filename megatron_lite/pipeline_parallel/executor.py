@@ -138,12 +138,14 @@ class PipelineExecutor:
             for c in range(self.vpp_size):
                 hooks.disable(c)
         tracing = self.trace is not None and not forward_only  # evaluation is not traced
+        # All M micro-batches up front: every stage reads them (the iterators of a pipeline stay
+        # in step), and host-to-device copies never stall the host in the middle of the schedule.
+        self._batch(st, num_microbatches - 1)
         if tracing:
             self.trace.start_step()
         with torch.no_grad() if forward_only else torch.enable_grad():
             for action in actions:
                 self._run(action, st, hooks)
-        self._batch(st, num_microbatches - 1)  # keep the data iterator in step on every stage
         if tracing:
             self.trace.finish_step()
         losses = [st.losses[mb] for mb in sorted(st.losses)]
@@ -168,14 +170,15 @@ class PipelineExecutor:
             st.peak_in_flight = max(st.peak_in_flight, len(st.outputs))
             held = sum(o.untyped_storage().nbytes() for o in st.outputs.values())
             st.peak_output_bytes = max(st.peak_output_bytes, held)
+            received = self._input(a, st)  # waited before the timed span: idle time is a gap
             if a.op is Op.FORWARD:
                 with self._timed(a, st):
-                    self._forward(a.microbatch, a.chunk, st)
+                    self._forward(a.microbatch, a.chunk, st, received)
             else:
                 if a.last and hooks.before_last_backward:
                     hooks.before_last_backward(a.chunk)
                 with self._timed(a, st):
-                    self._backward(a.microbatch, a.chunk, st)
+                    self._backward(a.microbatch, a.chunk, st, received)
                 if a.last and hooks.on_chunk_backward_done:
                     hooks.on_chunk_backward_done(a.chunk)
 
@@ -190,24 +193,29 @@ class PipelineExecutor:
         return v == 0, v == last
 
     def _batch(self, st: _StepState, mb: int) -> dict:
+        pin = self._device.type == "cuda"  # a pageable source would make the copy synchronous
         while len(st.batches) <= mb:
             batch = next(st.data_iter)
-            st.batches.append({k: v.to(self._device, non_blocking=True) for k, v in batch.items()})
+            st.batches.append({k: (v.pin_memory() if pin else v).to(self._device, non_blocking=True)
+                               for k, v in batch.items()})
         return st.batches[mb]
 
-    def _take_recv(self, st: _StepState, kind: str, mb: int, chunk: int) -> torch.Tensor:
-        buf, work = st.recvs.pop((kind, mb, chunk))
+    def _input(self, a: Action, st: _StepState) -> torch.Tensor | None:
+        """The received activation (forward) or output gradient (backward) `a` consumes, if any:
+        `[s/cp(/tp), b, h]`."""
+        first, last = self._stage(a.chunk)
+        if (a.op is Op.FORWARD and first) or (a.op is Op.BACKWARD and last):
+            return None
+        buf, work = st.recvs.pop((ACT if a.op is Op.FORWARD else schedules.GRAD, a.microbatch, a.chunk))
         if work is not None:
             work.wait()
         return buf
 
-    def _forward(self, mb: int, chunk: int, st: _StepState) -> None:
+    def _forward(self, mb: int, chunk: int, st: _StepState, x: torch.Tensor | None) -> None:
         first, last = self._stage(chunk)
         batch = self._batch(st, mb)
-        x = None
-        if not first:
-            x = self._take_recv(st, ACT, mb, chunk)  # [s/cp(/tp), b, h]
-            x.requires_grad_(not st.forward_only)
+        if x is not None:
+            x.requires_grad_(not st.forward_only)  # [s/cp(/tp), b, h]
         out = self.chunks[chunk](batch["tokens"], batch["position_ids"],
                                  labels=batch["labels"] if last else None, hidden_states=x)
         st.inputs[(mb, chunk)] = x
@@ -224,10 +232,9 @@ class PipelineExecutor:
                 loss_sum / count.clamp(min=1) / st.num_microbatches)
             st.outputs[(mb, chunk)] = scaled * st.loss_scale
 
-    def _backward(self, mb: int, chunk: int, st: _StepState) -> None:
-        first, last = self._stage(chunk)
+    def _backward(self, mb: int, chunk: int, st: _StepState, grad: torch.Tensor | None) -> None:
+        first, _ = self._stage(chunk)
         out, x = st.outputs.pop((mb, chunk)), st.inputs.pop((mb, chunk))
-        grad = None if last else self._take_recv(st, schedules.GRAD, mb, chunk)
         _custom_backward(out, grad)
         if not first:
             st.input_grads[(mb, chunk)] = x.grad  # [s/cp(/tp), b, h]

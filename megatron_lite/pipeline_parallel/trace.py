@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_lite.pipeline_parallel.schedules import Op, compute_order
+
 
 @dataclass(frozen=True)
 class TraceEvent:
@@ -117,13 +119,25 @@ def chrome_trace(events: list[TraceEvent]) -> dict:
         name = f"{'forward' if e.op == 'F' else 'backward'} mb {e.microbatch} chunk {e.chunk}"
         out.append({"name": name, "cat": e.op, "ph": "X", "pid": e.rank, "tid": 0, "ts": e.start_us,
                     "dur": e.end_us - e.start_us,
-                    "args": {"step": e.step, "microbatch": e.microbatch, "chunk": e.chunk}})
+                    "args": {"step": e.step, "microbatch": e.microbatch, "chunk": e.chunk,
+                             "pp_rank": e.pp_rank}})
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 
 def write_chrome_trace(events: list[TraceEvent], path: str) -> None:
     with open(path, "w") as f:
         json.dump(chrome_trace(events), f)
+
+
+def read_chrome_trace(path: str) -> list[TraceEvent]:
+    with open(path) as f:
+        data = json.load(f)
+    # pid -> pp rank from the row names, for traces written before events carried "pp_rank"
+    pp_of = {e["pid"]: int(e["args"]["name"].split()[2]) for e in data["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "process_name"}
+    return [TraceEvent(e["pid"], e["args"].get("pp_rank", pp_of.get(e["pid"], 0)), e["args"]["step"],
+                       e["cat"], e["args"]["microbatch"], e["args"]["chunk"], e["ts"], e["ts"] + e["dur"])
+            for e in data["traceEvents"] if e["ph"] == "X"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +165,43 @@ def bubble_stats(events: list[TraceEvent], skip_steps: int = 1) -> BubbleStats:
         raise ValueError("no traced steps after the warm-up steps")
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return BubbleStats(len(steps), mean(busy_all) / 1e3, mean(spans) / 1e3, mean(fractions))
+
+
+def simulated_bubble(pp: int, vpp: int, m: int, durations: dict, group_size: int | None = None) -> float:
+    """The bubble (idle / compute, averaged over pipeline ranks) the schedule would have if
+    every compute took `durations[(pp_rank, "F" | "B")]` and transfers were free: the
+    theoretical `(PP-1)/(VPP*M)` for equal stages, and what to expect from a measured,
+    possibly unbalanced, per-stage cost."""
+    orders = [compute_order(pp, vpp, m, r, group_size) for r in range(pp)]
+    done, free, pcs = {}, [0.0] * pp, [0] * pp
+    while any(pcs[r] < len(orders[r]) for r in range(pp)):
+        progressed = False
+        for r in range(pp):
+            while pcs[r] < len(orders[r]):
+                op, mb, c = orders[r][pcs[r]]
+                v, kind = c * pp + r, "F" if op is Op.FORWARD else "B"
+                producer = None
+                if kind == "F" and v > 0:
+                    producer = ((v - 1) % pp, "F", mb, (v - 1) // pp)
+                elif kind == "B" and v < pp * vpp - 1:
+                    producer = ((v + 1) % pp, "B", mb, (v + 1) // pp)
+                if producer is not None and producer not in done:
+                    break
+                start = max(free[r], done[producer] if producer else 0.0)
+                free[r] = done[(r, kind, mb, c)] = start + durations[(r, kind)]
+                pcs[r] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError("schedule deadlocks")
+    span = max(free)
+    busy = [m * vpp * (durations[(r, "F")] + durations[(r, "B")]) for r in range(pp)]
+    return sum((span - b) / b for b in busy) / pp
+
+
+def mean_durations(events: list[TraceEvent], skip_steps: int = 1) -> dict:
+    """Mean compute time in ms per (pp rank, "F" | "B")."""
+    acc: dict = {}
+    for e in events:
+        if e.step >= skip_steps:
+            acc.setdefault((e.pp_rank, e.op), []).append((e.end_us - e.start_us) / 1e3)
+    return {k: sum(v) / len(v) for k, v in acc.items()}

@@ -2,7 +2,9 @@
 # Manual GPU check of pipeline parallelism (2 GPUs, nccl): (1) a tiny fp32 GPT on 1 GPU and
 # with PP=2 x VPP=2 prints matching lm loss lines; (2) measured pipeline bubble of 1F1B and
 # interleaved 1F1B from --pipeline-trace-file next to the theoretical (PP-1)/(VPP*M).
-# Usage: bash tests/gpu/pipeline_bubble.sh OUTDIR
+# Usage: bash tests/gpu/pipeline_bubble.sh WORKDIR > summary.txt   (logs and traces stay in
+# WORKDIR; the summary has every number). Compare "measured" with "schedule with these times"
+# (the schedule's bubble given the measured, possibly unbalanced, per-stage compute times).
 set -uo pipefail
 out=${1:-/tmp/pipeline_bubble}
 mkdir -p "$out"
@@ -25,12 +27,13 @@ parity tiny_pp2_vpp2 2 --pipeline-model-parallel-size 2 --num-layers-per-virtual
 BIG="--num-layers 8 --hidden-size 2048 --num-attention-heads 16 --seq-length 2048 --max-position-embeddings 2048
   --tokenizer-type NullTokenizer --vocab-size 8192 --micro-batch-size 1 --train-iters 12 --lr 1e-4
   --bf16 --mock-data --log-interval 4 --eval-iters 0 --seed 1234 --pipeline-model-parallel-size 2"
-bubble() { name=$1; shift
+bubble() { name=$1; shift; GROUP=()
+  [[ " $* " == *" --microbatch-group-size-per-virtual-pipeline-stage 8 "* ]] && GROUP=(--group-size 8)
   timeout 180 torchrun --standalone --nproc_per_node 2 pretrain_gpt.py $BIG "$@" --pipeline-trace-file "$out/$name.json" \
     > "$out/$name.log" 2>&1
   echo "== $name (rc $?) $*"
   grep -o "elapsed time per iteration (ms): [0-9.]*" "$out/$name.log" | tail -1
-  grep -o "measured bubble.*" "$out/$name.log"; }
+  python tools/pipeline_trace_stats.py "$out/$name.json" "${GROUP[@]}" | tail -2; }
 bubble 1f1b_m4 --global-batch-size 4
 bubble vpp2_m4 --global-batch-size 4 --num-layers-per-virtual-pipeline-stage 2
 bubble 1f1b_m8 --global-batch-size 8
