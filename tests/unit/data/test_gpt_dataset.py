@@ -197,6 +197,12 @@ def test_per_split_paths_use_whole_datasets(tmp_path):
     assert ds.train.indices.tolist() == list(range(10)) and ds.valid.indices.tolist() == list(range(12))
 
 
+def test_missing_prefix_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing_text_document.idx does not exist"):
+        build_datasets(data_config(blend=Blend((str(tmp_path / "nothing_text_document"),)), split="1,0,0"),
+                       null_tokenizer())
+
+
 def test_mock_data_is_megatrons_low_level_mock():
     low = MockLowLevelDataset(vocab_size=256, eod=255)
     lengths = np.random.default_rng(0).integers(1, 4096, size=100_000, dtype=np.int32)
