@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_lite.pipeline_parallel.layout import build_layout
+
 # --cp-comm-type values (spec §9.2); Megatron's help spells all_gather as "allgather".
 _CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
 
@@ -268,6 +270,13 @@ def _derive_pipeline_layout(args) -> None:
             _require((total // pp) % vpp == 0, f"layers per pipeline stage ({total // pp}) must be divisible "
                      f"by --num-virtual-stages-per-pipeline-rank ({vpp})")
     args.virtual_pipeline_model_parallel_size = vpp
+    try:  # the layout module's own checks (e.g. a middle stage left without layers)
+        build_layout(layers, pp, vpp, first_stage_layers=args.decoder_first_pipeline_num_layers,
+                     last_stage_layers=args.decoder_last_pipeline_num_layers,
+                     account_for_embedding=args.account_for_embedding_in_pipeline_split,
+                     account_for_loss=args.account_for_loss_in_pipeline_split)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.microbatch_group_size_per_vp_stage is None:
         args.microbatch_group_size_per_vp_stage = pp  # spec §6.2: default N = PP
     if vpp is None:

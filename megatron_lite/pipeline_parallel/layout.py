@@ -93,7 +93,8 @@ def build_layout(num_layers: int, pp_size: int = 1, vpp_size: int | None = None,
     for v, n in enumerate(sizes):
         if n < 0 or (n == 0 and 0 < v < len(sizes) - 1):
             # A middle stage without layers would only forward its input: almost surely a typo.
-            raise ValueError(f"virtual pipeline stage {v} would hold {n} transformer layers")
+            raise ValueError(f"virtual pipeline stage {v} would hold {n} transformer layers (--num-layers, "
+                             "--pipeline-model-parallel-size, --decoder-first/last-pipeline-num-layers)")
         stages.append(tuple(range(next_layer, next_layer + n)))
         next_layer += n
     assert next_layer == num_layers + 1, (sizes, num_layers)

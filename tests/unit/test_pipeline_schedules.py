@@ -222,3 +222,15 @@ def test_layouts():
         build_layout(5, 2)
     with pytest.raises(ValueError, match="stage 1 would hold 0"):
         build_layout(2, 4, first_stage_layers=1, last_stage_layers=1)
+
+
+def test_validation_rejects_a_layout_with_an_empty_middle_stage():
+    from megatron_lite.config.arguments import parse_args
+    from megatron_lite.config.validation import ConfigError, validate_args
+    args = parse_args(("--num-layers 2 --pipeline-model-parallel-size 4 "
+                       "--decoder-first-pipeline-num-layers 1 --decoder-last-pipeline-num-layers 1 "
+                       "--hidden-size 64 --num-attention-heads 4 "
+                       "--seq-length 32 --max-position-embeddings 32 --micro-batch-size 1 --train-iters 1 "
+                       "--lr 1e-4 --mock-data --tokenizer-type NullTokenizer --vocab-size 100").split())
+    with pytest.raises(ConfigError, match="stage 1 would hold 0 transformer layers"):
+        validate_args(args, 4)
