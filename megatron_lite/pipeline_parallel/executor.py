@@ -196,7 +196,8 @@ class PipelineExecutor:
         pin = self._device.type == "cuda"  # a pageable source would make the copy synchronous
         while len(st.batches) <= mb:
             batch = next(st.data_iter)
-            st.batches.append({k: (v.pin_memory() if pin else v).to(self._device, non_blocking=True)
+            st.batches.append({k: (v.pin_memory() if pin and not v.is_cuda else v).to(self._device,
+                                                                                      non_blocking=True)
                                for k, v in batch.items()})
         return st.batches[mb]
 
