@@ -30,12 +30,8 @@ from megatron_lite.checkpoint.layout import (
     write_json,
     write_tracker,
 )
-from megatron_lite.checkpoint.sharded import (
-    copy_main_to_model,
-    model_state,
-    optimizer_state,
-    restore_step,
-)
+from megatron_lite.checkpoint.optim_state import OptimizerCheckpoint
+from megatron_lite.checkpoint.sharded import model_state
 
 CHECKPOINT_VERSION = 3.0
 # spec §4.5: model-shape arguments a resumed run must agree on.
@@ -121,7 +117,7 @@ def save_checkpoint(
     _barrier()
     state = model_state(models, ctx.mesh)
     if save_optim:
-        state.update(optimizer_state(optimizer, models, ctx.mesh, for_load=False))
+        state.update(OptimizerCheckpoint(optimizer, models, ctx.mesh).entries(for_load=False))
     rng_values = None
     if save_rng:
         tensors, rng_values = rng.capture(ctx.rng_tracker, ctx.device)
@@ -225,8 +221,9 @@ def load_checkpoint(
     )
     load_rng = load_rng and not weights_only and common["has_rng"] and same_layout
     state = model_state(models, ctx.mesh)
+    opt_ckpt = OptimizerCheckpoint(optimizer, models, ctx.mesh) if optimizer is not None else None
     if load_optim:
-        state.update(optimizer_state(optimizer, models, ctx.mesh, for_load=True))
+        state.update(opt_ckpt.entries(for_load=True))
     rng_tensors = {}
     if load_rng:
         tensors, _ = rng.capture(ctx.rng_tracker, ctx.device)  # templates of the right shapes
@@ -239,17 +236,15 @@ def load_checkpoint(
             f"{directory}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
     if load_optim:
-        if "optimizer.step" in state:
-            restore_step(optimizer, state["optimizer.step"])
-        copy_main_to_model(optimizer)
+        opt_ckpt.finish_load()
         _check_scheduler(
             common["opt_param_scheduler"], scheduler, override_scheduler, use_checkpoint_scheduler, directory
         )
         scheduler.load_state_dict(common["opt_param_scheduler"])
         if grad_scaler is not None and common.get("grad_scaler"):
             grad_scaler.load_state_dict(common["grad_scaler"])
-    elif optimizer is not None:
-        _refresh_main_from_model(optimizer)
+    elif opt_ckpt is not None:
+        opt_ckpt.refresh_main_from_model()
     if load_rng:
         prefix = _rng_prefix(ctx.ps)
         rng.restore(
@@ -272,11 +267,3 @@ def load_checkpoint(
         common["num_floating_point_operations_so_far"],
         release,
     )
-
-
-def _refresh_main_from_model(optimizer) -> None:
-    """Without optimizer state the fp32 main params are re-derived from the loaded weights."""
-    with torch.no_grad():
-        for p, main in zip(optimizer.model_params, optimizer.main_params):
-            if main is not p:
-                main.copy_(p)

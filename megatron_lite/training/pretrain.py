@@ -9,6 +9,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
+from megatron_lite.checkpoint.layout import CheckpointError
+from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.configs import model_config_from_args
 from megatron_lite.config.data_config import data_config_from_args, tokenizer_config_from_args
@@ -130,6 +133,58 @@ def _finish_trace(args, trace, logger) -> None:
     logger.rank0(line)
 
 
+class _Checkpointing:
+    """`--save` / `--load` for this run: the edge between args and checkpoint/io.py."""
+
+    def __init__(self, args, ps, env, chunks, optimizer, scheduler, rng_tracker, timers, logger):
+        self.args, self.ps, self.chunks = args, ps, chunks
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.timers, self.logger = timers, logger
+        self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker)
+        self.last_saved = None
+
+    def load(self) -> LoopState:
+        a = self.args
+        kw = dict(grad_scaler=self.optimizer.scaler, load_rng=not a.no_load_rng,
+                  override_scheduler=a.override_opt_param_scheduler,
+                  use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
+        try:
+            loaded = None
+            if a.load:
+                loaded = load_checkpoint(a.load, self.chunks, self.optimizer, self.scheduler, vars(a),
+                                         self.ctx, self.logger, ckpt_step=a.ckpt_step, finetune=a.finetune,
+                                         load_optim=not a.no_load_optim, **kw)
+            if loaded is None and a.pretrained_checkpoint:  # spec §4.5: finetune semantics
+                loaded = load_checkpoint(a.pretrained_checkpoint, self.chunks, self.optimizer, self.scheduler,
+                                         vars(a), self.ctx, self.logger, finetune=True, **kw)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        if loaded is None:
+            if a.load and a.exit_on_missing_checkpoint:
+                raise SystemExit(f"error: --exit-on-missing-checkpoint: no checkpoint in --load {a.load}")
+            return LoopState()
+        return LoopState(loaded.iteration, loaded.consumed_train_samples, loaded.consumed_valid_samples,
+                         loaded.skipped_train_samples, loaded.floating_point_operations_so_far)
+
+    def save(self, state: LoopState) -> None:
+        a, ps, timers = self.args, self.ps, self.timers
+        for chunk in self.chunks:  # overlapped param all-gathers must have landed
+            chunk.finish_param_sync()
+        timers("save-checkpoint", 0).start(barrier=True)
+        self.logger.rank0(f"saving checkpoint at iteration {state.iteration:7d} to {a.save} "
+                          "in torch_dist format")
+        save_checkpoint(a.save, state.iteration, self.chunks, self.optimizer, self.scheduler, state, vars(a),
+                        self.ctx, save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
+                        grad_scaler=self.optimizer.scaler)
+        timers("save-checkpoint", 0).stop(barrier=True)
+        self.logger.rank0(f"  successfully saved checkpoint from iteration {state.iteration:7d} to {a.save} "
+                          f"[ t {ps.tp_rank + 1}/{ps.tp_size}, p {ps.pp_rank + 1}/{ps.pp_size} ]")
+        block = timers.log_string(["save-checkpoint"])
+        if block:
+            self.logger.rank0(block)
+        self.last_saved = state.iteration
+
+
 def _build_scheduler(args, optimizer):
     """Schedule lengths in samples (spec §10): from iterations x global batch, or from the
     `*-samples` flags when training is given in samples."""
@@ -201,6 +256,11 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     model, trace = _build_executor(args, chunks, ps, env)
     optimizer = _build_optimizer(args, chunks, ps)
     scheduler = _build_scheduler(args, optimizer)
+    ckpt = _Checkpointing(args, ps, env, chunks, optimizer, scheduler, tracker, timers, logger) \
+        if (args.save or args.load or args.pretrained_checkpoint) else None
+    state = ckpt.load() if ckpt is not None else LoopState()
+    args.consumed_train_samples, args.consumed_valid_samples = (state.consumed_train_samples,
+                                                                state.consumed_valid_samples)
     logger.datetime_line("after model, optimizer, and learning rate scheduler are built")
 
     try:
@@ -250,11 +310,11 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         exit_duration_in_mins=args.exit_duration_in_mins, save_interval=args.save_interval,
         timing_log_level=args.timing_log_level, log_throughput=args.log_throughput,
         tensorboard_log_interval=args.tensorboard_log_interval)
-    trainer = Trainer(loop, LoopHooks(step, eval_step, valid_iter, memory_report=memory_report),
+    save = ckpt.save if (ckpt is not None and args.save) else None
+    trainer = Trainer(loop, LoopHooks(step, eval_step, valid_iter, save=save, memory_report=memory_report),
                       optimizer=optimizer, scheduler=scheduler,
                       batches=batches, timers=timers, logger=logger, tensorboard=tensorboard,
                       device=env.device, start_time=start)
-    state = LoopState()
     exit_reason = None
     if not args.skip_train:
         logger.rank0("training ...")
@@ -262,6 +322,10 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         with SignalHandler() if args.exit_signal_handler else contextlib.nullcontext() as handler:
             trainer.hooks.signal_handler = handler
             exit_reason = trainer.train(state)
+        # spec §4.4: the end of training is saved too when it is not on a save interval.
+        if save is not None and exit_reason is None and state.iteration > 0 \
+                and state.iteration % (args.save_interval or 1) and ckpt.last_saved != state.iteration:
+            save(state)
     if exit_reason is None and args.eval_iters > 0:
         prefix = f"iteration {state.iteration}"
         if not args.skip_train or args.eval_interval:

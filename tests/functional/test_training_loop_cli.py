@@ -67,8 +67,8 @@ def test_exit_interval_stops_at_that_iteration():
 def test_sigterm_finishes_the_step_and_exits_cleanly():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "pretrain_llama.py"), *_flags(train_iters=100000, log_interval=1, exit_signal_handler=True,
-                                                   eval_iters=0)]
+           str(ROOT / "pretrain_llama.py"),
+           *_flags(train_iters=100000, log_interval=1, exit_signal_handler=True, eval_iters=0)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     seen, deadline = [], time.time() + 120
