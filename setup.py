@@ -16,6 +16,7 @@ setup(
         "tiktoken",
         "tensorboard",
         "nltk",
+        "zstandard",
     ],
     extras_require={
         "test": ["pytest", "ruff", "transformers", "safetensors"],
