@@ -73,7 +73,12 @@ void build_exhaustive_blending_indices(int16_t *dataset_index, int64_t *dataset_
 
 def _library_path() -> Path:
     digest = hashlib.sha1(_C_SOURCE.encode()).hexdigest()[:12]
-    for base in (Path.home() / ".cache" / "megatron_lite", Path(tempfile.gettempdir()) / "megatron_lite"):
+    candidates = [Path(tempfile.gettempdir()) / "megatron_lite"]
+    try:
+        candidates.insert(0, Path.home() / ".cache" / "megatron_lite")
+    except RuntimeError:  # no home directory
+        pass
+    for base in candidates:
         try:
             base.mkdir(parents=True, exist_ok=True)
             if os.access(base, os.W_OK):

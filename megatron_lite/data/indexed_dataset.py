@@ -162,6 +162,13 @@ class IndexedDataset:
         self._bin_path, self._mmap = bin_path, mmap
         self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if mmap and bin_size else None
 
+    def __getstate__(self):
+        # Reopen the files on unpickling (DataLoader workers under `spawn`) instead of copying them.
+        return self.path_prefix, self.index.sequence_modes is not None, self._mmap
+
+    def __setstate__(self, state):
+        self.__init__(*state)
+
     @property
     def sequence_lengths(self) -> np.ndarray:
         return self.index.sequence_lengths

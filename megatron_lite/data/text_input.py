@@ -33,16 +33,13 @@ def open_binary(path: str):
 
 
 def compressed_position(f) -> int | None:
-    """Bytes consumed from the file on disk so far (for progress of compressed input), if known."""
-    for attr in ("fileobj", "raw"):
-        inner = getattr(f, attr, None)
-        if inner is not None and hasattr(inner, "tell"):
-            try:
-                return inner.tell()
-            except (OSError, ValueError):
-                return None
+    """Bytes consumed from the file on disk so far (progress against its size), where known:
+    plain and gzip input; None for zstd, whose reader reports decompressed positions."""
+    inner = getattr(f, "fileobj", None)  # gzip
+    if inner is None and isinstance(getattr(f, "raw", None), io.FileIO):
+        inner = f.raw
     try:
-        return f.tell()
+        return inner.tell() if inner is not None else None
     except (OSError, ValueError):
         return None
 
@@ -61,7 +58,7 @@ def file_size(path: str) -> int:
 def decode_document(path: str, lineno: int, raw: bytes, keys: tuple[str, ...]) -> dict:
     """The JSON object of one line, with each of `keys` checked to be a string or list of strings."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM may open the file
     except UnicodeDecodeError as e:
         raise BadLine(path, lineno, f"invalid UTF-8 at byte {e.start}") from None
     try:
