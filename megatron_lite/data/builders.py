@@ -69,6 +69,8 @@ def resolve_pad_id(tokenizer, allow_ambiguous: bool = False) -> int:
 
 
 def dataset_config(cfg: DataConfig, tokenizer) -> GPTDatasetConfig:
+    if tokenizer.eod is None:
+        raise ValueError("the tokenizer has no end-of-document token, which GPT datasets need")
     split = "1,1,1" if cfg.mock else cfg.split  # spec §2.2: mock forces 1,1,1
     return GPTDatasetConfig(
         sequence_length=cfg.seq_length, random_seed=cfg.seed, eod=tokenizer.eod,
@@ -197,10 +199,14 @@ class DataIterators:
     datasets: TrainValidTest
 
 
-def _loader(dataset, sampler, num_workers: int):
+def _loader(dataset, sampler, num_workers: int, seed: int):
+    # An own generator: otherwise creating the iterator draws the workers' base seed from the
+    # global torch RNG, at a moment that differs between a resumed and an uninterrupted run,
+    # and shifts the dropout stream that checkpoints restore exactly.
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed))
 
 
 def build_iterator(dataset, cfg: DataConfig, consumed_samples: int, micro_batch_size: int,
@@ -213,7 +219,7 @@ def build_iterator(dataset, cfg: DataConfig, consumed_samples: int, micro_batch_
         sampler = CyclicSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     else:
         raise ValueError(f"--dataloader-type {cfg.dataloader_type} is not available (use single or cyclic)")
-    return LazyIterator(_loader(dataset, sampler, cfg.num_workers))
+    return LazyIterator(_loader(dataset, sampler, cfg.num_workers, cfg.seed))
 
 
 def build_data_iterators(cfg: DataConfig, tokenizer, dp_rank: int, dp_size: int, *,

@@ -247,6 +247,7 @@ def encode_file(path: str, output_prefix: str, tok_cfg: TokenizerConfig, options
     start = time.time()
     tokenizer = build_tokenizer(tok_cfg)  # fails early, in this process, on bad tokenizer flags
     dtype = optimal_dtype(tokenizer.vocab_size)
+    Encoder(tokenizer, options, dtype, path)  # option errors surface here, before any worker starts
     print(f"Opening {path}", file=sys.stderr, flush=True)
     prefixes = [f"{output_prefix}_{key}_{level}" for key in options.json_keys]
     builders = {key: IndexedDatasetBuilder(p, dtype) for key, p in zip(options.json_keys, prefixes)}
