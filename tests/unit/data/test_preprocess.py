@@ -196,3 +196,14 @@ def test_merge_and_inspect_tools(tmp_path, capsys):
                          "--vocab-size", "10"]) == 0
     out = capsys.readouterr().out
     assert "documents: 2" in out and "tokens:    4" in out and "dtype:     int32" in out and "'1 2'" in out
+
+
+def test_keep_newlines_keeps_the_whitespace_after_each_sentence():
+    from megatron_lite.data.sentence_split import SentenceSplitter, train_punkt_parameters
+
+    text = "The first one is here.\nThe second one is there. The third."
+    params = train_punkt_parameters([text])
+    assert SentenceSplitter(params).split(text) == [
+        "The first one is here.", "The second one is there.", "The third."]
+    assert SentenceSplitter(params, keep_newlines=True).split(text) == [
+        "The first one is here.\n", "The second one is there. ", "The third."]
