@@ -69,6 +69,9 @@ class LoadedState:
     skipped_train_samples: int
     floating_point_operations_so_far: float
     release: bool
+    # Restores the saved RNG states. Call it right before the first training step: building
+    # data loaders draws from the default generator, which must not shift the restored stream.
+    restore_rng: object = None
 
 
 def _jsonable(value):
@@ -245,14 +248,14 @@ def load_checkpoint(
             grad_scaler.load_state_dict(common["grad_scaler"])
     elif opt_ckpt is not None:
         opt_ckpt.refresh_main_from_model()
+    restore_rng = None
     if load_rng:
         prefix = _rng_prefix(ctx.ps)
-        rng.restore(
-            {k[len(prefix) :]: state[k] for k in rng_tensors},
-            common["rng_values"][f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"],
-            ctx.rng_tracker,
-            ctx.device,
-        )
+        saved = {k[len(prefix) :]: state[k] for k in rng_tensors}
+        values = common["rng_values"][f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"]
+
+        def restore_rng():
+            rng.restore(saved, values, ctx.rng_tracker, ctx.device)
     logger.rank0(
         f"  successfully loaded checkpoint from {root} [ t {ctx.ps.tp_rank + 1}/{ctx.ps.tp_size}, "
         f"p {ctx.ps.pp_rank + 1}/{ctx.ps.pp_size} ] at iteration {iteration}"
@@ -266,4 +269,5 @@ def load_checkpoint(
         common["skipped_train_samples"],
         common["num_floating_point_operations_so_far"],
         release,
+        restore_rng,
     )

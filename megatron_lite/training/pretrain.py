@@ -141,7 +141,7 @@ class _Checkpointing:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.timers, self.logger = timers, logger
         self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker)
-        self.last_saved = None
+        self.last_saved, self.restore_rng = None, None
 
     def load(self) -> LoopState:
         a = self.args
@@ -163,6 +163,7 @@ class _Checkpointing:
             if a.load and a.exit_on_missing_checkpoint:
                 raise SystemExit(f"error: --exit-on-missing-checkpoint: no checkpoint in --load {a.load}")
             return LoopState()
+        self.restore_rng = loaded.restore_rng
         return LoopState(loaded.iteration, loaded.consumed_train_samples, loaded.consumed_valid_samples,
                          loaded.skipped_train_samples, loaded.floating_point_operations_so_far)
 
@@ -316,6 +317,8 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
                       batches=batches, timers=timers, logger=logger, tensorboard=tensorboard,
                       device=env.device, start_time=start)
     exit_reason = None
+    if ckpt is not None and ckpt.restore_rng is not None:
+        ckpt.restore_rng()  # after the data loaders drew their seeds (see checkpoint/io.py)
     if not args.skip_train:
         logger.rank0("training ...")
         logger.datetime_line("before the start of training step")
