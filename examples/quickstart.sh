@@ -27,15 +27,29 @@ BACKEND=gloo
 if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge "$NPROC" ]; then
   BACKEND=nccl
 fi
-python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_llama.py \
-  --tensor-model-parallel-size 2 --sequence-parallel \
-  --num-layers 2 --hidden-size 64 --num-attention-heads 4 \
-  --group-query-attention --num-query-groups 2 \
-  --seq-length 64 --max-position-embeddings 64 \
-  --tokenizer-type Llama2Tokenizer --tokenizer-model "$DATA/stdlib_spm.model" \
-  --make-vocab-size-divisible-by 64 \
-  --data-path "$DATA/stdlib_text_document" --split 949,50,1 --data-cache-path "$DATA/cache" \
-  --micro-batch-size 4 --global-batch-size 8 \
-  --train-iters 30 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 3 \
-  --eval-interval 10 --eval-iters 2 \
-  --log-interval 5 --seed 1234 --distributed-backend "$BACKEND" "$@"
+OUT=${QUICKSTART_OUT:-quickstart_out}
+CKPT="$OUT/checkpoints"
+TB="$OUT/tensorboard"
+rm -rf "$CKPT" "$TB"  # every run of the quickstart starts from scratch
+train() {
+  python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_llama.py \
+    --tensor-model-parallel-size 2 --sequence-parallel \
+    --num-layers 2 --hidden-size 64 --num-attention-heads 4 \
+    --group-query-attention --num-query-groups 2 \
+    --seq-length 64 --max-position-embeddings 64 \
+    --tokenizer-type Llama2Tokenizer --tokenizer-model "$DATA/stdlib_spm.model" \
+    --make-vocab-size-divisible-by 64 \
+    --data-path "$DATA/stdlib_text_document" --split 949,50,1 --data-cache-path "$DATA/cache" \
+    --micro-batch-size 4 --global-batch-size 8 \
+    --train-iters 40 --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 3 \
+    --eval-interval 10 --eval-iters 2 \
+    --save "$CKPT" --load "$CKPT" --save-interval 10 \
+    --tensorboard-dir "$TB" --log-interval 5 --seed 1234 --distributed-backend "$BACKEND" "$@"
+}
+echo "== part 1: train 20 of 40 iterations, checkpointing every 10, then stop"
+train --exit-interval 20 "$@"
+echo "== part 2: resume from the checkpoint of iteration $(cat "$CKPT/latest_checkpointed_iteration.txt") and finish"
+train "$@"
+echo
+echo "Checkpoints: $CKPT (latest: iteration $(cat "$CKPT/latest_checkpointed_iteration.txt"))"
+echo "View the training curves with:  tensorboard --logdir $TB"
