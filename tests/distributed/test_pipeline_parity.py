@@ -43,7 +43,11 @@ def _case(ps, channels, case):
     layout = build_layout(layers, ps.pp_size, vpp, **layout_kw)
     tracker = build_rng_tracker(SEED, ps.tp_rank, ps.pp_rank, "cpu")
     chunks = build_model_chunks(cfg, ps, layout, SEED, tracker)
-    ddp = [DistributedDataParallel(c, ps, DDPConfig()) for c in chunks]
+    # With DP, buckets reduce while the schedule runs: sync switches on before each chunk's last
+    # backward (executor GradSyncHooks), and a bucket launches once its last grad arrives.
+    dcfg = DDPConfig(overlap_grad_reduce=ps.dp_size > 1, bucket_size=4000 if ps.dp_size > 1 else None,
+                     calculate_per_token_loss=pcfg.calculate_per_token_loss)
+    ddp = [DistributedDataParallel(c, ps, dcfg) for c in chunks]
     executor = PipelineExecutor(ddp, ps, pcfg, channels)
     for c in ddp:
         c.zero_grad_buffer()
@@ -55,7 +59,7 @@ def _case(ps, channels, case):
     bound = in_flight_bound(ps.pp_size, vpp, m, ps.pp_rank, pcfg.microbatch_group_size)
     assert result.peak_in_flight == bound, (result.peak_in_flight, bound)
     assert result.peak_output_bytes <= 4 * bound, result.peak_output_bytes
-    finalize_grads(ddp, ps)
+    finalize_grads(ddp, ps, num_tokens=totals[1] if pcfg.calculate_per_token_loss else None)
     evaluation = forward_backward(executor, _data(ps.dp_rank, ps.dp_size), m, ps, forward_only=True).losses
     if ps.dp_size > 1:
         dist.all_reduce(totals, group=ps.dp_cp_group)
@@ -141,6 +145,9 @@ def _cases(pp):
             ("llama", 8, 1, 3, {"first_stage_layers": 3, "last_stage_layers": 5}, cfg),
             ("gpt", 6, 2, 4, {"account_for_embedding": True, "account_for_loss": True},
              PipelineConfig(overlap_p2p_comm=True)),
+            # raw loss sums back-propagated, grads divided by the token count broadcast from the
+            # last stage (spec §6.4; mock data masks nothing, so it equals the mean of means)
+            ("llama", 8, 2, 4, {}, PipelineConfig(calculate_per_token_loss=True)),
         ]
     return cases
 
@@ -148,6 +155,8 @@ def _cases(pp):
 @pytest.mark.parametrize("tp,pp,dp", [(1, 2, 1), (2, 2, 1), (1, 4, 1), (2, 4, 1), (1, 2, 2), (2, 2, 2)],
                          ids=["pp2", "pp2-tp2", "pp4", "pp4-tp2", "pp2-dp2", "pp2-tp2-dp2"])
 def test_pipeline_matches_single_process(run_dist, tp, pp, dp):
-    cases = _cases(pp) if dp == 1 else _cases(pp)[:4]
+    cases = _cases(pp)
+    if dp > 1:  # the four basic cases plus per-token loss
+        cases = cases[:4] + [c for c in cases[4:] if c[5].calculate_per_token_loss]
     results = run_dist(tp * pp * dp, _run, tp, pp, cases)
     _check(results, cases, dp)
