@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -64,11 +65,16 @@ def bench_preprocess(args) -> None:
                "--vocab-file", args.vocab_file, "--merge-file", args.merge_file, "--append-eod",
                "--workers", str(workers), "--log-interval", "100000"]
         load = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.time()
         subprocess.run(cmd, check=True, capture_output=True)
         secs = time.time() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / secs
+        # cores used < workers means other processes took the CPUs (the machine is shared)
         print(f"preprocess --workers {workers}: {docs} docs, {size / 1e6:.1f} MB in {secs:.1f} s -> "
-              f"{docs / secs:.0f} docs/s, {size / 1e6 / secs:.2f} MB/s (load average before: {load:.1f})")
+              f"{docs / secs:.0f} docs/s, {size / 1e6 / secs:.2f} MB/s (cores used {cpu:.2f}, "
+              f"load average before {load:.1f})")
 
 
 def bench_index(args) -> None:
