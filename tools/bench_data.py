@@ -2,13 +2,15 @@
 
     python tools/bench_data.py preprocess --vocab-file vocab.json --merge-file merges.txt \\
         [--mb 100] [--workers 1 2] [--dir /tmp/bench_data]
-    python tools/bench_data.py index [--documents 10000000] [--tokens 1000000000] [--seq-length 2048]
+    python tools/bench_data.py index [--documents 10000000] [--tokens 1000000000] [--seq-length 2048] \
+        [--split 1,0,0] [--num-samples N]
 
 `preprocess` writes a JSONL of at least --mb MB (the Python standard library's sources, repeated)
 and runs tools/preprocess_data.py with the GPT-2 tokenizer for each worker count, reporting
 documents/s and MB/s. `index` writes a synthetic `.idx` of --documents documents holding
 --tokens tokens in total (with a sparse `.bin`) and times opening it, building the GPTDataset
-indices for one epoch of the train split, and loading them back from the cache.
+indices of the train split (one epoch unless --num-samples asks for more), and loading them
+back from the cache.
 """
 from __future__ import annotations
 
@@ -98,18 +100,19 @@ def bench_index(args) -> None:
         _ = low.fingerprint
         t_open = time.time() - t
         cfg = GPTDatasetConfig(sequence_length=args.seq_length, random_seed=1234, eod=0, pad=-1,
-                               split="949,50,1", split_matrix=tuple(split_matrix("949,50,1")),
+                               split=args.split, split_matrix=tuple(split_matrix(args.split)),
                                path_to_cache=os.path.join(tmp, "cache"))
         docs = split_indices(cfg.split_matrix[0], len(low))
         t = time.time()
-        ds = GPTDataset(low, prefix, docs, None, "train", cfg)
+        ds = GPTDataset(low, prefix, docs, args.num_samples, "train", cfg)
         t_build = time.time() - t
         t = time.time()
-        again = GPTDataset(IndexedDataset(prefix), prefix, docs, None, "train", cfg)
+        again = GPTDataset(IndexedDataset(prefix), prefix, docs, args.num_samples, "train", cfg)
         t_load = time.time() - t
         assert not again.built_anew and len(again) == len(ds)
         print(f"index: open+validate {t_open:.2f} s; build train indices ({len(docs)} documents, "
-              f"{len(ds)} samples of {args.seq_length}) {t_build:.2f} s incl. saving; cached load "
+              f"{ds.document_index.size} document-index entries, {len(ds)} samples of {args.seq_length}) "
+              f"{t_build:.2f} s incl. saving; cached load "
               f"{t_load:.2f} s (load average: {os.getloadavg()[0]:.1f})")
 
 
@@ -127,6 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--documents", type=int, default=10_000_000)
     p.add_argument("--tokens", type=int, default=1_000_000_000)
     p.add_argument("--seq-length", type=int, default=2048)
+    p.add_argument("--split", default="1,0,0", help="The train split's share is indexed.")
+    p.add_argument("--num-samples", type=int, default=None, help="Requested samples (default one epoch).")
     p.add_argument("--dir", default=tempfile.gettempdir())
     args = parser.parse_args(argv)
     (bench_preprocess if args.what == "preprocess" else bench_index)(args)
