@@ -58,7 +58,7 @@ def _batches(cfg, mbs, seq, device):
     while True:
         ids = torch.randint(0, cfg.vocab_size, (mbs, seq + 1), generator=g)
         yield {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(mbs, seq),
-               "position_ids": torch.arange(seq).expand(mbs, seq)}
+               "position_ids": torch.arange(seq).expand(mbs, seq).contiguous()}
 
 
 def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False):

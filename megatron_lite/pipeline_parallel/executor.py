@@ -196,9 +196,9 @@ class PipelineExecutor:
         pin = self._device.type == "cuda"  # a pageable source would make the copy synchronous
         while len(st.batches) <= mb:
             batch = next(st.data_iter)
-            st.batches.append({k: (v.pin_memory() if pin and not v.is_cuda else v).to(self._device,
-                                                                                      non_blocking=True)
-                               for k, v in batch.items()})
+            # contiguous(): a broadcast (expanded) CPU tensor cannot be pinned in place.
+            st.batches.append({k: (v.contiguous().pin_memory() if pin and not v.is_cuda else v)
+                               .to(self._device, non_blocking=True) for k, v in batch.items()})
         return st.batches[mb]
 
     def _input(self, a: Action, st: _StepState) -> torch.Tensor | None:
