@@ -224,6 +224,13 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         args.train_iters = batches.iterations_for_samples(args.train_samples)
     if args.context_parallel_size > 1:
         raise SystemExit("error: --context-parallel-size > 1 is not available in this version yet")
+    unsupported = [flag for flag, on in (
+        ("--async-save", args.async_save), ("--use-checkpoint-args", args.use_checkpoint_args),
+        ("--save-retain-interval", args.save_retain_interval is not None),
+        ("--override-ckpt-iteration", args.override_ckpt_iteration is not None),
+        (f"--ckpt-format {args.ckpt_format}", args.ckpt_format != "torch_dist")) if on]
+    if unsupported:
+        raise SystemExit(f"error: {', '.join(unsupported)} not available in this version yet")
     logger.rank0(f"> building {args.tokenizer_type} tokenizer ...")
     try:
         tokenizer = build_tokenizer(tokenizer_config_from_args(args))
