@@ -296,7 +296,7 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     tensorboard.text("arguments", "<pre>" + format_args_dump(args) + "</pre>")
 
     def step(num_microbatches):
-        result = train_step(model, optimizer, data_iter, num_microbatches, ps, env.device)
+        result = train_step(model, optimizer, data_iter, num_microbatches, ps, env.device, timers)
         if args.pipeline_trace and trace.steps:
             logger.all(trace.step_line())
         return result

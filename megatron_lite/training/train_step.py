@@ -15,6 +15,7 @@ from megatron_lite.pipeline_parallel.executor import (
     PipelineConfig,
     PipelineExecutor,
 )
+from megatron_lite.training.timers import Timers
 
 
 @dataclass
@@ -45,21 +46,29 @@ def forward_backward(model, data_iter, num_microbatches: int, ps, *, loss_scale:
                                      forward_only=forward_only, grad_sync=hooks)
 
 
-def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device) -> StepResult:
+def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, timers=None) -> StepResult:
     """`model`: see `as_executor`. The loss exists on the last pipeline stage only; other
-    stages report zeros (the iteration line is printed by the last rank, spec §3.2)."""
+    stages report zeros (the iteration line is printed by the last rank, spec §3.2).
+    `timers`: training/timers.py Timers for the level-1 names of spec §3.3 (None: untimed)."""
+    timers = timers if timers is not None else Timers(log_level=-1)
     executor = as_executor(model, ps)
     chunks = executor.chunks
     for chunk in chunks:
         chunk.zero_grad_buffer()
     executor.train()
+    timers("forward-backward", 1).start(barrier=True)
     result = forward_backward(executor, data_iter, num_microbatches, ps, loss_scale=optimizer.loss_scale)
+    timers("forward-backward", 1).stop()
     totals = result.totals
     cfg = chunks[0].config
     if cfg.check_for_nan_in_grad and not bool(torch.isfinite(totals[0])):
         raise RuntimeError(f"Rank {ps.rank}: found NaN or Inf in local forward loss calculation")
+    timers("all-grads-sync", 1).start()
     finalize_grads(chunks, ps, num_tokens=totals[1] if cfg.calculate_per_token_loss else None)
+    timers("all-grads-sync", 1).stop()
+    timers("optimizer", 1).start(barrier=True)
     success, grad_norm = optimizer.step()
+    timers("optimizer", 1).stop()
     if ps.dp_size * ps.cp_size > 1:
         dist.all_reduce(totals, group=ps.dp_cp_group)  # spec §3.2: token-weighted global mean
     return StepResult(totals, success, grad_norm)

@@ -31,8 +31,16 @@ def _flags(**overrides):
 def test_validation_blocks_and_tensorboard(tmp_path):
     tb = tmp_path / "tb"
     out = torchrun(1, "pretrain_llama.py", *_flags(tensorboard_dir=str(tb), log_throughput=True,
-                                                    log_validation_ppl_to_tensorboard=True)).stdout
+                                                    log_validation_ppl_to_tensorboard=True,
+                                                    timing_log_level=1)).stdout
     lines = out.splitlines()
+    # spec §3.3: after each iteration line, the level-1 timers, min/max over ranks
+    headers = [i for i, line in enumerate(lines) if line == "(min, max) time across ranks (ms):"]
+    assert len(headers) == len(iteration_lines(out))
+    timer_line = re.compile(r"^    (\S+) \.+: \((\d+\.\d\d), (\d+\.\d\d)\)$")
+    block = [timer_line.match(line) for line in lines[headers[-1] + 1:headers[-1] + 4]]
+    assert [m.group(1) for m in block] == ["forward-backward", "all-grads-sync", "optimizer"]
+    assert all(len(lines[headers[-1] + 1 + k].split(":")[0]) == 4 + 48 for k in range(3))
     blocks = [(i, VALIDATION.match(line)) for i, line in enumerate(lines) if "validation loss at" in line]
     assert [m.group(1) for _, m in blocks] == ["iteration 3", "iteration 6", "iteration 6 on validation set",
                                                "iteration 6 on test set"]
