@@ -112,16 +112,3 @@ class DistributedOptimizer:
         """Optimizer-owned memory of this rank: inner state plus fp32 main shards."""
         copies = sum(s.main.numel() * s.main.element_size() for s in self.shards if s.owns_main)
         return state_bytes(self.inner) + copies
-
-    def state_dict(self) -> dict:
-        """This rank's shard of the optimizer state (the checkpoint layer maps it to global
-        tensors through `shards`)."""
-        out = {"optimizer": self.inner.state_dict()}
-        if self.scaler is not None:
-            out["grad_scaler"] = self.scaler.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "grad_scaler" in state:
-            self.scaler.load_state_dict(state["grad_scaler"])

@@ -80,14 +80,3 @@ class MixedPrecisionOptimizer:
         """Optimizer-owned memory: inner state plus fp32 main copies."""
         copies = sum(m.numel() * m.element_size() for _, m in self._low_precision)
         return state_bytes(self.inner) + copies
-
-    def state_dict(self) -> dict:
-        out = {"optimizer": self.inner.state_dict()}
-        if self.scaler is not None:
-            out["grad_scaler"] = self.scaler.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "grad_scaler" in state:
-            self.scaler.load_state_dict(state["grad_scaler"])
