@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
 
 from megatron_lite.checkpoint import rng
+from megatron_lite.checkpoint.async_save import AsyncSaver
 from megatron_lite.checkpoint.layout import (
     COMMON,
     METADATA,
@@ -26,6 +28,7 @@ from megatron_lite.checkpoint.layout import (
     CheckpointError,
     check_complete,
     iteration_dir,
+    prune_checkpoints,
     read_tracker,
     write_json,
     write_tracker,
@@ -97,6 +100,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _save_planner(fully_parallel: bool):
+    """DCP writes each replicated tensor once. By default the writer of each is the rank with
+    the least to write so far, which spreads the save over the DP replicas (Megatron's fully
+    parallel save); `--no-ckpt-fully-parallel-save` makes the lowest rank write all of them."""
+    return DefaultSavePlanner(dedup_save_to_lowest_rank=not fully_parallel)
+
+
 def save_checkpoint(
     root: str,
     iteration: int,
@@ -110,10 +120,21 @@ def save_checkpoint(
     save_optim: bool = True,
     save_rng: bool = True,
     grad_scaler=None,
+    fully_parallel: bool = True,
+    saver: AsyncSaver | None = None,
+    on_published=None,
+    retain_interval: int | None = None,
 ) -> str:
-    """Collective. Returns the directory written."""
+    """Collective. Returns the directory the checkpoint will have once published.
+
+    With `saver` (`--async-save`) this returns once the state is in host memory; the saver
+    publishes it later (see checkpoint/async_save.py). `on_published()` runs on every rank
+    right after the publication. `retain_interval` (`--save-retain-interval`, spec §4.4): once
+    published, older checkpoints whose iteration is not a multiple of it are deleted."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
+    if saver is not None:
+        saver.wait()  # the previous save must be published before this one can follow it
     if _rank0():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
@@ -125,13 +146,13 @@ def save_checkpoint(
     if save_rng:
         tensors, rng_values = rng.capture(ctx.rng_tracker, ctx.device)
         state.update({_rng_prefix(ctx.ps) + k: v for k, v in tensors.items()})
-    dcp.save(state, checkpoint_id=partial)
     gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     key = f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"
     if dist.is_initialized():
         dist.all_gather_object(gathered, (key, rng_values))
     else:
         gathered = [(key, rng_values)]
+    common = None
     if _rank0():
         common = {
             "checkpoint_version": CHECKPOINT_VERSION,
@@ -149,15 +170,35 @@ def save_checkpoint(
             "rng_values": dict(gathered) if save_rng else {},
             "args": _jsonable(args_dict),
         }
-        write_json(os.path.join(partial, COMMON), common)
-        write_json(os.path.join(partial, METADATA), METADATA_CONTENT)  # marker written last
-        if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new is in
-            os.replace(final, final + ".old")
-        os.replace(partial, final)
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        write_tracker(root, iteration)
+
+    def publish():
+        if common is not None:
+            _publish(root, iteration, partial, final, common)
+            if retain_interval:
+                prune_checkpoints(root, iteration, retain_interval)
+        if on_published is not None:
+            on_published()
+
+    if saver is not None:
+        saver.start(state, partial, iteration, publish, planner=_save_planner(fully_parallel))
+        return final
+    dcp.save(state, checkpoint_id=partial, planner=_save_planner(fully_parallel))
+    publish()
     _barrier()
     return final
+
+
+def _publish(root: str, iteration: int, partial: str, final: str, common: dict) -> None:
+    """Rank 0, after every rank's tensors are written: complete the directory, move it into
+    place, then name it in the tracker. A crash before the tracker write leaves the previous
+    checkpoint as the one `--load` finds."""
+    write_json(os.path.join(partial, COMMON), common)
+    write_json(os.path.join(partial, METADATA), METADATA_CONTENT)  # marker written last
+    if os.path.exists(final):  # re-saving an iteration: keep the old copy until the new is in
+        os.replace(final, final + ".old")
+    os.replace(partial, final)
+    shutil.rmtree(final + ".old", ignore_errors=True)
+    write_tracker(root, iteration)
 
 
 def _check_args(common: dict, args_dict: dict, directory: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "metadata.json"
@@ -68,3 +70,22 @@ def check_complete(directory: str) -> None:
     for name in (".metadata", COMMON):
         if not os.path.isfile(os.path.join(directory, name)):
             raise CheckpointError(f"{directory}: {name} is missing")
+
+
+_ITERATION_DIR = re.compile(r"iter_(\d{7})")
+
+
+def prune_checkpoints(root: str, latest: int, retain_interval: int) -> list[int]:
+    """`--save-retain-interval` (spec §4.4): delete the complete checkpoints older than `latest`
+    whose iteration is not a multiple of `retain_interval`. Returns the iterations deleted."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        match = _ITERATION_DIR.fullmatch(name)
+        if match and int(match.group(1)) < latest and int(match.group(1)) % retain_interval:
+            # Renamed away first, so a crash mid-delete never leaves a half checkpoint under
+            # a name --ckpt-step could pick.
+            doomed = os.path.join(root, name + ".deleting")
+            os.replace(os.path.join(root, name), doomed)
+            shutil.rmtree(doomed)
+            removed.append(int(match.group(1)))
+    return removed

@@ -69,11 +69,12 @@ def _add_checkpointing_args(parser):
     group.add_argument("--ckpt-convert-save", type=str, default=None,
                        help="Directory for the converted checkpoint.")
     group.add_argument("--async-save", action="store_true", default=None,
-                       help="Write checkpoints in background processes (torch_dist only).")
+                       help="Write checkpoints in a background thread; the step waits only for the copy to "
+                       "host memory.")
     group.add_argument("--no-ckpt-fully-parallel-save", action="store_false", dest="ckpt_fully_parallel_save",
                        help="Do not spread checkpoint writing over the data-parallel group.")
     group.add_argument("--ckpt-fully-parallel-load", action="store_true",
-                       help="Spread checkpoint reading over the data-parallel group.")
+                       help="Accepted for compatibility: every rank already reads only the slices it holds.")
     group.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                        help="Save optimizer state reshardable across TP/PP as well as DP.")
     group.add_argument("--dist-ckpt-strictness", type=str, default="assume_ok_unexpected",

@@ -25,7 +25,10 @@ class RankLogger:
         return self.rank == self.world_size - 1
 
     def _emit(self, msg: str) -> None:
-        print(msg, file=self.stream, flush=True)
+        # One write per line: ranks share the pipe, and print()'s separate newline write could
+        # let another rank's line land in between.
+        self.stream.write(msg + "\n")
+        self.stream.flush()
 
     def rank0(self, msg: str) -> None:
         if self.is_first:

@@ -9,6 +9,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from megatron_lite.checkpoint.async_save import AsyncSaver
+from megatron_lite.checkpoint.checkpoint_args import apply_checkpoint_args, saved_args
 from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
 from megatron_lite.checkpoint.layout import CheckpointError
 from megatron_lite.checkpoint.sharded import build_tp_mesh
@@ -141,6 +143,7 @@ class _Checkpointing:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.timers, self.logger = timers, logger
         self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker)
+        self.saver = AsyncSaver(env.device) if (args.async_save and args.save) else None
         self.last_saved, self.restore_rng = None, None
 
     def load(self) -> LoopState:
@@ -164,8 +167,14 @@ class _Checkpointing:
                 raise SystemExit(f"error: --exit-on-missing-checkpoint: no checkpoint in --load {a.load}")
             return LoopState()
         self.restore_rng = loaded.restore_rng
-        return LoopState(loaded.iteration, loaded.consumed_train_samples, loaded.consumed_valid_samples,
-                         loaded.skipped_train_samples, loaded.floating_point_operations_so_far)
+        state = LoopState(loaded.iteration, loaded.consumed_train_samples, loaded.consumed_valid_samples,
+                          loaded.skipped_train_samples, loaded.floating_point_operations_so_far)
+        if a.override_ckpt_iteration is not None:  # spec §4.5
+            n = a.override_ckpt_iteration
+            self.logger.rank0(f" overriding the checkpoint iteration {state.iteration} with {n} "
+                              f"(consumed samples {n * a.global_batch_size})")
+            state.iteration, state.consumed_train_samples = n, n * a.global_batch_size
+        return state
 
     def save(self, state: LoopState) -> None:
         a, ps, timers = self.args, self.ps, self.timers
@@ -174,16 +183,60 @@ class _Checkpointing:
         timers("save-checkpoint", 0).start(barrier=True)
         self.logger.rank0(f"saving checkpoint at iteration {state.iteration:7d} to {a.save} "
                           "in torch_dist format")
-        save_checkpoint(a.save, state.iteration, self.chunks, self.optimizer, self.scheduler, state, vars(a),
-                        self.ctx, save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
-                        grad_scaler=self.optimizer.scaler)
+        iteration = state.iteration
+
+        def published():
+            self.logger.rank0(f"  successfully saved checkpoint from iteration {iteration:7d} to {a.save} "
+                              f"[ t {ps.tp_rank + 1}/{ps.tp_size}, p {ps.pp_rank + 1}/{ps.pp_size} ]")
+
+        try:
+            save_checkpoint(a.save, iteration, self.chunks, self.optimizer, self.scheduler, state, vars(a),
+                            self.ctx, save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
+                            grad_scaler=self.optimizer.scaler, fully_parallel=a.ckpt_fully_parallel_save,
+                            saver=self.saver, on_published=published, retain_interval=a.save_retain_interval)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        # With --async-save this is the time the step was blocked: the copy to host memory.
         timers("save-checkpoint", 0).stop(barrier=True)
-        self.logger.rank0(f"  successfully saved checkpoint from iteration {state.iteration:7d} to {a.save} "
-                          f"[ t {ps.tp_rank + 1}/{ps.tp_size}, p {ps.pp_rank + 1}/{ps.pp_size} ]")
+        if self.saver is not None:
+            self.logger.rank0(f"  scheduled an async checkpoint save at iteration {iteration:7d} to {a.save}")
         block = timers.log_string(["save-checkpoint"])
         if block:
             self.logger.rank0(block)
-        self.last_saved = state.iteration
+        self.last_saved = iteration
+
+    def poll(self) -> None:
+        """Publish a finished background save (`--async-save`); called after every step."""
+        if self.saver is not None:
+            self._report(self.saver.poll)
+
+    def close(self) -> None:
+        """Wait for the save in flight, then release the staging buffers and the save group."""
+        if self.saver is not None:
+            self._report(self.saver.close)
+
+    def _report(self, finish) -> None:
+        try:
+            result = finish()
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        if result is not None:
+            self.logger.rank0(f"  async checkpoint save of iteration {result.iteration:7d} took "
+                              f"{result.seconds:.2f} s in the background")
+
+
+def _use_checkpoint_args(args, logger) -> None:
+    """`--use-checkpoint-args` (spec §4.5): the model shape of the checkpoint `--load` names."""
+    if not args.load:
+        raise ConfigError("--use-checkpoint-args needs --load")
+    saved = saved_args(args.load, args.ckpt_step)
+    if saved is None:
+        if args.exit_on_missing_checkpoint:
+            raise ConfigError(f"--use-checkpoint-args: no checkpoint in --load {args.load}")
+        logger.rank0("Checkpoint not found to provide arguments, using provided arguments.")
+        return
+    changed = apply_checkpoint_args(args, saved)
+    logger.rank0(f" using the checkpoint's arguments: {', '.join(changed) or 'none differ'}")
 
 
 def _build_scheduler(args, optimizer):
@@ -212,8 +265,10 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     env = init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
     logger = RankLogger(env.rank, env.world_size)
     try:
+        if args.use_checkpoint_args:
+            _use_checkpoint_args(args, logger)
         validate_args(args, env.world_size)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         if env.rank == 0:
             raise SystemExit(f"error: {e}") from None
         raise SystemExit(2) from None
@@ -224,13 +279,9 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         args.train_iters = batches.iterations_for_samples(args.train_samples)
     if args.context_parallel_size > 1:
         raise SystemExit("error: --context-parallel-size > 1 is not available in this version yet")
-    unsupported = [flag for flag, on in (
-        ("--async-save", args.async_save), ("--use-checkpoint-args", args.use_checkpoint_args),
-        ("--save-retain-interval", args.save_retain_interval is not None),
-        ("--override-ckpt-iteration", args.override_ckpt_iteration is not None),
-        (f"--ckpt-format {args.ckpt_format}", args.ckpt_format != "torch_dist")) if on]
-    if unsupported:
-        raise SystemExit(f"error: {', '.join(unsupported)} not available in this version yet")
+    if args.ckpt_format != "torch_dist":
+        raise SystemExit(f"error: --ckpt-format {args.ckpt_format} is not available in this version yet "
+                         "(torch_dist is)")
     logger.rank0(f"> building {args.tokenizer_type} tokenizer ...")
     try:
         tokenizer = build_tokenizer(tokenizer_config_from_args(args))
@@ -319,7 +370,9 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         timing_log_level=args.timing_log_level, log_throughput=args.log_throughput,
         tensorboard_log_interval=args.tensorboard_log_interval)
     save = ckpt.save if (ckpt is not None and args.save) else None
-    trainer = Trainer(loop, LoopHooks(step, eval_step, valid_iter, save=save, memory_report=memory_report),
+    hooks = LoopHooks(step, eval_step, valid_iter, save=save, memory_report=memory_report,
+                      after_step=ckpt.poll if ckpt is not None else None)
+    trainer = Trainer(loop, hooks,
                       optimizer=optimizer, scheduler=scheduler,
                       batches=batches, timers=timers, logger=logger, tensorboard=tensorboard,
                       device=env.device, start_time=start)
@@ -336,6 +389,8 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         if save is not None and exit_reason is None and state.iteration > 0 \
                 and state.iteration % (args.save_interval or 1) and ckpt.last_saved != state.iteration:
             save(state)
+    if ckpt is not None:
+        ckpt.close()  # the background save in flight, if any, is published before we go on
     if exit_reason is None and args.eval_iters > 0:
         prefix = f"iteration {state.iteration}"
         if not args.skip_train or args.eval_interval:

@@ -61,6 +61,7 @@ class LoopHooks:
     save: Callable | None = None  # (LoopState) -> None
     signal_handler: object = None  # training.signals.SignalHandler or None
     memory_report: Callable | None = None  # (iteration) -> None; spec §3.4 memory lines
+    after_step: Callable | None = None  # () -> None; publishes finished background saves
 
 
 class LogWindow:
@@ -208,6 +209,8 @@ class Trainer:
                 first_logged = True
                 if regular:
                     window = LogWindow()
+            if hooks.after_step is not None:
+                hooks.after_step()
             if (cfg.eval_interval and state.iteration % cfg.eval_interval == 0 and cfg.eval_iters > 0
                     and hooks.valid_iter is not None):
                 self.run_evaluation(state, hooks.valid_iter, f"iteration {state.iteration}")

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from megatron_lite.checkpoint.async_save import AsyncSaver
 from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
 from megatron_lite.checkpoint.layout import CheckpointError, read_tracker
 from megatron_lite.checkpoint.sharded import build_tp_mesh
@@ -109,3 +110,33 @@ def test_missing_partial_and_bad_checkpoints(run_dist, tmp_path):
     assert "metadata.json is missing" in run_dist(1, _load_only, str(root))[0]
     (root / "latest_checkpointed_iteration.txt").write_text("banana")
     assert "expected an iteration number" in run_dist(1, _load_only, str(root))[0]
+
+
+def _async_snapshot(rank, world, path):
+    """Save in the background, then keep changing the weights and optimizer state right away:
+    the checkpoint must hold the values of the moment the save was called."""
+    ps, model, ddp, opt, sched, ctx, data = _setup(2, True, "llama")
+    _step(ddp, opt, sched, data, ps)
+    before = gather_global(model, ps.tp_group)
+    saver = AsyncSaver(CPU)
+    save_checkpoint(path, 1, [ddp], opt, sched, LoopState(1, 8), ARGS, ctx, saver=saver)
+    unpublished = read_tracker(path)
+    for p in model.parameters():
+        p.data.add_(1.0)
+    _step(ddp, opt, sched, data, ps)
+    result = saver.close()
+    ps.destroy()
+    ps, model, ddp, opt, sched, ctx, data = _setup(2, True, "llama")
+    load_checkpoint(path, [ddp], opt, sched, ARGS, ctx, RankLogger(rank, world))
+    loaded = gather_global(model, ps.tp_group)
+    ps.destroy()
+    return unpublished, result.iteration, read_tracker(path), before, loaded
+
+
+def test_async_save_is_a_snapshot_published_after_the_write(run_dist, tmp_path):
+    path = str(tmp_path / "ckpt")
+    for unpublished, iteration, tracker, before, loaded in run_dist(2, _async_snapshot, path):
+        assert unpublished is None  # the tracker waits for the background write
+        assert (iteration, tracker) == (1, (1, False))
+        for name, value in before.items():
+            torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")

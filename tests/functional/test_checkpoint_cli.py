@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.functional.test_pretrain_cli import ITERATION_LINE, ROOT, iteration_lines, torchrun
 
@@ -75,18 +77,80 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted):
         assert resumed[it] == ref[it], it
 
 
-def test_reshard_tp2_pp2_distopt_to_dp2(tmp_path):
-    ckpt = str(tmp_path / "ckpt")
-    flags = [*TINY_GPT, "--hidden-dropout", "0", "--attention-dropout", "0"]
-    ref = torchrun(4, "pretrain_gpt.py", *flags, "--tensor-model-parallel-size", "2",
-                   "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--save", ckpt,
-                   "--save-interval", "4").stdout
-    ref_rows = _rows(ref)
-    out = torchrun(2, "pretrain_gpt.py", *flags, "--use-distributed-optimizer", "--load", ckpt,
-                   "--ckpt-step", "4").stdout
-    rows = _rows(out)
-    assert sorted(rows) == [5, 6, 7, 8]
+def _assert_rows_close(rows, ref_rows, iterations):
+    assert sorted(rows) == iterations
     for it, (lr, loss, norm) in rows.items():
-        assert lr == ref_rows[it][0]
-        assert float(loss) == pytest.approx(float(ref_rows[it][1]), rel=1e-5)
-        assert float(norm) == pytest.approx(float(ref_rows[it][2]), rel=1e-3)
+        assert lr == ref_rows[it][0], it
+        assert float(loss) == pytest.approx(float(ref_rows[it][1]), rel=1e-5), it
+        assert float(norm) == pytest.approx(float(ref_rows[it][2]), rel=1e-3), it
+
+
+def _stored(directory, tmp_path):
+    """Every tensor of a checkpoint under its global key (rank-local RNG states left out)."""
+    target = tmp_path / (os.path.basename(directory) + f"-{len(os.listdir(tmp_path))}.pt")
+    dcp_to_torch_save(directory, target)
+    return {k: v for k, v in torch.load(target, weights_only=True).items() if not k.startswith("rng.")}
+
+
+def _assert_state_close(state, ref):
+    assert sorted(state) == sorted(ref)
+    for key, value in ref.items():
+        error = (state[key].double() - value.double()).norm() / value.double().norm().clamp(min=1e-12)
+        assert error < 1e-4, (key, error.item())
+
+
+def test_reshard_tp2_pp2_distopt_to_pp4_and_dp2_and_back(tmp_path):
+    """spec §4.3: saved at TP2xPP2 with the distributed optimizer, loaded at TP1xPP4 and at DP2
+    (plain optimizer): the same next losses and, 4 steps on, the same weights and optimizer
+    state; then each of those checkpoints loads back into TP2xPP2 + distributed optimizer."""
+    flags = [*TINY_GPT, "--hidden-dropout", "0", "--attention-dropout", "0"]
+    source = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+              "--use-distributed-optimizer"]
+    ref_dir = str(tmp_path / "tp2pp2")
+    ref_rows = _rows(torchrun(4, "pretrain_gpt.py", *flags, *source, "--save", ref_dir,
+                              "--save-interval", "4").stdout)
+    ref_state = _stored(os.path.join(ref_dir, "iter_0000008"), tmp_path)
+    for name, nproc, layout in (("pp4", 4, ["--pipeline-model-parallel-size", "4"]), ("dp2", 2, [])):
+        out_dir = str(tmp_path / name)
+        rows = _rows(torchrun(nproc, "pretrain_gpt.py", *flags, *layout, "--load", ref_dir,
+                              "--ckpt-step", "4", "--save", out_dir, "--save-interval", "2").stdout)
+        _assert_rows_close(rows, ref_rows, [5, 6, 7, 8])
+        _assert_state_close(_stored(os.path.join(out_dir, "iter_0000008"), tmp_path), ref_state)
+        back = _rows(torchrun(4, "pretrain_gpt.py", *flags, *source, "--load", out_dir,
+                              "--ckpt-step", "6").stdout)
+        _assert_rows_close(back, ref_rows, [7, 8])
+
+
+def test_async_save_and_checkpoint_args(tmp_path, uninterrupted):
+    """--async-save: training prints the lines of a run without saves, every save is published
+    (tracker last), --save-retain-interval prunes, and a checkpoint written in the background
+    while training went on resumes exactly, here with the model shape taken from it
+    (--use-checkpoint-args)."""
+    ckpt = str(tmp_path / "ckpt")
+    first = torchrun(1, "pretrain_gpt.py", *TINY_GPT, "--save", ckpt, "--save-interval", "2", "--async-save",
+                     "--save-retain-interval", "4").stdout
+    assert _rows(first) == uninterrupted
+    for it in (2, 4, 6, 8):
+        assert f"  scheduled an async checkpoint save at iteration {it:7d} to {ckpt}" in first
+        assert f"  successfully saved checkpoint from iteration {it:7d} to {ckpt}" in first
+    assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000008", "latest_checkpointed_iteration.txt"]
+    assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
+    shape = {"--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
+             "--max-position-embeddings", "--vocab-size", "--make-vocab-size-divisible-by"}
+    flags = [f for i, f in enumerate(TINY_GPT) if f not in shape and TINY_GPT[i - 1] not in shape]
+    second = torchrun(1, "pretrain_gpt.py", *flags, "--use-checkpoint-args", "--load", ckpt,
+                      "--ckpt-step", "4").stdout
+    assert " using the checkpoint's arguments: " in second
+    resumed = _rows(second)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for it in resumed:
+        assert resumed[it] == uninterrupted[it], it
+
+
+def test_override_ckpt_iteration(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    torchrun(1, "pretrain_gpt.py", *TINY_GPT, "--save", ckpt, "--save-interval", "2", "--exit-interval", "2")
+    out = torchrun(1, "pretrain_gpt.py", *TINY_GPT, "--load", ckpt, "--override-ckpt-iteration", "6").stdout
+    rows = iteration_lines(out)
+    # Iterations 7 and 8 only, with consumed samples continuing from 6 x 8.
+    assert [(int(r[0]), int(r[2])) for r in rows] == [(7, 56), (8, 64)]
