@@ -151,6 +151,7 @@ class _Checkpointing:
         kw = dict(grad_scaler=self.optimizer.scaler, load_rng=not a.no_load_rng,
                   override_scheduler=a.override_opt_param_scheduler,
                   use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
+        self.timers("load-checkpoint", 0).start(barrier=True)
         try:
             loaded = None
             if a.load:
@@ -162,6 +163,11 @@ class _Checkpointing:
                                          vars(a), self.ctx, self.logger, finetune=True, **kw)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
+        self.timers("load-checkpoint", 0).stop(barrier=True)
+        if loaded is not None:
+            block = self.timers.log_string(["load-checkpoint"])
+            if block:
+                self.logger.rank0(block)
         if loaded is None:
             if a.load and a.exit_on_missing_checkpoint:
                 raise SystemExit(f"error: --exit-on-missing-checkpoint: no checkpoint in --load {a.load}")
