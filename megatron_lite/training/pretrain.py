@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.async_save import AsyncSaver
+from megatron_lite.checkpoint.async_save import AsyncSaver, HostStaging
 from megatron_lite.checkpoint.checkpoint_args import apply_checkpoint_args, saved_args
 from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
 from megatron_lite.checkpoint.layout import CheckpointError
@@ -144,6 +144,8 @@ class _Checkpointing:
         self.timers, self.logger = timers, logger
         self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker)
         self.saver = AsyncSaver(env.device) if (args.async_save and args.save) else None
+        # Synchronous saves from a GPU also go through pinned host buffers (see HostStaging).
+        self.staging = HostStaging(env.device) if (env.device.type == "cuda" and self.saver is None) else None
         self.last_saved, self.restore_rng = None, None
 
     def load(self) -> LoopState:
@@ -190,6 +192,8 @@ class _Checkpointing:
         self.logger.rank0(f"saving checkpoint at iteration {state.iteration:7d} to {a.save} "
                           "in torch_dist format")
         iteration = state.iteration
+        if self.saver is not None:  # the previous background save must be published first
+            self._report(self.saver.wait)
 
         def published():
             self.logger.rank0(f"  successfully saved checkpoint from iteration {iteration:7d} to {a.save} "
@@ -199,13 +203,16 @@ class _Checkpointing:
             save_checkpoint(a.save, iteration, self.chunks, self.optimizer, self.scheduler, state, vars(a),
                             self.ctx, save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
                             grad_scaler=self.optimizer.scaler, fully_parallel=a.ckpt_fully_parallel_save,
-                            saver=self.saver, on_published=published, retain_interval=a.save_retain_interval)
+                            staging=self.staging, saver=self.saver, on_published=published,
+                            retain_interval=a.save_retain_interval)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
         # With --async-save this is the time the step was blocked: the copy to host memory.
         timers("save-checkpoint", 0).stop(barrier=True)
         if self.saver is not None:
+            size, seconds = self.saver.last_staging
             self.logger.rank0(f"  scheduled an async checkpoint save at iteration {iteration:7d} to {a.save}")
+            self.logger.rank0(f"  copied {size / 2**30:.2f} GiB to host memory in {seconds:.2f} s")
         block = timers.log_string(["save-checkpoint"])
         if block:
             self.logger.rank0(block)
