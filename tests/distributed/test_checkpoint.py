@@ -140,3 +140,30 @@ def test_async_save_is_a_snapshot_published_after_the_write(run_dist, tmp_path):
         assert (iteration, tracker) == (1, (1, False))
         for name, value in before.items():
             torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _bytes_per_rank(directory) -> list[int]:
+    sizes = [0, 0]
+    for name in os.listdir(directory):
+        if name.endswith(".distcp"):  # __{rank}_{writer thread}.distcp
+            sizes[int(name[2:].split("_")[0])] += os.path.getsize(os.path.join(directory, name))
+    return sizes
+
+
+def _save_both_ways(rank, world, path):
+    ps, model, ddp, opt, sched, ctx, data = _setup(1, False, "gpt")
+    _step(ddp, opt, sched, data, ps)
+    for fully_parallel in (True, False):
+        save_checkpoint(os.path.join(path, str(fully_parallel)), 1, [ddp], opt, sched, LoopState(1, 8), ARGS,
+                        ctx, fully_parallel=fully_parallel)
+    ps.destroy()
+
+
+def test_fully_parallel_save_spreads_replicas_over_dp(run_dist, tmp_path):
+    """DP2: every tensor is replicated. By default the two ranks write about half each;
+    --no-ckpt-fully-parallel-save leaves (nearly) everything to rank 0."""
+    run_dist(2, _save_both_ways, str(tmp_path))
+    spread, lowest = (_bytes_per_rank(tmp_path / way / "iter_0000001") for way in ("True", "False"))
+    assert sum(spread) == pytest.approx(sum(lowest), rel=0.05)
+    assert min(spread) > 0.3 * sum(spread), spread
+    assert lowest[1] < 0.05 * sum(lowest), lowest
