@@ -295,6 +295,10 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     if args.ckpt_format != "torch_dist":
         raise SystemExit(f"error: --ckpt-format {args.ckpt_format} is not available in this version yet "
                          "(torch_dist is)")
+    missing = [flag for flag, on in (("--non-persistent-save-interval", args.non_persistent_save_interval),
+                                     ("--ckpt-convert-format", args.ckpt_convert_format)) if on]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)} not available in this version yet")
     logger.rank0(f"> building {args.tokenizer_type} tokenizer ...")
     try:
         tokenizer = build_tokenizer(tokenizer_config_from_args(args))
