@@ -1,6 +1,6 @@
-"""Checkpoints on CUDA through `pretrain_gpt.py` over NCCL: `--async-save` (pinned host staging,
-the background write on a gloo group of its own) leaves training unchanged, and a run resumed
-from a checkpoint written while training went on continues with the same lines."""
+"""Checkpoints on CUDA through `pretrain_gpt.py` over NCCL: saving (pinned host staging; with
+`--async-save` the background write on a gloo group of its own) leaves training unchanged, and
+a run resumed from the checkpoint continues with the same lines."""
 import os
 
 import pytest
@@ -16,16 +16,36 @@ CUDA_GPT[CUDA_GPT.index("--distributed-backend") + 1:CUDA_GPT.index("--distribut
 CUDA_GPT += ["--bf16", "--hidden-dropout", "0", "--attention-dropout", "0"]
 
 
-def test_async_save_on_cuda_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def reference():
+    """Lines of a run without saves, per layout (computed once each)."""
+    cache = {}
+
+    def lines(nproc, layout):
+        key = (nproc, tuple(layout))
+        if key not in cache:
+            cache[key] = _rows(torchrun(nproc, "pretrain_gpt.py", *CUDA_GPT, *layout).stdout)
+        return cache[key]
+
+    return lines
+
+
+@pytest.mark.parametrize("mode,layout", [
+    ([], []), (["--async-save"], []), (["--async-save"], ["--tensor-model-parallel-size", "2"]),
+], ids=["sync", "async", "async-tp2"])
+def test_save_on_cuda_resumes(tmp_path, reference, mode, layout):
     nproc = min(2, torch.cuda.device_count())
+    if layout and nproc < 2:
+        pytest.skip("needs 2 GPUs")
+    plain = reference(nproc, layout)
     ckpt = str(tmp_path / "ckpt")
-    plain = _rows(torchrun(nproc, "pretrain_gpt.py", *CUDA_GPT).stdout)
-    saving = torchrun(nproc, "pretrain_gpt.py", *CUDA_GPT, "--save", ckpt, "--save-interval", "2",
-                      "--async-save").stdout
+    saving = torchrun(nproc, "pretrain_gpt.py", *CUDA_GPT, *layout, "--save", ckpt, "--save-interval", "2",
+                      *mode).stdout
     assert _rows(saving) == plain
     assert "  successfully saved checkpoint from iteration       8" in saving
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
-    resumed = _rows(torchrun(nproc, "pretrain_gpt.py", *CUDA_GPT, "--load", ckpt, "--ckpt-step", "4").stdout)
+    resumed = _rows(torchrun(nproc, "pretrain_gpt.py", *CUDA_GPT, *layout, "--load", ckpt,
+                             "--ckpt-step", "4").stdout)
     assert sorted(resumed) == [5, 6, 7, 8]
     for it, (lr, loss, _norm) in resumed.items():
         assert lr == plain[it][0]
