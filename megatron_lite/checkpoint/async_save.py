@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-from megatron_lite.checkpoint.layout import CheckpointError, checkpoint_writer
+from megatron_lite.checkpoint.layout import CheckpointError, checkpoint_writer, describe_error
 
 
 class HostStaging:
@@ -123,10 +124,10 @@ class AsyncSaver:
         pending, self.pending = self.pending, None
         try:
             pending.future.result()
-        except Exception as e:  # the previous checkpoint stays the one the tracker names
+        except (Exception, CheckpointException) as e:  # the previous checkpoint stays the latest
             raise CheckpointError(
                 f"{pending.directory}: background save of iteration {pending.iteration} failed "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                f"({describe_error(e)}); "
                 "the previous checkpoint is still the latest") from e
         # DCP finishes a save with a gather to rank 0, which writes `.metadata`, then a
         # broadcast: a completed future on any rank means every rank's files are complete.

@@ -5,10 +5,7 @@ Read before the arguments are validated: every rank reads `common.json` (JSON, n
 """
 from __future__ import annotations
 
-import json
-import os
-
-from megatron_lite.checkpoint.layout import COMMON, check_complete, iteration_dir, read_tracker
+from megatron_lite.checkpoint.layout import check_complete, iteration_dir, read_common, read_tracker
 
 # Taken from the checkpoint only when the command line left them unset (None), as in Megatron.
 _IF_UNSET = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
@@ -32,8 +29,7 @@ def saved_args(root: str, ckpt_step: int | None = None) -> dict | None:
         return None
     directory = iteration_dir(root, *found[:1], release=found[1])
     check_complete(directory)
-    with open(os.path.join(directory, COMMON)) as f:
-        return json.load(f).get("args", {})
+    return read_common(directory).get("args", {})
 
 
 def apply_checkpoint_args(args, saved: dict) -> list[str]:

@@ -8,7 +8,6 @@ NumPy RNG values, FLOPs so far) is JSON in `common.json`: loading it executes no
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_lite.checkpoint import rng
 from megatron_lite.checkpoint.async_save import AsyncSaver, HostStaging
@@ -28,8 +28,10 @@ from megatron_lite.checkpoint.layout import (
     CheckpointError,
     check_complete,
     checkpoint_writer,
+    describe_error,
     iteration_dir,
     prune_checkpoints,
+    read_common,
     read_tracker,
     write_json,
     write_tracker,
@@ -187,7 +189,11 @@ def save_checkpoint(
         return final
     if staging is not None:  # one fast copy to host memory instead of DCP's per-tensor ones
         state = staging.stage(state)
-    dcp.save(state, storage_writer=checkpoint_writer(partial), planner=_save_planner(fully_parallel))
+    try:
+        dcp.save(state, storage_writer=checkpoint_writer(partial), planner=_save_planner(fully_parallel))
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"{partial}: save of iteration {iteration} failed ({describe_error(e)}); "
+                              "the previous checkpoint is still the latest") from e
     publish()
     _barrier()
     return final
@@ -231,6 +237,26 @@ def _check_scheduler(saved: dict, scheduler, override: bool, use_checkpoint: boo
         )
 
 
+def _load_failure(directory: str, error: Exception) -> str:
+    """One line naming what is wrong: the tensor files shorter than `.metadata` says they are,
+    else DCP's own first line."""
+    short = []
+    try:
+        ends = {}
+        for info in dcp.FileSystemReader(directory).read_metadata().storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        for name, end in sorted(ends.items()):
+            path = os.path.join(directory, name)
+            size = os.path.getsize(path) if os.path.exists(path) else None
+            if size is None or size < end:
+                short.append(f"{path} has {'no file' if size is None else f'{size} bytes'}, expected {end}")
+    except Exception:  # the metadata itself is unreadable: report DCP's error
+        pass
+    if short:
+        return f"{directory}: truncated checkpoint: " + "; ".join(short)
+    return f"{directory}: cannot load ({describe_error(error)})"
+
+
 def load_checkpoint(
     root: str,
     models,
@@ -257,8 +283,7 @@ def load_checkpoint(
     iteration, release = found
     directory = iteration_dir(root, iteration, release)
     check_complete(directory)
-    with open(os.path.join(directory, COMMON)) as f:
-        common = json.load(f)
+    common = read_common(directory)
     logger.rank0(f" loading distributed checkpoint from {root} at iteration {iteration}")
     logger.rank0(f" checkpoint version {common['checkpoint_version']}")
     _check_args(common, args_dict, directory)
@@ -280,10 +305,8 @@ def load_checkpoint(
         state.update(rng_tensors)
     try:
         dcp.load(state, checkpoint_id=directory)
-    except Exception as e:  # DCP raises a CheckpointException listing every rank's failure
-        raise CheckpointError(
-            f"{directory}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from e
+    except (Exception, CheckpointException) as e:  # DCP's lists every rank's failure
+        raise CheckpointError(_load_failure(directory, e)) from e
     if load_optim:
         opt_ckpt.finish_load()
         _check_scheduler(

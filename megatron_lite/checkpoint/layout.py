@@ -29,6 +29,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, partial or inconsistent; the message names the file."""
 
 
+def describe_error(error: BaseException) -> str:
+    """`Type: first line` of an error, for one-line messages (DCP's span one line per rank)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def iteration_dir(root: str, iteration: int | None, release: bool = False) -> str:
     return os.path.join(root, "release" if release else f"iter_{iteration:07d}")
 
@@ -101,3 +107,13 @@ def prune_checkpoints(root: str, latest: int, retain_interval: int) -> list[int]
             shutil.rmtree(doomed)
             removed.append(int(match.group(1)))
     return removed
+
+
+def read_common(directory: str) -> dict:
+    """The checkpoint's `common.json` (JSON: reading it runs no code)."""
+    path = os.path.join(directory, COMMON)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None

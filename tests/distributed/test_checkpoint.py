@@ -97,6 +97,23 @@ def _load_only(rank, world, path, args=None):
         ps.destroy()
 
 
+def test_truncated_files_are_named(run_dist, tmp_path):
+    root = tmp_path / "ckpt"
+    run_dist(1, _train_save, str(root), 1, False, "gpt")
+    directory = root / "iter_0000002"
+    tensors = max(directory.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])
+    msg = run_dist(1, _load_only, str(root))[0]
+    assert msg.startswith(f"{directory}: truncated checkpoint: {tensors} has {len(data) // 2} bytes, "
+                          f"expected {len(data)}"), msg
+    tensors.write_bytes(data)
+    common = directory / "common.json"
+    common.write_text(common.read_text()[:50])
+    msg = run_dist(1, _load_only, str(root))[0]
+    assert msg.startswith(f"{common}: cannot read (JSONDecodeError"), msg
+
+
 def test_missing_partial_and_bad_checkpoints(run_dist, tmp_path):
     root = tmp_path / "ckpt"
     assert run_dist(1, _load_only, str(root)) == [None]  # nothing there: start from scratch
@@ -167,3 +184,33 @@ def test_fully_parallel_save_spreads_replicas_over_dp(run_dist, tmp_path):
     assert sum(spread) == pytest.approx(sum(lowest), rel=0.05)
     assert min(spread) > 0.3 * sum(spread), spread
     assert lowest[1] < 0.05 * sum(lowest), lowest
+
+
+def _failing_saves(rank, world, path):
+    ps, model, ddp, opt, sched, ctx, data = _setup(1, False, "gpt")
+    _step(ddp, opt, sched, data, ps)
+    save_checkpoint(path, 1, [ddp], opt, sched, LoopState(1, 8), ARGS, ctx)
+    messages = []
+    for iteration, saver in ((2, None), (3, AsyncSaver(CPU))):
+        # A file where the save's directory must go: the write fails like on a full or read-only disk.
+        open(os.path.join(path, f"iter_{iteration:07d}.partial"), "w").close()
+        try:
+            save_checkpoint(path, iteration, [ddp], opt, sched, LoopState(iteration, 8), ARGS, ctx,
+                            saver=saver)
+            if saver is not None:
+                saver.close()
+        except CheckpointError as e:
+            messages.append(str(e))
+    ps.destroy()
+    return messages, read_tracker(path)
+
+
+def test_failed_saves_keep_the_previous_checkpoint(run_dist, tmp_path):
+    path = str(tmp_path / "ckpt")
+    messages, tracker = run_dist(1, _failing_saves, path)[0]
+    assert tracker == (1, False)
+    assert messages[0].startswith(f"{path}/iter_0000002.partial: save of iteration 2 failed (")
+    assert messages[1].startswith(f"{path}/iter_0000003.partial: background save of iteration 3 failed (")
+    assert all(m.endswith("the previous checkpoint is still the latest") for m in messages)
+    assert sorted(os.listdir(path)) == ["iter_0000001", "iter_0000002.partial", "iter_0000003.partial",
+                                        "latest_checkpointed_iteration.txt"]
