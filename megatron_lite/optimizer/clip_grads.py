@@ -13,15 +13,27 @@ def counts_toward_norm(param, tp_rank: int, is_first_pp_stage: bool) -> bool:
     return getattr(param, "tensor_model_parallel", False) or tp_rank == 0
 
 
-def global_grad_norm(grads: list[torch.Tensor], group, device) -> torch.Tensor:
-    """L2 norm of `grads` summed over `group` (a 0-dim fp32 tensor, no host sync)."""
-    if grads:
-        sq = torch.stack(torch._foreach_norm(grads, 2.0)).float().pow(2).sum()
+def global_l2_norm(tensors: list[torch.Tensor], group, device) -> torch.Tensor:
+    """L2 norm of `tensors` (grads or params) summed over `group` (a 0-dim fp32 tensor, no
+    host sync)."""
+    if tensors:
+        sq = torch.stack(torch._foreach_norm(tensors, 2.0)).float().pow(2).sum()
     else:
         sq = torch.zeros((), dtype=torch.float32, device=device)
     if group is not None:
         dist.all_reduce(sq, group=group)
     return sq.sqrt()
+
+
+def global_num_zeros(grads: list[torch.Tensor], group, device) -> torch.Tensor:
+    """Number of zero entries of `grads` summed over `group` (0-dim fp64: exact far beyond
+    fp32's 2^24; spec §7.3 step 4)."""
+    zeros = torch.zeros((), dtype=torch.float64, device=device)
+    for g in grads:
+        zeros += g.numel() - torch.count_nonzero(g)
+    if group is not None:
+        dist.all_reduce(zeros, group=group)
+    return zeros
 
 
 def clip_by_norm_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:

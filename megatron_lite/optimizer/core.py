@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_lite.optimizer.clip_grads import clip_by_norm_, global_grad_norm
+from megatron_lite.optimizer.clip_grads import clip_by_norm_, global_l2_norm, global_num_zeros
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     sgd_momentum: float = 0.9
     clip_grad: float = 1.0
+    log_num_zeros_in_grad: bool = False
 
 
 def no_weight_decay(name: str, param) -> bool:
@@ -47,11 +48,12 @@ def build_inner_optimizer(decay: list[torch.Tensor], no_decay: list[torch.Tensor
 
 
 def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor],
-                          norm_grads: list[torch.Tensor], scaler, clip_grad: float, group,
+                          norm_grads: list[torch.Tensor], scaler, cfg: OptimizerConfig, group,
                           device: torch.device):
     """Steps 2-5 of spec §7.3 on fp32 main grads `grads` (`norm_grads`: the subset counted
     in the norm, §7.4). `group`: the grad-stats group (None for a single rank).
-    Returns (update_successful, grad_norm 0-dim tensor or None)."""
+    Returns (update_successful, grad_norm, num_zeros): 0-dim tensors or None (num_zeros
+    without `cfg.log_num_zeros_in_grad`, both on a skipped step)."""
     if scaler is not None:
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         if grads:
@@ -61,14 +63,15 @@ def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor
         inf = bool(found_inf.item())  # the skip decision needs the host
         scaler.update(inf)
         if inf:
-            return False, None
-    grad_norm = global_grad_norm(norm_grads, group, device)
-    if clip_grad > 0:
-        clip_by_norm_(grads, grad_norm, clip_grad)
+            return False, None, None
+    grad_norm = global_l2_norm(norm_grads, group, device)
+    if cfg.clip_grad > 0:
+        clip_by_norm_(grads, grad_norm, cfg.clip_grad)
     else:
         grad_norm = torch.zeros((), device=device)  # spec §3.2: 0.0 with --clip-grad 0
+    num_zeros = global_num_zeros(norm_grads, group, device) if cfg.log_num_zeros_in_grad else None
     inner.step()
-    return True, grad_norm
+    return True, grad_norm, num_zeros
 
 
 def state_bytes(inner: torch.optim.Optimizer) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_lite.optimizer.clip_grads import counts_toward_norm
+from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_norm
 from megatron_lite.optimizer.core import (
     OptimizerConfig,
     build_inner_optimizer,
@@ -84,7 +84,7 @@ class DistributedOptimizer:
 
     @torch.no_grad()
     def step(self):
-        """Returns (update_successful: bool, grad_norm: 0-dim tensor or None)."""
+        """Returns (update_successful: bool, grad_norm, num_zeros: 0-dim tensors or None)."""
         grads = []
         for shard in self.shards:
             g = shard.buffer.grad_data[shard.lo:shard.hi]  # reduce-scattered shard [n/D]
@@ -94,8 +94,8 @@ class DistributedOptimizer:
                 grads.append(piece.grad)
         try:
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
-            ok, grad_norm = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
-                                                  self.cfg.clip_grad, self._group, self.device)
+            ok, grad_norm, num_zeros = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
+                                                             self.cfg, self._group, self.device)
         finally:
             for shard in self.shards:
                 for piece, _, _ in shard.slices:
@@ -106,7 +106,15 @@ class DistributedOptimizer:
                     shard.buffer.param_data[shard.lo:shard.hi].copy_(shard.main)  # fp32 -> bf16/fp16
             for chunk in self.chunks:
                 chunk.start_param_sync()
-        return ok, grad_norm
+        return ok, grad_norm, num_zeros
+
+    @torch.no_grad()
+    def params_norm(self) -> torch.Tensor:
+        """Collective over all ranks: L2 norm of the fp32 main params (disjoint shards, TP
+        duplicates masked as for the grad norm)."""
+        pieces = [piece for shard in self.shards for piece, _, _ in shard.slices]
+        counted = [p for p, keep in zip(pieces, self._norm_mask) if keep]
+        return global_l2_norm(counted, self._group, self.device)
 
     def state_bytes(self) -> int:
         """Optimizer-owned memory of this rank: inner state plus fp32 main shards."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lite.optimizer.clip_grads import counts_toward_norm
+from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_norm
 from megatron_lite.optimizer.core import (
     OptimizerConfig,
     build_inner_optimizer,
@@ -57,15 +57,15 @@ class MixedPrecisionOptimizer:
 
     @torch.no_grad()
     def step(self):
-        """Returns (update_successful: bool, grad_norm: 0-dim tensor or None)."""
+        """Returns (update_successful: bool, grad_norm, num_zeros: 0-dim tensors or None)."""
         for p, main in zip(self.model_params, self.main_params):
             # spec §7.3 step 1: fp32 main_grad is used as is, a bf16/fp16 one is cast.
             main.grad = p.main_grad if p.main_grad.dtype == torch.float32 else p.main_grad.float()
         try:
             grads = [m.grad for m in self.main_params]
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
-            ok, grad_norm = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
-                                                  self.cfg.clip_grad, self._stats_group(), self.device)
+            ok, grad_norm, num_zeros = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
+                                                             self.cfg, self._stats_group(), self.device)
             if ok and self._low_precision:
                 low, mains = zip(*self._low_precision)
                 torch._foreach_copy_(list(low), list(mains))  # fp32 main -> bf16/fp16 model params
@@ -74,7 +74,14 @@ class MixedPrecisionOptimizer:
             # accumulate into the buffer twice.
             for main in self.main_params:
                 main.grad = None
-        return ok, grad_norm
+        return ok, grad_norm, num_zeros
+
+    @torch.no_grad()
+    def params_norm(self) -> torch.Tensor:
+        """Collective over the model-parallel group: L2 norm of the fp32 main params, each
+        counted once (`--log-params-norm`)."""
+        counted = [m for m, keep in zip(self.main_params, self._norm_mask) if keep]
+        return global_l2_norm(counted, self._stats_group(), self.device)
 
     def state_bytes(self) -> int:
         """Optimizer-owned memory: inner state plus fp32 main copies."""

@@ -64,7 +64,7 @@ class IterationStats:
     nan_iterations: int
     skipped_samples: int = 0
     throughput_tflops: float | None = None
-    num_zeros: int | None = None
+    num_zeros: float | None = None  # printed as Megatron does, e.g. "1234.0"
     params_norm: float | None = None
     now: datetime.datetime | None = None
 

@@ -79,7 +79,8 @@ def _build_optimizer(args, chunks, ps):
         raise SystemExit("error: --num-distributed-optimizer-instances > 1 is not available yet")
     cfg = OptimizerConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                           adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                          sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad)
+                          sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad,
+                          log_num_zeros_in_grad=args.log_num_zeros_in_grad)
     scaler = None
     if args.fp16:
         scaler = (ConstantLossScaler(args.loss_scale) if args.loss_scale else DynamicLossScaler(
@@ -385,6 +386,7 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         eval_global_batch_size=args.eval_global_batch_size, exit_interval=args.exit_interval,
         exit_duration_in_mins=args.exit_duration_in_mins, save_interval=args.save_interval,
         timing_log_level=args.timing_log_level, log_throughput=args.log_throughput,
+        log_params_norm=args.log_params_norm,
         tensorboard_log_interval=args.tensorboard_log_interval)
     save = ckpt.save if (ckpt is not None and args.save) else None
     hooks = LoopHooks(step, eval_step, valid_iter, save=save, memory_report=memory_report,

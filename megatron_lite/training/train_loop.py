@@ -40,6 +40,7 @@ class LoopConfig:
     timing_log_level: int = 0
     log_throughput: bool = False
     tensorboard_log_interval: int = 1
+    log_params_norm: bool = False
 
 
 @dataclass
@@ -101,7 +102,8 @@ class Trainer:
         self.start_time = start_time if start_time is not None else time.time()
 
     # ---- logging ------------------------------------------------------------------------
-    def _log(self, state: LoopState, window: LogWindow, result, regular: bool, batch: int) -> None:
+    def _log(self, state: LoopState, window: LogWindow, result, regular: bool, batch: int,
+             params_norm: float | None) -> None:
         cfg, timers = self.cfg, self.timers
         elapsed = timers("interval-time", 0).elapsed(reset=regular)
         sec_per_iter = elapsed / max(window.iters, 1)
@@ -114,6 +116,8 @@ class Trainer:
             learning_rate=self.optimizer.param_groups[0]["lr"], global_batch_size=batch,
             losses={"lm loss": window.mean_loss()}, loss_scale=self.optimizer.loss_scale,
             grad_norm=result.grad_norm.item() if result.grad_norm is not None else None,
+            num_zeros=result.num_zeros.item() if result.num_zeros is not None else None,
+            params_norm=params_norm,
             skipped_iterations=window.skipped, nan_iterations=window.nan,
             skipped_samples=state.skipped_train_samples, throughput_tflops=tflops)
         self.logger.last(format_iteration_line(stats))
@@ -127,7 +131,8 @@ class Trainer:
             if tflops is not None:
                 self.tb.scalar("throughput", tflops, state.iteration)
 
-    def _tensorboard_step(self, state: LoopState, loss: torch.Tensor, result, batch: int) -> None:
+    def _tensorboard_step(self, state: LoopState, loss: torch.Tensor, result, batch: int,
+                          params_norm: float | None) -> None:
         tb, it, samples = self.tb, state.iteration, state.consumed_train_samples
         if not tb.enabled or it % self.cfg.tensorboard_log_interval:
             return
@@ -139,6 +144,10 @@ class Trainer:
             tb.scalar("loss-scale", self.optimizer.loss_scale, it, samples)
         if result.grad_norm is not None:
             tb.scalar("grad-norm", result.grad_norm.item(), it, samples)
+        if result.num_zeros is not None:
+            tb.scalar("num-zeros", result.num_zeros.item(), it, samples)
+        if params_norm is not None:
+            tb.scalar("params-norm", params_norm, it, samples)
         if tb.cfg.log_world_size:
             tb.scalar("world-size", self.cfg.world_size, it, samples)
 
@@ -196,12 +205,14 @@ class Trainer:
             loss = result.loss_sum_count[0] / result.loss_sum_count[1].clamp(min=1)
             is_nan = (not result.update_successful) and not math.isfinite(loss.item())
             window.add(loss, not result.update_successful, is_nan)
-            self._tensorboard_step(state, loss, result, batch)
+            # Every iteration on every rank (a collective), as the value goes to tensorboard too.
+            params_norm = self.optimizer.params_norm().item() if cfg.log_params_norm else None
+            self._tensorboard_step(state, loss, result, batch, params_norm)
             # spec §3.2 (core_v0.16+): the first iteration of a run is always printed, and its
             # window is not reset.
             regular = state.iteration % cfg.log_interval == 0
             if regular or not first_logged:
-                self._log(state, window, result, regular, batch)
+                self._log(state, window, result, regular, batch, params_norm)
                 # spec §3.4 (core_v0.16+): memory lines after the first two printed iterations.
                 if hooks.memory_report is not None and memory_reports < 2:
                     hooks.memory_report(state.iteration)

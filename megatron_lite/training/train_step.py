@@ -23,6 +23,7 @@ class StepResult:
     loss_sum_count: torch.Tensor  # [2] fp32: masked loss sum and token count over DP x CP
     update_successful: bool
     grad_norm: torch.Tensor | None
+    num_zeros: torch.Tensor | None = None  # with --log-num-zeros-in-grad
 
 
 def as_executor(model, ps) -> PipelineExecutor:
@@ -67,11 +68,11 @@ def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, t
     finalize_grads(chunks, ps, num_tokens=totals[1] if cfg.calculate_per_token_loss else None)
     timers("all-grads-sync", 1).stop()
     timers("optimizer", 1).start(barrier=True)
-    success, grad_norm = optimizer.step()
+    success, grad_norm, num_zeros = optimizer.step()
     timers("optimizer", 1).stop()
     if ps.dp_size * ps.cp_size > 1:
         dist.all_reduce(totals, group=ps.dp_cp_group)  # spec §3.2: token-weighted global mean
-    return StepResult(totals, success, grad_norm)
+    return StepResult(totals, success, grad_norm, num_zeros)
 
 
 def evaluation_step(model, data_iter, num_microbatches: int, ps, device) -> torch.Tensor:

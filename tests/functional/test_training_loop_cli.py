@@ -104,3 +104,39 @@ def test_sigterm_finishes_the_step_and_exits_cleanly():
     assert iterations[-1] <= 5  # stopped within a couple of iterations of the signal
     assert not re.search(r"^\[rank\d\]:", text, re.M), text[-3000:]
     assert proc.returncode == 0
+
+
+STATS = re.compile(r" grad norm: ([\d.]+) \| num zeros: (\d+\.0) \| params norm: ([\d.]+) \| "
+                   r"number of skipped iterations")
+
+
+def test_num_zeros_and_params_norm_agree_across_layouts(tmp_path):
+    """--log-num-zeros-in-grad / --log-params-norm (spec §3.2, §7.3): the values are global, so
+    TP2 and DP2 with the distributed optimizer print those of one process; tensorboard gets
+    `num-zeros` and `params-norm`."""
+    flags = _flags(log_num_zeros_in_grad=True, log_params_norm=True, log_interval=1, eval_iters=0)
+    tb = tmp_path / "tb"
+    runs = {
+        "tp1": torchrun(1, "pretrain_llama.py", *flags, "--tensorboard-dir", str(tb)).stdout,
+        "tp2": torchrun(2, "pretrain_llama.py", *flags, "--tensor-model-parallel-size", "2").stdout,
+        "dp2": torchrun(2, "pretrain_llama.py", *flags, "--use-distributed-optimizer").stdout,
+    }
+    stats = {name: [STATS.search(line).groups() for line in out.splitlines() if " iteration " in line
+                    and "consumed samples" in line] for name, out in runs.items()}
+    ref = stats["tp1"]
+    assert len(ref) == 6
+    # Embedding rows of ids that no sample contains get exactly zero gradient.
+    assert all(float(zeros) > 0 for _, zeros, _ in ref)
+    for name in ("tp2", "dp2"):
+        assert [z for _, z, _ in stats[name]] == [z for _, z, _ in ref], name
+        for (_, _, norm), (_, _, ref_norm) in zip(stats[name], ref):
+            assert float(norm) == pytest.approx(float(ref_norm), abs=1.5e-3), name
+    norms = [float(n) for _, _, n in ref]
+    assert norms[0] != norms[-1]  # the params change, and so does their norm
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("num-zeros")] == [float(z) for _, z, _ in ref]
+    assert [round(e.value, 3) for e in acc.Scalars("params-norm")] == pytest.approx(norms, abs=1e-3)

@@ -72,11 +72,11 @@ def test_optimizer_skips_overflow_and_unscales_clean_grads(dtype):
                                                              weight_decay=0.0, clip_grad=0.0), _PS(), scaler)
     before = w.detach().clone()
     w.main_grad.copy_(torch.tensor([256.0, float("inf"), 0.0]))
-    ok, norm = opt.step()
-    assert (ok, norm) == (False, None)
+    ok, norm, zeros = opt.step()
+    assert (ok, norm, zeros) == (False, None, None)
     assert torch.equal(w.detach(), before) and scaler.scale == 128.0
     w.main_grad.copy_(torch.tensor([128.0, -256.0, 0.0]))  # = 128 x [1, -2, 0]
-    ok, norm = opt.step()
-    assert ok and norm.item() == 0.0  # --clip-grad 0 reports 0.0 (spec §3.2)
+    ok, norm, zeros = opt.step()
+    assert ok and norm.item() == 0.0 and zeros is None  # --clip-grad 0 reports 0.0 (spec §3.2)
     torch.testing.assert_close(w.detach().float(), torch.tensor([0.5, -1.0, 3.0]))
     assert opt.main_params[0].dtype == torch.float32 and w.grad is None
