@@ -176,6 +176,15 @@ def _reject_unsupported(args) -> None:
     _require(args.num_experts is None, "--num-experts (mixture of experts) is not supported by megatron_lite")
     _require(args.expert_model_parallel_size == 1,
              "--expert-model-parallel-size > 1 (mixture of experts) is not supported by megatron_lite")
+    for flag, on in (("--fp8-format", args.fp8 is not None), ("--wandb-project", bool(args.wandb_project)),
+                     ("--log-energy", args.log_energy),
+                     ("--multiple-validation-sets", args.multiple_validation_sets)):
+        _require(not on, f"{flag} is not supported by megatron_lite")
+    _require(not (args.profile and args.use_pytorch_profiler and not args.tensorboard_dir),
+             "--use-pytorch-profiler writes its trace to --tensorboard-dir; give one")
+    _require(not args.profile or args.profile_step_end > args.profile_step_start,
+             f"--profile-step-end ({args.profile_step_end}) must be after --profile-step-start "
+             f"({args.profile_step_start})")
     pet = args.position_embedding_type
     _require(pet in ("learned_absolute", "rope", "none"),
              f"--position-embedding-type {pet} is not supported by megatron_lite "

@@ -4,6 +4,7 @@ and runs the loop."""
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -43,6 +44,7 @@ from megatron_lite.pipeline_parallel.trace import (
     write_chrome_trace,
 )
 from megatron_lite.training.flops import num_floating_point_operations
+from megatron_lite.training.housekeeping import Housekeeping, HousekeepingConfig
 from megatron_lite.training.initialize import build_parallel_state, init_distributed, seed_rank
 from megatron_lite.training.logging import RankLogger
 from megatron_lite.training.memory import memory_report_line
@@ -276,6 +278,11 @@ def _build_scheduler(args, optimizer):
 def pretrain(argv=None, defaults: dict | None = None) -> int:
     start = time.time()
     args = parse_args(argv, defaults=defaults)
+    if args.deterministic_mode:
+        # cuBLAS reads its workspace setting when its first handle is made: set it before
+        # any GPU work. Ops without a deterministic kernel then raise instead of varying.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     env = init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
     logger = RankLogger(env.rank, env.world_size)
     try:
@@ -365,7 +372,8 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     tensorboard.text("arguments", "<pre>" + format_args_dump(args) + "</pre>")
 
     def step(num_microbatches):
-        result = train_step(model, optimizer, data_iter, num_microbatches, ps, env.device, timers)
+        result = train_step(model, optimizer, data_iter, num_microbatches, ps, env.device, timers,
+                            empty_unused_memory_level=args.empty_unused_memory_level)
         if args.pipeline_trace and trace.steps:
             logger.all(trace.step_line())
         return result
@@ -386,11 +394,25 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         eval_global_batch_size=args.eval_global_batch_size, exit_interval=args.exit_interval,
         exit_duration_in_mins=args.exit_duration_in_mins, save_interval=args.save_interval,
         timing_log_level=args.timing_log_level, log_throughput=args.log_throughput,
-        log_params_norm=args.log_params_norm,
+        log_params_norm=args.log_params_norm, log_memory_interval=args.log_memory_interval,
         tensorboard_log_interval=args.tensorboard_log_interval)
     save = ckpt.save if (ckpt is not None and args.save) else None
+    chores = Housekeeping(HousekeepingConfig(
+        manual_gc=args.manual_gc, manual_gc_interval=args.manual_gc_interval,
+        manual_gc_eval=args.manual_gc_eval,
+        empty_unused_memory_level=args.empty_unused_memory_level, profile=args.profile,
+        use_pytorch_profiler=args.use_pytorch_profiler, profile_step_start=args.profile_step_start,
+        profile_step_end=args.profile_step_end, profile_ranks=tuple(args.profile_ranks),
+        trace_dir=args.tensorboard_dir), env.rank, env.device)
+
+    def after_step(iteration):
+        chores.after_step(iteration)
+        if ckpt is not None:
+            ckpt.poll()
+
     hooks = LoopHooks(step, eval_step, valid_iter, save=save, memory_report=memory_report,
-                      after_step=ckpt.poll if ckpt is not None else None)
+                      before_step=chores.before_step, after_step=after_step, before_eval=chores.before_eval,
+                      after_eval=chores.after_eval)
     trainer = Trainer(loop, hooks,
                       optimizer=optimizer, scheduler=scheduler,
                       batches=batches, timers=timers, logger=logger, tensorboard=tensorboard,
@@ -403,7 +425,11 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         logger.datetime_line("before the start of training step")
         with SignalHandler() if args.exit_signal_handler else contextlib.nullcontext() as handler:
             trainer.hooks.signal_handler = handler
-            exit_reason = trainer.train(state)
+            chores.start(state.iteration + 1)
+            try:
+                exit_reason = trainer.train(state)
+            finally:
+                chores.close()
         # spec §4.4: the end of training is saved too when it is not on a save interval.
         if save is not None and exit_reason is None and state.iteration > 0 \
                 and state.iteration % (args.save_interval or 1) and ckpt.last_saved != state.iteration:

@@ -41,6 +41,7 @@ class LoopConfig:
     log_throughput: bool = False
     tensorboard_log_interval: int = 1
     log_params_norm: bool = False
+    log_memory_interval: int | None = None
 
 
 @dataclass
@@ -62,7 +63,10 @@ class LoopHooks:
     save: Callable | None = None  # (LoopState) -> None
     signal_handler: object = None  # training.signals.SignalHandler or None
     memory_report: Callable | None = None  # (iteration) -> None; spec §3.4 memory lines
-    after_step: Callable | None = None  # () -> None; publishes finished background saves
+    before_step: Callable | None = None  # (iteration about to run) -> None
+    after_step: Callable | None = None  # (iteration just run) -> None; e.g. publishes background saves
+    before_eval: Callable | None = None  # () -> None
+    after_eval: Callable | None = None  # () -> None
 
 
 class LogWindow:
@@ -152,6 +156,10 @@ class Trainer:
             tb.scalar("world-size", self.cfg.world_size, it, samples)
 
     # ---- evaluation ---------------------------------------------------------------------
+    def _memory_interval(self, state: LoopState) -> bool:
+        n = self.cfg.log_memory_interval
+        return bool(n) and state.iteration % n == 0
+
     def run_evaluation(self, state: LoopState, data_iter, prefix: str, count_samples: bool = True) -> float:
         timers = self.timers
         timers("evaluate", 0).start(barrier=True)
@@ -192,6 +200,8 @@ class Trainer:
         while state.iteration < cfg.train_iters:
             batch = self.batches.global_batch(state.consumed_train_samples)
             try:
+                if hooks.before_step is not None:
+                    hooks.before_step(state.iteration + 1)
                 result = hooks.train_step(self.batches.num_microbatches(state.consumed_train_samples))
             except StopIteration:
                 raise SystemExit(f"error: the training data ran out at iteration {state.iteration + 1} "
@@ -211,20 +221,27 @@ class Trainer:
             # spec §3.2 (core_v0.16+): the first iteration of a run is always printed, and its
             # window is not reset.
             regular = state.iteration % cfg.log_interval == 0
+            # spec §3.4 (core_v0.16+): memory lines after the first two printed iterations,
+            # and every --log-memory-interval iterations.
+            report_memory = self._memory_interval(state)
             if regular or not first_logged:
                 self._log(state, window, result, regular, batch, params_norm)
-                # spec §3.4 (core_v0.16+): memory lines after the first two printed iterations.
-                if hooks.memory_report is not None and memory_reports < 2:
-                    hooks.memory_report(state.iteration)
-                    memory_reports += 1
+                report_memory |= memory_reports < 2
+                memory_reports += 1
                 first_logged = True
                 if regular:
                     window = LogWindow()
+            if hooks.memory_report is not None and report_memory:
+                hooks.memory_report(state.iteration)
             if hooks.after_step is not None:
-                hooks.after_step()
+                hooks.after_step(state.iteration)
             if (cfg.eval_interval and state.iteration % cfg.eval_interval == 0 and cfg.eval_iters > 0
                     and hooks.valid_iter is not None):
+                if hooks.before_eval is not None:
+                    hooks.before_eval()
                 self.run_evaluation(state, hooks.valid_iter, f"iteration {state.iteration}")
+                if hooks.after_eval is not None:
+                    hooks.after_eval()
             saved = False
             if hooks.save is not None and cfg.save_interval and state.iteration % cfg.save_interval == 0:
                 hooks.save(state)

@@ -47,10 +47,13 @@ def forward_backward(model, data_iter, num_microbatches: int, ps, *, loss_scale:
                                      forward_only=forward_only, grad_sync=hooks)
 
 
-def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, timers=None) -> StepResult:
+def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, timers=None,
+               empty_unused_memory_level: int = 0) -> StepResult:
     """`model`: see `as_executor`. The loss exists on the last pipeline stage only; other
     stages report zeros (the iteration line is printed by the last rank, spec §3.2).
-    `timers`: training/timers.py Timers for the level-1 names of spec §3.3 (None: untimed)."""
+    `timers`: training/timers.py Timers for the level-1 names of spec §3.3 (None: untimed).
+    `empty_unused_memory_level` >= 1 (`--empty-unused-memory-level`) returns the activations'
+    cached blocks to the driver before the optimizer allocates its temporaries."""
     timers = timers if timers is not None else Timers(log_level=-1)
     executor = as_executor(model, ps)
     chunks = executor.chunks
@@ -60,6 +63,8 @@ def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, t
     timers("forward-backward", 1).start(barrier=True)
     result = forward_backward(executor, data_iter, num_microbatches, ps, loss_scale=optimizer.loss_scale)
     timers("forward-backward", 1).stop()
+    if empty_unused_memory_level >= 1 and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     totals = result.totals
     cfg = chunks[0].config
     if cfg.check_for_nan_in_grad and not bool(torch.isfinite(totals[0])):

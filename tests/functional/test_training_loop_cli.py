@@ -140,3 +140,24 @@ def test_num_zeros_and_params_norm_agree_across_layouts(tmp_path):
     acc.Reload()
     assert [e.value for e in acc.Scalars("num-zeros")] == [float(z) for _, z, _ in ref]
     assert [round(e.value, 3) for e in acc.Scalars("params-norm")] == pytest.approx(norms, abs=1e-3)
+
+
+def test_profiler_gc_and_determinism_flags_leave_training_unchanged(tmp_path):
+    """--use-pytorch-profiler writes a trace of exactly the steps [start, end) to
+    --tensorboard-dir; manual GC, cache emptying and deterministic mode change no printed value."""
+    flags = _flags(eval_iters=0, log_interval=1)
+    plain = iteration_lines(torchrun(1, "pretrain_llama.py", *flags).stdout)
+    tb = tmp_path / "tb"
+    extra = ["--profile", "--use-pytorch-profiler", "--profile-step-start", "3", "--profile-step-end", "5",
+             "--tensorboard-dir", str(tb), "--manual-gc", "--manual-gc-interval", "2",
+             "--empty-unused-memory-level", "2", "--deterministic-mode"]
+    out = torchrun(1, "pretrain_llama.py", *flags, *extra).stdout
+    values = [(r[0], r[3], r[5], r[6]) for r in iteration_lines(out)]
+    assert values == [(r[0], r[3], r[5], r[6]) for r in plain]
+    traces = list(tb.rglob("*.pt.trace.json"))
+    assert len(traces) == 1, list(tb.rglob("*"))
+    import json
+
+    steps = {e["name"] for e in json.loads(traces[0].read_text())["traceEvents"]
+             if str(e.get("name", "")).startswith("ProfilerStep#")}
+    assert len(steps) == 2, steps  # iterations 3 and 4

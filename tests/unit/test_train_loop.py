@@ -98,3 +98,23 @@ def test_exit_interval_and_data_running_out():
     assert state.iteration == 3 and reason == "exiting program at iteration 3"
     with pytest.raises(SystemExit, match="training data ran out at iteration 3"):
         _run([1.0, 1.0], train_iters=5)
+
+
+def test_memory_report_cadence_and_step_hooks():
+    """spec §3.4: memory lines on the first two printed iterations and every
+    --log-memory-interval iterations; the step hooks see each iteration number once."""
+    reports, before, after = [], [], []
+
+    def step(num_microbatches):
+        return StepResult(torch.tensor([10.0, 10.0]), True, torch.tensor(1.0))
+
+    opt = _Opt()
+    cfg = LoopConfig(train_iters=7, log_interval=2, seq_length=8, world_size=1, flops_per_sample=1.0,
+                     log_memory_interval=3)
+    hooks = LoopHooks(step, memory_report=reports.append, before_step=before.append, after_step=after.append)
+    trainer = Trainer(cfg, hooks, optimizer=opt, scheduler=_Sched(opt), batches=MicroBatchCalculator(8, 1, 1),
+                      timers=Timers(), logger=RankLogger(0, 1, io.StringIO()),
+                      tensorboard=TensorboardLogger(TensorboardConfig(None), True), device="cpu")
+    trainer.train(LoopState())
+    assert reports == [1, 2, 3, 6]
+    assert before == after == [1, 2, 3, 4, 5, 6, 7]
