@@ -36,7 +36,8 @@ def tiny_batch(cfg: ModelConfig, batch: int = 2, seq: int = 16, seed: int = 0):
 def build(cfg: ModelConfig, ps, seed: int = 1234, device="cpu"):
     tracker = build_rng_tracker(seed, ps.tp_rank, ps.pp_rank, device)
     model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
-    init_model_parameters(model, seed, cfg.init_method_std, cfg.num_layers, ps.tp_rank, ps.tp_size)
+    init_model_parameters(model, seed, cfg.init_method_std, cfg.num_layers, ps.tp_rank, ps.tp_size,
+                          embedding_std=cfg.embedding_init_method_std)
     return model
 
 

@@ -38,6 +38,7 @@ class ModelConfig:
     attention_dropout: float = 0.1
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02
+    embedding_init_method_std: float | None = None  # embedding tables' std; None: init_method_std
     fp32_residual_connection: bool = False
     attention_backend: str = "auto"  # auto | flash | fused | unfused | local
     attention_softmax_in_fp32: bool = False

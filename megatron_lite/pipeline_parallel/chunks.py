@@ -20,6 +20,7 @@ def build_model_chunks(config: ModelConfig, ps, layout: PipelineLayout, seed: in
         r = ps.pp_rank
         model = GPTModel(config, ps, layer_numbers=layout.layers(r, c), pre_process=layout.is_first(r, c),
                          post_process=layout.is_last(r, c), rng_tracker=rng_tracker, device=device)
-        init_model_parameters(model, seed, config.init_method_std, config.num_layers, ps.tp_rank, ps.tp_size)
+        init_model_parameters(model, seed, config.init_method_std, config.num_layers, ps.tp_rank, ps.tp_size,
+                              embedding_std=config.embedding_init_method_std)
         chunks.append(model)
     return chunks

@@ -64,6 +64,15 @@ def test_scaled_init_of_output_projections():
     assert abs(proj.std().item() - 0.02 / math.sqrt(16)) < 0.0005
 
 
+def test_embedding_init_method_std():
+    ps = ParallelState.create()
+    cfg = tiny_config("gpt", hidden_size=256, num_attention_heads=4, embedding_init_method_std=0.1)
+    model = build(cfg, ps)
+    assert abs(model.embedding.word_embeddings.weight.std().item() - 0.1) < 0.005
+    assert abs(model.embedding.position_embeddings.weight.std().item() - 0.1) < 0.01
+    assert abs(model.decoder.layers[0].self_attention.linear_qkv.weight.std().item() - 0.02) < 0.002
+
+
 def test_rope_rotates_pairs_of_halves():
     d = 8
     inv = inverse_frequencies(d, 10000.0)
