@@ -22,6 +22,8 @@ class OptimizerConfig:
     sgd_momentum: float = 0.9
     clip_grad: float = 1.0
     log_num_zeros_in_grad: bool = False
+    decoupled_lr: float | None = None  # --decoupled-lr: embedding/output weights' max LR
+    decoupled_min_lr: float | None = None  # its minimum (default: the scheduler's --min-lr)
 
 
 def no_weight_decay(name: str, param) -> bool:
@@ -29,12 +31,36 @@ def no_weight_decay(name: str, param) -> bool:
     return param.ndim == 1 or name.endswith(".bias")
 
 
-def build_inner_optimizer(decay: list[torch.Tensor], no_decay: list[torch.Tensor], cfg: OptimizerConfig,
+def is_embedding_or_output(name: str) -> bool:
+    # The tables `--decoupled-lr` applies to (spec §7.3): input embedding and output layer.
+    return name.endswith(("word_embeddings.weight", "output_layer.weight"))
+
+
+def group_key(name: str, param, cfg: OptimizerConfig) -> tuple[bool, bool]:
+    """(not weight-decayed, on the decoupled LR) for a parameter of local name `name`."""
+    return no_weight_decay(name, param), cfg.decoupled_lr is not None and is_embedding_or_output(name)
+
+
+def build_inner_optimizer(groups: dict[tuple[bool, bool], list[torch.Tensor]], cfg: OptimizerConfig,
                           device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay) or SGD over two groups, decayed first; a group may be
-    empty (a distributed-optimizer shard), but both always exist so every rank's
-    `param_groups[i]` means the same thing to the LR/WD scheduler."""
-    groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+    """AdamW (decoupled weight decay) or SGD over the `group_key` groups: decayed, not
+    decayed, and with `--decoupled-lr` the same two on the embedding/output LR. A group may
+    be empty (a distributed-optimizer shard), but all always exist so every rank's
+    `param_groups[i]` means the same thing to the LR/WD scheduler; group 0 is the one whose
+    LR the log prints."""
+    keys = [(False, False), (True, False)]
+    if cfg.decoupled_lr is not None:
+        keys += [(False, True), (True, True)]
+    param_groups = []
+    for no_wd, decoupled in keys:
+        group = {"params": groups.get((no_wd, decoupled), []), "wd_mult": 0.0 if no_wd else 1.0,
+                 "is_decoupled_lr": decoupled}
+        if decoupled:  # read by the scheduler instead of its own max/min LR
+            group["max_lr"] = cfg.decoupled_lr
+            if cfg.decoupled_min_lr is not None:
+                group["min_lr"] = cfg.decoupled_min_lr
+        param_groups.append(group)
+    groups = param_groups
     # Fused (one kernel for all params) on the GPU; the CPU path is for tests, where the
     # single-tensor loop keeps results independent of how params are grouped.
     impl = {"fused": True} if device.type == "cuda" else {"foreach": False}

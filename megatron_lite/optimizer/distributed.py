@@ -13,7 +13,7 @@ from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_nor
 from megatron_lite.optimizer.core import (
     OptimizerConfig,
     build_inner_optimizer,
-    no_weight_decay,
+    group_key,
     state_bytes,
     unscale_clip_and_step,
 )
@@ -41,7 +41,7 @@ class DistributedOptimizer:
         `use_distributed_optimizer=True` (so they own param buffers)."""
         self.cfg, self.ps, self.scaler, self.chunks = cfg, ps, grad_scaler, list(chunks)
         self.shards: list[_BucketShard] = []
-        groups = {False: [], True: []}
+        groups = {}
         self._norm_mask: list[bool] = []
         for chunk in self.chunks:
             if not chunk.config.use_distributed_optimizer:
@@ -52,7 +52,7 @@ class DistributedOptimizer:
                     shard = self._shard_of(buf, bucket, chunk.shard_rank, chunk.shard_world, names, groups)
                     self.shards.append(shard)
         self.device = self.chunks[0].param_buffers[0].grad_data.device
-        self.inner = build_inner_optimizer(groups[False], groups[True], cfg, self.device)
+        self.inner = build_inner_optimizer(groups, cfg, self.device)
         # spec §7.4: every rank owns a disjoint shard, so norm and inf flag are reduced over
         # all ranks (TP duplicates are masked, DP shards are disjoint).
         self._group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
@@ -70,7 +70,7 @@ class DistributedOptimizer:
                 continue
             piece = main[a - lo:b - lo]
             slices.append((piece, a - lo, b - lo))
-            groups[no_weight_decay(names[p], p)].append(piece)
+            groups.setdefault(group_key(names[p], p, self.cfg), []).append(piece)
             self._norm_mask.append(counts_toward_norm(p, self.ps.tp_rank, self.ps.is_pipeline_first_stage))
         return _BucketShard(buf, lo, hi, main, slices)
 

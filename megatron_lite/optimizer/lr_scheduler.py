@@ -26,17 +26,21 @@ class OptimizerParamScheduler:
         self.num_steps = 0
         self.step(0)  # Megatron steps once with 0 at construction so groups get their LR.
 
-    def get_lr(self) -> float:
+    def get_lr(self, group: dict | None = None) -> float:
+        """The LR now; a param group with its own `max_lr` / `min_lr` (`--decoupled-lr`)
+        follows the same schedule between those."""
+        group = group or {}
+        max_lr, min_lr = group.get("max_lr", self.max_lr), group.get("min_lr", self.min_lr)
         n, warmup, decay = self.num_steps, self.lr_warmup_steps, self.lr_decay_steps
         if warmup > 0 and n <= warmup:
-            return self.init_lr + (self.max_lr - self.init_lr) * n / warmup
+            return self.init_lr + (max_lr - self.init_lr) * n / warmup
         if self.lr_decay_style == "constant":
-            return self.max_lr
+            return max_lr
         if n > decay:
-            return self.min_lr
+            return min_lr
         if self.lr_decay_style == "inverse-square-root":
-            lr = self.max_lr * math.sqrt(max(warmup, 1)) / math.sqrt(max(n, 1))
-            return max(self.min_lr, lr)
+            lr = max_lr * math.sqrt(max(warmup, 1)) / math.sqrt(max(n, 1))
+            return max(min_lr, lr)
         ratio = (n - warmup) / (decay - warmup)
         if self.lr_decay_style == "linear":
             coeff = 1.0 - ratio
@@ -54,7 +58,7 @@ class OptimizerParamScheduler:
                     "cosine": lambda: 0.5 * (math.cos(math.pi * x) + 1.0),
                     "minus_sqrt": lambda: 1.0 - math.sqrt(x),
                 }[self.lr_wsd_decay_style or "exponential"]()
-        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+        return min_lr + coeff * (max_lr - min_lr)
 
     def get_wd(self) -> float:
         if self.wd_incr_style == "constant" or self.num_steps > self.wd_incr_steps:
@@ -70,9 +74,9 @@ class OptimizerParamScheduler:
 
     def step(self, increment: int) -> None:
         self.num_steps += increment
-        lr, wd = self.get_lr(), self.get_wd()
+        wd = self.get_wd()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["lr"] = self.get_lr(group) * group.get("lr_mult", 1.0)
             group["weight_decay"] = wd * group.get("wd_mult", 1.0)
 
     _STATE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "num_steps", "lr_decay_style", "lr_decay_steps",

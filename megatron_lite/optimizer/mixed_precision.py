@@ -9,7 +9,7 @@ from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_nor
 from megatron_lite.optimizer.core import (
     OptimizerConfig,
     build_inner_optimizer,
-    no_weight_decay,
+    group_key,
     state_bytes,
     unscale_clip_and_step,
 )
@@ -23,7 +23,7 @@ class MixedPrecisionOptimizer:
     def __init__(self, named_params, cfg: OptimizerConfig, ps, grad_scaler=None):
         self.cfg, self.ps, self.scaler = cfg, ps, grad_scaler
         self.model_params, self.main_params = [], []
-        groups = {False: [], True: []}
+        groups = {}
         for name, p in named_params:
             if not p.requires_grad:
                 continue
@@ -33,11 +33,11 @@ class MixedPrecisionOptimizer:
                     setattr(main, attr, getattr(p, attr))
             self.model_params.append(p)
             self.main_params.append(main)
-            groups[no_weight_decay(name, p)].append(main)
+            groups.setdefault(group_key(name, p, cfg), []).append(main)
         if not self.main_params:
             raise ValueError("the optimizer got no trainable parameters")
         self.device = self.main_params[0].device
-        self.inner = build_inner_optimizer(groups[False], groups[True], cfg, self.device)
+        self.inner = build_inner_optimizer(groups, cfg, self.device)
         self._norm_mask = [counts_toward_norm(p, ps.tp_rank, ps.is_pipeline_first_stage)
                            for p in self.model_params]
         self._low_precision = [(p, m) for p, m in zip(self.model_params, self.main_params) if m is not p]

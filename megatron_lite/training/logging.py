@@ -66,6 +66,7 @@ class IterationStats:
     throughput_tflops: float | None = None
     num_zeros: float | None = None  # printed as Megatron does, e.g. "1234.0"
     params_norm: float | None = None
+    decoupled_learning_rate: float | None = None  # with --decoupled-lr
     now: datetime.datetime | None = None
 
 
@@ -81,6 +82,8 @@ def format_iteration_line(st: IterationStats) -> str:
         s += f" throughput per GPU (TFLOP/s/GPU): {st.throughput_tflops:.1f} |"
     if st.learning_rate is not None:
         s += f" learning rate: {st.learning_rate:.6E} |"
+    if st.decoupled_learning_rate is not None:
+        s += f" decoupled learning rate: {st.decoupled_learning_rate:.6E} |"
     s += f" global batch size: {st.global_batch_size:5d} |"
     for key, value in st.losses.items():
         if value >= 0:  # spec §3.2: a negative average is not printed

@@ -82,7 +82,8 @@ def _build_optimizer(args, chunks, ps):
     cfg = OptimizerConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                           adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                           sgd_momentum=args.sgd_momentum, clip_grad=args.clip_grad,
-                          log_num_zeros_in_grad=args.log_num_zeros_in_grad)
+                          log_num_zeros_in_grad=args.log_num_zeros_in_grad, decoupled_lr=args.decoupled_lr,
+                          decoupled_min_lr=args.decoupled_min_lr)
     scaler = None
     if args.fp16:
         scaler = (ConstantLossScaler(args.loss_scale) if args.loss_scale else DynamicLossScaler(

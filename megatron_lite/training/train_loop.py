@@ -121,7 +121,7 @@ class Trainer:
             losses={"lm loss": window.mean_loss()}, loss_scale=self.optimizer.loss_scale,
             grad_norm=result.grad_norm.item() if result.grad_norm is not None else None,
             num_zeros=result.num_zeros.item() if result.num_zeros is not None else None,
-            params_norm=params_norm,
+            params_norm=params_norm, decoupled_learning_rate=self._decoupled_lr(),
             skipped_iterations=window.skipped, nan_iterations=window.nan,
             skipped_samples=state.skipped_train_samples, throughput_tflops=tflops)
         self.logger.last(format_iteration_line(stats))
@@ -135,12 +135,21 @@ class Trainer:
             if tflops is not None:
                 self.tb.scalar("throughput", tflops, state.iteration)
 
+    def _decoupled_lr(self) -> float | None:
+        for group in self.optimizer.param_groups:
+            if group.get("is_decoupled_lr"):
+                return group["lr"]
+        return None
+
     def _tensorboard_step(self, state: LoopState, loss: torch.Tensor, result, batch: int,
                           params_norm: float | None) -> None:
         tb, it, samples = self.tb, state.iteration, state.consumed_train_samples
         if not tb.enabled or it % self.cfg.tensorboard_log_interval:
             return
         tb.scalar("learning-rate", self.optimizer.param_groups[0]["lr"], it, samples)
+        decoupled = self._decoupled_lr()
+        if decoupled is not None:
+            tb.scalar("decoupled-learning-rate", decoupled, it, samples)
         tb.scalar("batch-size", batch, it, samples)
         if result.update_successful:
             tb.scalar("lm loss", loss.item(), it, samples)

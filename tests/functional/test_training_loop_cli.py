@@ -113,8 +113,10 @@ STATS = re.compile(r" grad norm: ([\d.]+) \| num zeros: (\d+\.0) \| params norm:
 def test_num_zeros_and_params_norm_agree_across_layouts(tmp_path):
     """--log-num-zeros-in-grad / --log-params-norm (spec §3.2, §7.3): the values are global, so
     TP2 and DP2 with the distributed optimizer print those of one process; tensorboard gets
-    `num-zeros` and `params-norm`."""
-    flags = _flags(log_num_zeros_in_grad=True, log_params_norm=True, log_interval=1, eval_iters=0)
+    `num-zeros` and `params-norm`. With --decoupled-lr the embedding/output group's LR is
+    printed after the LR and its updates agree across layouts too."""
+    flags = _flags(log_num_zeros_in_grad=True, log_params_norm=True, log_interval=1, eval_iters=0,
+                   decoupled_lr=1e-2, decoupled_min_lr=1e-3)
     tb = tmp_path / "tb"
     runs = {
         "tp1": torchrun(1, "pretrain_llama.py", *flags, "--tensorboard-dir", str(tb)).stdout,
@@ -131,6 +133,16 @@ def test_num_zeros_and_params_norm_agree_across_layouts(tmp_path):
         assert [z for _, z, _ in stats[name]] == [z for _, z, _ in ref], name
         for (_, _, norm), (_, _, ref_norm) in zip(stats[name], ref):
             assert float(norm) == pytest.approx(float(ref_norm), abs=1.5e-3), name
+    for name, out in runs.items():
+        lines = [line for line in out.splitlines() if " iteration " in line and "consumed samples" in line]
+        lrs = [re.search(r" learning rate: (\S+) \| decoupled learning rate: (\S+) \|", line).groups()
+               for line in lines]
+        # Warmup over 2 iterations, then cosine to the minimum at iteration 6 (TINY_LLAMA).
+        assert [d for _, d in lrs][:2] == ["5.000000E-03", "1.000000E-02"], name
+        assert lrs[-1] == ("0.000000E+00", "1.000000E-03"), name
+        losses = [re.search(r" lm loss: (\S+) \|", line).group(1) for line in lines]
+        assert [float(x) for x in losses] == pytest.approx([float(x) for x in re.findall(
+            r" lm loss: (\S+) \|", runs["tp1"])], rel=1e-5), name
     norms = [float(n) for _, _, n in ref]
     assert norms[0] != norms[-1]  # the params change, and so does their norm
 

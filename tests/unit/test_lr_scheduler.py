@@ -60,3 +60,29 @@ def test_weight_decay_increment_and_state():
 def test_bad_schedule_is_rejected():
     with pytest.raises(ValueError, match="--lr-decay-style"):
         _sched("triangle")
+
+
+def test_decoupled_lr_groups_follow_their_own_bounds():
+    """--decoupled-lr / --decoupled-min-lr: the embedding and output weights' group runs the
+    same schedule between its own max and min; the others are untouched by it."""
+    from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
+
+    class _PS:
+        tp_rank, tp_size, pp_size, is_pipeline_first_stage, mp_group = 0, 1, 1, True, None
+
+    names = ("embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+             "output_layer.weight")
+    named = [(n, torch.nn.Parameter(torch.ones(4, 4))) for n in names]
+    for _, p in named:
+        p.main_grad = torch.ones(4, 4)
+    cfg = OptimizerConfig(optimizer="sgd", lr=1.0, weight_decay=0.0, sgd_momentum=0.0, clip_grad=0.0,
+                          decoupled_lr=0.5, decoupled_min_lr=0.05)
+    opt = MixedPrecisionOptimizer(named, cfg, _PS())
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 0, 2, 0]
+    sched = OptimizerParamScheduler(opt, max_lr=1.0, min_lr=0.1, lr_warmup_steps=10, lr_decay_steps=110,
+                                    lr_decay_style="cosine", start_wd=0.0, end_wd=0.0, wd_incr_steps=110)
+    sched.step(60)  # half way through the cosine: the mean of max and min
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.55)
+    assert opt.param_groups[2]["lr"] == pytest.approx(0.275)
+    opt.step()
+    assert [p[0, 0].item() for _, p in named] == pytest.approx([1 - 0.275, 1 - 0.55, 1 - 0.275])
