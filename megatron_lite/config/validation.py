@@ -177,7 +177,7 @@ def _reject_unsupported(args) -> None:
     _require(args.expert_model_parallel_size == 1,
              "--expert-model-parallel-size > 1 (mixture of experts) is not supported by megatron_lite")
     for flag, on in (("--fp8-format", args.fp8 is not None), ("--wandb-project", bool(args.wandb_project)),
-                     ("--log-energy", args.log_energy),
+                     ("--log-energy", args.log_energy), ("--log-progress", args.log_progress),
                      ("--multiple-validation-sets", args.multiple_validation_sets)):
         _require(not on, f"{flag} is not supported by megatron_lite")
     _require(not (args.profile and args.use_pytorch_profiler and not args.tensorboard_dir),
