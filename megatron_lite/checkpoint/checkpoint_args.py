@@ -27,7 +27,7 @@ def saved_args(root: str, ckpt_step: int | None = None) -> dict | None:
     found = read_tracker(root) if ckpt_step is None else (ckpt_step, False)
     if found is None:
         return None
-    directory = iteration_dir(root, *found[:1], release=found[1])
+    directory = iteration_dir(root, found[0], release=found[1])
     check_complete(directory)
     return read_common(directory).get("args", {})
 
