@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import torch
 
 from megatron_lite.config.configs import ModelConfig
-from megatron_lite.config.validation import pad_vocab_size
+from megatron_lite.config.startup_lines import pad_vocab_size
 from megatron_lite.models.init import global_shape
 from megatron_lite.tensor_parallel.sharding import shard
 

@@ -100,6 +100,19 @@ def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor
     return True, grad_norm, num_zeros
 
 
+class InnerOptimizerView:
+    """What the scheduler and the log read off either optimizer: the inner optimizer's
+    param groups and the current loss scale. Needs `self.inner` and `self.scaler`."""
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+
 def state_bytes(inner: torch.optim.Optimizer) -> int:
     """Bytes held in the inner optimizer's state (Adam moments, SGD momentum)."""
     return sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_norm
 from megatron_lite.optimizer.core import (
+    InnerOptimizerView,
     OptimizerConfig,
     build_inner_optimizer,
     group_key,
@@ -35,7 +36,7 @@ class _BucketShard:
         return self.buffer.param_dtype != torch.float32
 
 
-class DistributedOptimizer:
+class DistributedOptimizer(InnerOptimizerView):
     def __init__(self, chunks, cfg: OptimizerConfig, ps, grad_scaler=None):
         """`chunks`: this rank's DistributedDataParallel chunks, built with
         `use_distributed_optimizer=True` (so they own param buffers)."""
@@ -73,14 +74,6 @@ class DistributedOptimizer:
             groups.setdefault(group_key(names[p], p, self.cfg), []).append(piece)
             self._norm_mask.append(counts_toward_norm(p, self.ps.tp_rank, self.ps.is_pipeline_first_stage))
         return _BucketShard(buf, lo, hi, main, slices)
-
-    @property
-    def param_groups(self):
-        return self.inner.param_groups
-
-    @property
-    def loss_scale(self) -> float:
-        return self.scaler.scale if self.scaler is not None else 1.0
 
     @torch.no_grad()
     def step(self):

@@ -7,6 +7,7 @@ import torch
 
 from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_norm
 from megatron_lite.optimizer.core import (
+    InnerOptimizerView,
     OptimizerConfig,
     build_inner_optimizer,
     group_key,
@@ -19,7 +20,7 @@ __all__ = ["MixedPrecisionOptimizer", "OptimizerConfig"]
 _PARALLEL_ATTRS = ("tensor_model_parallel", "shared_embedding", "partition_dim", "sequence_parallel")
 
 
-class MixedPrecisionOptimizer:
+class MixedPrecisionOptimizer(InnerOptimizerView):
     def __init__(self, named_params, cfg: OptimizerConfig, ps, grad_scaler=None):
         self.cfg, self.ps, self.scaler = cfg, ps, grad_scaler
         self.model_params, self.main_params = [], []
@@ -41,14 +42,6 @@ class MixedPrecisionOptimizer:
         self._norm_mask = [counts_toward_norm(p, ps.tp_rank, ps.is_pipeline_first_stage)
                            for p in self.model_params]
         self._low_precision = [(p, m) for p, m in zip(self.model_params, self.main_params) if m is not p]
-
-    @property
-    def param_groups(self):
-        return self.inner.param_groups
-
-    @property
-    def loss_scale(self) -> float:
-        return self.scaler.scale if self.scaler is not None else 1.0
 
     def _stats_group(self):
         # spec §7.4: every DP replica holds the same reduced grads, so the norm and the inf

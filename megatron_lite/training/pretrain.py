@@ -18,14 +18,13 @@ from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.configs import model_config_from_args
 from megatron_lite.config.data_config import data_config_from_args, tokenizer_config_from_args
-from megatron_lite.config.validation import (
-    ConfigError,
+from megatron_lite.config.startup_lines import (
     format_args_dump,
     pad_vocab_size,
     padded_vocab_line,
-    validate_args,
     world_size_line,
 )
+from megatron_lite.config.validation import ConfigError, validate_args
 from megatron_lite.data.builders import build_data_iterators
 from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel, default_bucket_size

@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from megatron_lite.config.arguments import build_parser, parse_args
-from megatron_lite.config.validation import (
-    ConfigError,
+from megatron_lite.config.startup_lines import (
     format_args_dump,
     pad_vocab_size,
     padded_vocab_line,
-    validate_args,
     world_size_line,
 )
+from megatron_lite.config.validation import ConfigError, validate_args
 
 SNAPSHOT = Path(__file__).parent / "data" / "flags_snapshot.txt"
 REGENERATE = "python -m tests.unit.test_arguments --update-snapshot"

@@ -53,6 +53,27 @@ class Tokenizer(Protocol):
     def detokenize(self, ids) -> str: ...
 
 
+class FixedIds:
+    """`vocab_size`/`eod` from `self._vocab_size`/`self._eod`, for vocabularies without BOS or
+    PAD tokens."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def bos(self) -> None:
+        return None
+
+    @property
+    def pad(self) -> None:
+        return None
+
+
 def require_file(flag: str, path: str | None, tokenizer_type: str) -> str:
     """`path` if it is a readable file, else a TokenizerError naming `flag`."""
     if path is None:

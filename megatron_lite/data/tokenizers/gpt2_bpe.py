@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from megatron_lite.data.tokenizers.base import TokenizerError, identity, require_file
+from megatron_lite.data.tokenizers.base import FixedIds, TokenizerError, identity, require_file
 
 # GPT-2's pre-tokenization regex, in the possessive form tiktoken publishes as r50k: the same
 # splits as the original `'s|'t|...|\s+(?!\S)|\s+` (tests compare both), about 1.7x faster.
@@ -62,7 +62,7 @@ def _read_merges(path: str) -> list[tuple[str, str]]:
     return merges
 
 
-class GPT2BPETokenizer:
+class GPT2BPETokenizer(FixedIds):
     def __init__(self, vocab_file: str | None, merge_file: str | None):
         import tiktoken
 
@@ -106,22 +106,6 @@ class GPT2BPETokenizer:
         self._id_bytes = id_bytes
         self._enc = tiktoken.Encoding(name=f"gpt2bpe:{vocab_file}", pat_str=GPT2_PATTERN,
                                       mergeable_ranks=ranks, special_tokens={})
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def bos(self) -> None:
-        return None
-
-    @property
-    def pad(self) -> None:
-        return None
 
     @property
     def unique_identifiers(self) -> dict:

@@ -1,10 +1,10 @@
 """NullTokenizer: no vocabulary file; text is whitespace-separated integer ids (spec §10)."""
 from __future__ import annotations
 
-from megatron_lite.data.tokenizers.base import TokenizerError, identity
+from megatron_lite.data.tokenizers.base import FixedIds, TokenizerError, identity
 
 
-class NullTokenizer:
+class NullTokenizer(FixedIds):
     """HEAD semantics (spec §10): vocab_size = --vocab-size, EOD = vocab_size - 1 unless
     --null-tokenizer-eod-id says otherwise, no pad token."""
 
@@ -14,22 +14,6 @@ class NullTokenizer:
                                  f"(got {vocab_size})")
         self._vocab_size = int(vocab_size)
         self._eod = self._vocab_size - 1 if eod_id is None else int(eod_id)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def bos(self) -> None:
-        return None
-
-    @property
-    def pad(self) -> None:
-        return None
 
     @property
     def unique_identifiers(self) -> dict:
