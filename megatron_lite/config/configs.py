@@ -46,6 +46,9 @@ class ModelConfig:
     recompute_method: str | None = None  # uniform | block
     recompute_num_layers: int | None = None
     sequence_parallel: bool = False
+    # --cp-comm-type: one value for every layer or one per layer (spec §9.2); used when the
+    # ParallelState has CP > 1.
+    cp_comm_type: tuple[str, ...] = ("p2p",)
     label_smoothing: float = 0.0
     # Fusions (Megatron's flag names; spec §10 "Fusion switches"). On CUDA the first three
     # compile their PyTorch reference (fused/elementwise.py); the last is a Triton kernel.
@@ -92,4 +95,5 @@ def model_config_from_args(args) -> ModelConfig:
     if not getattr(args, "group_query_attention", False):
         values["num_query_groups"] = None
     values["add_bias_linear"] = getattr(args, "add_bias_linear", True)
+    values["cp_comm_type"] = tuple(getattr(args, "cp_comm_type", None) or ("p2p",))
     return ModelConfig(**values)

@@ -1,0 +1,52 @@
+"""Context parallelism (spec §9): the sequence of every micro-batch is split over the CP ranks
+(split.py) and attention, the one layer that mixes positions, communicates across them with
+one of four algorithms chosen per layer by `--cp-comm-type`. Everything else in the model
+is position-wise and runs on the local tokens unchanged.
+
+`ContextParallelAttention` is the per-layer entry: it takes the model's q/k/v in
+`[s/cp, b, heads, d]` and returns `[s/cp, b, np*d]`, like `models.attention.core_attention`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_lite.context_parallel.allgather import allgather_attention
+from megatron_lite.context_parallel.comm import CPComm
+from megatron_lite.context_parallel.hierarchical import hierarchical_attention
+from megatron_lite.context_parallel.kernels import BlockKernel, select_backend
+from megatron_lite.context_parallel.ring import ring_attention
+from megatron_lite.context_parallel.ulysses import ulysses_attention
+
+COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+
+
+@dataclass(frozen=True)
+class ContextParallelAttention:
+    comm_type: str  # one of COMM_TYPES
+    comm: CPComm  # the whole CP group
+    attention_backend: str = "auto"  # --attention-backend: picks the block kernel (kernels.py)
+    inner: CPComm | None = None  # a2a+p2p: the all-to-all group
+    outer: CPComm | None = None  # a2a+p2p: the ring group
+
+    def __post_init__(self):
+        if self.comm_type not in COMM_TYPES:
+            raise ValueError(f"--cp-comm-type {self.comm_type} is not one of {', '.join(COMM_TYPES)}")
+        if self.comm_type == "a2a+p2p" and (self.inner is None or self.outer is None):
+            raise ValueError("--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes")
+
+    def __call__(self, q, k, v, local_attention) -> torch.Tensor:
+        """q `[s/cp, b, np, d]`, k/v `[s/cp, b, ng, d]` -> `[s/cp, b, np*d]`. `local_attention`:
+        the model's own causal attention, used where a rank sees whole sequences (a2a)."""
+        if self.comm_type == "a2a":
+            return ulysses_attention(q, k, v, self.comm, local_attention)
+        s_l, b, heads, d = q.shape
+        kernel = BlockKernel(select_backend(self.attention_backend, q.device, q.dtype), 1.0 / math.sqrt(d))
+        if self.comm_type == "a2a+p2p":
+            return hierarchical_attention(q, k, v, self.inner, self.outer, kernel)
+        attend = ring_attention if self.comm_type == "p2p" else allgather_attention
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s/cp, d]
+        out = attend(q, k, v, self.comm, kernel)  # [b, np, s/cp, d]
+        return out.permute(2, 0, 1, 3).reshape(s_l, b, heads * d)

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 import torch.distributed as dist
 
+from megatron_lite.context_parallel.comm import CPComm
 from megatron_lite.distributed.rank_grid import (
     DEFAULT_ORDER,
     RankGrid,
     embedding_groups,
+    hierarchical_cp_groups,
     position_embedding_groups,
 )
 
@@ -44,8 +46,10 @@ class ParallelState:
         order: str = DEFAULT_ORDER,
         tied_embeddings: bool = True,
         backend: str | None = None,
+        hierarchical_cp: tuple[int, ...] | None = None,
     ) -> ParallelState:
-        """Build every group for this layout. Collective: all ranks of the world must call it."""
+        """Build every group for this layout. Collective: all ranks of the world must call it.
+        `hierarchical_cp`: `--hierarchical-context-parallel-sizes` (inner, outer), for a2a+p2p."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         model_parallel = tp * pp * cp
@@ -58,6 +62,10 @@ class ParallelState:
         state = cls(grid=grid, rank=rank)
         for token in _GROUP_TOKENS:
             state.groups[token], state.ranks[token] = state._new_groups(grid.groups(token), backend)
+        if hierarchical_cp and len(hierarchical_cp) > 1:
+            inners, outers = hierarchical_cp_groups(grid.groups("cp"), hierarchical_cp[0])
+            state.groups["cp-inner"], state.ranks["cp-inner"] = state._new_groups(inners, backend)
+            state.groups["cp-outer"], state.ranks["cp-outer"] = state._new_groups(outers, backend)
         pipelines = grid.groups("pp")
         state.embedding_group, state.embedding_ranks = state._new_groups(
             embedding_groups(pipelines, tied=tied_embeddings), backend, only_members=True
@@ -140,6 +148,12 @@ class ParallelState:
     @property
     def cp_group(self):
         return self.groups.get("cp")
+
+    def cp_comm(self, token: str = "cp") -> CPComm:
+        """The CP group `token` ("cp", or "cp-inner"/"cp-outer" with hierarchical CP) as the
+        context_parallel package uses it."""
+        ranks = tuple(self.ranks[token])
+        return CPComm(self.groups.get(token), ranks, ranks.index(self.rank))
 
     @property
     def dp_group(self):

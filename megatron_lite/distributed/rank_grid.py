@@ -88,6 +88,18 @@ class RankGrid:
         raise AssertionError("unreachable: every rank is in exactly one group per token")
 
 
+def hierarchical_cp_groups(cp_groups: list[list[int]], inner: int) -> tuple[list, list]:
+    """Sub-groups of every CP group for `a2a+p2p` (spec §5.2, §9.2): `inner` consecutive CP
+    ranks form an all-to-all group; ranks `inner` apart form a ring group."""
+    inners, outers = [], []
+    for ranks in cp_groups:
+        if len(ranks) % inner:
+            raise ValueError(f"hierarchical CP inner size {inner} does not divide CP size {len(ranks)}")
+        inners += [ranks[k:k + inner] for k in range(0, len(ranks), inner)]
+        outers += [ranks[i::inner] for i in range(inner)]
+    return inners, outers
+
+
 def embedding_groups(pipeline_groups: list[list[int]], tied: bool = True) -> list[list[int]]:
     """Ranks that hold a copy of the word embedding (spec §5.3): first stage, plus last if tied."""
     out = []

@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.config.configs import ModelConfig
+from megatron_lite.context_parallel import ContextParallelAttention
+from megatron_lite.context_parallel.ulysses import check_heads
 from megatron_lite.fused.elementwise import rotary
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -66,8 +68,25 @@ def _reference_attention(q, k, v, dropout_p: float, softmax_in_fp32: bool):
     return torch.matmul(probs, v)  # [b, np, s, d]
 
 
+def context_parallel_attention(config: ModelConfig, ps, layer_number: int) -> ContextParallelAttention | None:
+    """The CP attention of layer `layer_number` (1-based), or None without CP."""
+    if ps.cp_size == 1:
+        return None
+    types = config.cp_comm_type
+    comm_type = types[layer_number - 1] if len(types) > 1 else types[0]
+    comm_type = "all_gather" if comm_type == "allgather" else comm_type
+    # a2a+p2p: the all-to-all runs inside the inner groups (ParallelState builds them from
+    # --hierarchical-context-parallel-sizes), the ring across them.
+    inner = ps.cp_comm("cp-inner") if comm_type == "a2a+p2p" and "cp-inner" in ps.ranks else None
+    outer = ps.cp_comm("cp-outer") if inner is not None else None
+    if comm_type in ("a2a", "a2a+p2p"):
+        check_heads(config.num_attention_heads // ps.tp_size, config.num_query_groups // ps.tp_size,
+                    inner.size if inner is not None else ps.cp_size, f"--cp-comm-type {comm_type}")
+    return ContextParallelAttention(comm_type, ps.cp_comm(), config.attention_backend, inner, outer)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, ps, rng_tracker=None, device=None):
+    def __init__(self, config: ModelConfig, ps, rng_tracker=None, device=None, layer_number: int = 1):
         super().__init__()
         tp = ps.tp_size
         if config.num_attention_heads % tp:
@@ -91,6 +110,7 @@ class SelfAttention(nn.Module):
             bias=config.add_bias_linear, input_is_parallel=True,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device)
         self.head_dim = d
+        self.context_parallel = context_parallel_attention(config, ps, layer_number)
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         cfg = self.config
@@ -109,6 +129,9 @@ class SelfAttention(nn.Module):
         attend = lambda q_, k_, v_: core_attention(  # noqa: E731
             q_, k_, v_, backend=cfg.attention_backend, dropout_p=dropout_p,
             softmax_in_fp32=cfg.attention_softmax_in_fp32)
+        if self.context_parallel is not None:  # [s/cp, b, heads, d]: attention across CP ranks
+            local, cp = attend, self.context_parallel
+            attend = lambda q_, k_, v_: cp(q_, k_, v_, local)  # noqa: E731
         # Attention dropout acts on this rank's heads only: draw it from the TP-rank stream.
         fork = (self.rng_tracker.fork() if dropout_p and self.rng_tracker is not None
                 else contextlib.nullcontext())

@@ -27,7 +27,7 @@ class TransformerLayer(nn.Module):
         self.config, self.rng_tracker = config, rng_tracker
         self.layer_number = layer_number  # 1-based global index, independent of the layout
         self.input_layernorm = make_norm(config, device)
-        self.self_attention = SelfAttention(config, ps, rng_tracker, device)
+        self.self_attention = SelfAttention(config, ps, rng_tracker, device, layer_number)
         self.pre_mlp_layernorm = make_norm(config, device)
         self.mlp = MLP(config, ps, device)
 

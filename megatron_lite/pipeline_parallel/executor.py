@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd import Variable
 
+from megatron_lite.context_parallel.split import TOKENS_KEY
 from megatron_lite.pipeline_parallel import schedules
 from megatron_lite.pipeline_parallel.schedules import ACT, Action, Op
 
@@ -229,8 +230,11 @@ class PipelineExecutor:
         if not st.forward_only:
             # spec §6.4: each micro-batch back-propagates loss_sum / tokens / M (or the raw sum
             # with per-token loss), times the loss scale.
+            # With CP the rank holds part of the sequence: divide by the whole sequence's count
+            # and undo the 1/(DP x CP) averaging of DDP, which is meant for replicas (spec §9.1).
+            whole = batch.get(TOKENS_KEY, count)
             scaled = loss_sum if self.config.calculate_per_token_loss else (
-                loss_sum / count.clamp(min=1) / st.num_microbatches)
+                loss_sum * self.ps.cp_size / whole.clamp(min=1) / st.num_microbatches)
             st.outputs[(mb, chunk)] = scaled * st.loss_scale
 
     def _backward(self, mb: int, chunk: int, st: _StepState, grad: torch.Tensor | None) -> None:
