@@ -12,6 +12,7 @@ from torch import nn
 
 from megatron_lite.config.configs import ModelConfig
 from megatron_lite.fused.cross_entropy import fused_vocab_parallel_cross_entropy
+from megatron_lite.models.output_loss import ChunkLimits, OutputHead, output_loss
 from megatron_lite.models.rope import inverse_frequencies, rotary_cos_sin
 from megatron_lite.models.transformer import TransformerBlock
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -57,6 +58,9 @@ class GPTModel(nn.Module):
         self.decoder = TransformerBlock(config, ps, self.layer_numbers, final_norm=post_process,
                                         rng_tracker=rng_tracker, device=device)
         self.output_layer = None
+        # When the output layer + loss run in sequence chunks (models/output_loss.py); an
+        # attribute rather than a config field so tests can force chunking on tiny models.
+        self.loss_chunk_limits = ChunkLimits()
         if post_process and (config.untie_embeddings_and_output_weights or not pre_process):
             # Untied head, or the last pipeline stage's copy of the tied embedding (kept equal
             # to the first stage's through the embedding group, spec §5.3).
@@ -127,6 +131,14 @@ class GPTModel(nn.Module):
         if not self.post_process:
             return x
         x = x.to(self.config.params_dtype)
+        if labels is not None:
+            cross_entropy = (fused_vocab_parallel_cross_entropy if self.config.cross_entropy_loss_fusion
+                             else vocab_parallel_cross_entropy)
+            head = OutputHead(self.output_weight(), self.output_layer, self.ps.tp_group,
+                              self.config.sequence_parallel)
+            # Whole below ChunkLimits' threshold, else in sequence chunks (long sequences).
+            return output_loss(x, labels, head, cross_entropy, self.config.label_smoothing,
+                               self.loss_chunk_limits)  # [b, s]
         if self.output_layer is not None:
             # Called as a module, so forward pre-hooks see its weight: the overlapped param
             # all-gather of the distributed optimizer waits there (spec §8.3).
@@ -134,10 +146,5 @@ class GPTModel(nn.Module):
         else:
             logits = linear_with_tp(x, self.embedding.word_embeddings.weight, None, self.ps.tp_group,
                                     self.config.sequence_parallel)  # [s, b, V/tp]
-        if labels is None:
-            return logits.transpose(0, 1)
-        cross_entropy = (fused_vocab_parallel_cross_entropy if self.config.cross_entropy_loss_fusion
-                         else vocab_parallel_cross_entropy)
-        loss = cross_entropy(logits, labels.t(), self.ps.tp_group, self.config.label_smoothing)  # [s, b]
-        return loss.t()  # [b, s]
+        return logits.transpose(0, 1)
 

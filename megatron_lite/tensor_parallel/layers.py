@@ -15,6 +15,8 @@ ordered as written on GPU, Megatron runs with CUDA_DEVICE_MAX_CONNECTIONS=1.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -156,7 +158,14 @@ class ColumnParallelLinear(torch.nn.Module):
             with torch.no_grad():
                 self.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, consume_weight: Callable | None = None):
+        """`consume_weight(x, weight, bias)`, if given, replaces the GEMM and its result is
+        returned: a caller that applies the weight its own way (the sequence-chunked output
+        layer + loss, models/output_loss.py) does so inside this module's call, so forward
+        pre-hooks on it (the distributed optimizer's param-gather wait, spec §8.3) still run
+        before the weight is read."""
+        if consume_weight is not None:
+            return consume_weight(x, self.weight, self.bias)
         return linear_with_tp(x, self.weight, self.bias, self.tp_group, self.sequence_parallel,
                               self.gather_output)
 
