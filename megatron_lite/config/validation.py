@@ -206,11 +206,30 @@ def _check_context_parallel(args) -> None:
     if "a2a+p2p" in types:
         _require(args.hierarchical_context_parallel_sizes is not None,
                  "--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes")
-    if "a2a" in types and cp > 1:
-        heads = args.num_attention_heads // args.tensor_model_parallel_size
-        # spec §9.2: Ulysses all-to-all trades the sequence shard for a head shard.
-        _require(heads % cp == 0, f"--cp-comm-type a2a needs --num-attention-heads / "
-                 f"--tensor-model-parallel-size ({heads}) divisible by --context-parallel-size ({cp})")
+        _require(len(args.hierarchical_context_parallel_sizes) == 2, "--hierarchical-context-parallel-sizes "
+                 "takes two sizes (all-to-all group, ring group) for --cp-comm-type a2a+p2p")
+    if cp == 1:
+        return
+    _require(not getattr(args, "reset_attention_mask", False),
+             "--reset-attention-mask is not available with --context-parallel-size > 1")
+    hcp = args.hierarchical_context_parallel_sizes
+    for t, size in (("a2a", cp), ("a2a+p2p", hcp[0] if hcp else cp)):
+        if t in types:
+            _check_all_to_all_heads(args, t, size)
+
+
+def _check_all_to_all_heads(args, comm_type: str, size: int) -> None:
+    """spec §9.2: the Ulysses all-to-all trades the sequence shard for a head shard, so each
+    of `size` ranks needs whole query heads and whole (or replicated) K/V heads."""
+    tp = args.tensor_model_parallel_size
+    heads = args.num_attention_heads // tp
+    _require(heads % size == 0, f"--cp-comm-type {comm_type} needs --num-attention-heads / "
+             f"--tensor-model-parallel-size ({heads}) divisible by its all-to-all size ({size})")
+    if getattr(args, "group_query_attention", False) and args.num_query_groups:
+        groups = args.num_query_groups // tp
+        _require(groups % size == 0 or size % groups == 0, f"--cp-comm-type {comm_type} needs "
+                 f"--num-query-groups / --tensor-model-parallel-size ({groups}) to divide or be divisible "
+                 f"by its all-to-all size ({size})")
 
 
 def _derive_batch_sizes(args) -> None:

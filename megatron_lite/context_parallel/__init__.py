@@ -37,13 +37,15 @@ class ContextParallelAttention:
         if self.comm_type == "a2a+p2p" and (self.inner is None or self.outer is None):
             raise ValueError("--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes")
 
-    def __call__(self, q, k, v, local_attention) -> torch.Tensor:
+    def __call__(self, q, k, v, local_attention, dropout_p: float = 0.0) -> torch.Tensor:
         """q `[s/cp, b, np, d]`, k/v `[s/cp, b, ng, d]` -> `[s/cp, b, np*d]`. `local_attention`:
-        the model's own causal attention, used where a rank sees whole sequences (a2a)."""
+        the model's own causal attention (with its dropout), used where a rank sees whole
+        sequences (a2a); `dropout_p`: attention dropout of the block kernels."""
         if self.comm_type == "a2a":
             return ulysses_attention(q, k, v, self.comm, local_attention)
         s_l, b, heads, d = q.shape
-        kernel = BlockKernel(select_backend(self.attention_backend, q.device, q.dtype), 1.0 / math.sqrt(d))
+        kernel = BlockKernel(select_backend(self.attention_backend, q.device, q.dtype), 1.0 / math.sqrt(d),
+                             dropout_p)
         if self.comm_type == "a2a+p2p":
             return hierarchical_attention(q, k, v, self.inner, self.outer, kernel)
         attend = ring_attention if self.comm_type == "p2p" else allgather_attention

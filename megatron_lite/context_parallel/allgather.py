@@ -35,23 +35,26 @@ def _parts(comm: CPComm, c: int):
 
 
 def allgather_forward(q, k, v, comm: CPComm, kernel: BlockKernel):
-    """q `[b, np, 2c, d]`, k/v `[b, ng, 2c, d]` -> (out like q, lse `[b, np, 2c]` fp32)."""
+    """q `[b, np, 2c, d]`, k/v `[b, ng, 2c, d]` -> (out like q, lse `[b, np, 2c]` fp32, the
+    blocks' dropout rng states: causal and prefix block of each half)."""
     c = q.shape[2] // 2
     kv = _gather_kv(k, v, comm)
-    outs, lses = [], []
+    outs, lses, rngs = [], [], []
     for half, diag, prefix in _parts(comm, c):
         qh = q[:, :, half * c:(half + 1) * c]
-        o, lse = kernel.forward(qh, kv[0, :, :, diag], kv[1, :, :, diag], True)
+        o, lse, rng = kernel.forward(qh, kv[0, :, :, diag], kv[1, :, :, diag], True)
         o, lse = o.float(), lse.float().clone()
+        rngs.append(rng)
         if prefix:
-            po, plse = kernel.forward(qh, kv[0, :, :, :prefix], kv[1, :, :, :prefix], False)
+            po, plse, rng = kernel.forward(qh, kv[0, :, :, :prefix], kv[1, :, :, :prefix], False)
             merge_(o, lse, po, plse)
+        rngs.append(rng if prefix else None)
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2)
+    return torch.cat(outs, dim=2).to(q.dtype), torch.cat(lses, dim=2), rngs
 
 
-def allgather_backward(dout, q, k, v, out, lse, comm: CPComm, kernel: BlockKernel):
+def allgather_backward(dout, q, k, v, out, lse, rngs, comm: CPComm, kernel: BlockKernel):
     c = q.shape[2] // 2
     kv = _gather_kv(k, v, comm)
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)  # [2, b, ng, s, d]
@@ -60,13 +63,13 @@ def allgather_backward(dout, q, k, v, out, lse, comm: CPComm, kernel: BlockKerne
         rows = slice(half * c, (half + 1) * c)
         args = (dout[:, :, rows], q[:, :, rows])
         dq, dk, dv = kernel.backward(*args, kv[0, :, :, diag], kv[1, :, :, diag], out[:, :, rows],
-                                     lse[:, :, rows], True)
+                                     lse[:, :, rows], True, rngs[2 * half])
         dq = dq.float()
         dkv[0, :, :, diag] += dk
         dkv[1, :, :, diag] += dv
         if prefix:
             pdq, pdk, pdv = kernel.backward(*args, kv[0, :, :, :prefix], kv[1, :, :, :prefix],
-                                            out[:, :, rows], lse[:, :, rows], False)
+                                            out[:, :, rows], lse[:, :, rows], False, rngs[2 * half + 1])
             dq += pdq
             dkv[0, :, :, :prefix] += pdk
             dkv[1, :, :, :prefix] += pdv
@@ -82,14 +85,14 @@ def allgather_backward(dout, q, k, v, out, lse, comm: CPComm, kernel: BlockKerne
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, comm: CPComm, kernel: BlockKernel):
-        out, lse = allgather_forward(q, k, v, comm, kernel)
+        out, lse, rngs = allgather_forward(q, k, v, comm, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.kernel = comm, kernel
+        ctx.comm, ctx.kernel, ctx.rngs = comm, kernel, rngs
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dq, dk, dv = allgather_backward(dout, *ctx.saved_tensors, ctx.comm, ctx.kernel)
+        dq, dk, dv = allgather_backward(dout, *ctx.saved_tensors, ctx.rngs, ctx.comm, ctx.kernel)
         return dq, dk, dv, None, None
 
 

@@ -39,6 +39,9 @@ def ring_exchange(comm: CPComm, send: torch.Tensor, recv: torch.Tensor, tag: int
     """Send `send` to the next ring member and receive the previous member's into `recv`,
     asynchronously; returns the works to wait on. Both directions go in one batch: with NCCL
     a ring of separate blocking-order sends would deadlock (every rank sending first)."""
+    if comm.size == 1:  # a ring of one (hierarchical CP with one outer group): no transfer
+        recv.copy_(send)
+        return []
     ops = [dist.P2POp(dist.isend, send, comm.next_rank, comm.group, tag),
            dist.P2POp(dist.irecv, recv, comm.prev_rank, comm.group, tag)]
     return dist.batch_isend_irecv(ops)
@@ -52,6 +55,8 @@ def wait_all(works: list) -> None:
 def all_to_all(x: torch.Tensor, comm: CPComm) -> torch.Tensor:
     """`[n, ...]` with part j (of n/size rows) for member j -> `[n, ...]` with part j from
     member j."""
+    if comm.size == 1:  # an all-to-all group of one (hierarchical CP with inner size 1)
+        return x
     x = x.contiguous()
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=comm.group)

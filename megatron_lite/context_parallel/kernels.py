@@ -40,37 +40,61 @@ def select_backend(attention_backend: str, device: torch.device, dtype: torch.dt
 class BlockKernel:
     backend: str  # one of BACKENDS
     scale: float  # softmax scale, 1/sqrt(d)
+    dropout_p: float = 0.0  # attention dropout on the probabilities
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"block attention backend {self.backend!r} is not one of {BACKENDS}")
 
-    def forward(self, q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (out `[b, np, sq, d]` in q's dtype, lse `[b, np, sq]` fp32)."""
-        if self.backend == "math":
-            return _math_forward(q, k, v, causal, self.scale)
-        if self.backend == "flash":
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-                q, k, v, 0.0, causal, False, scale=self.scale)[:2]
-            return out, lse
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False, scale=self.scale)[:2]
-        return out, lse.reshape(lse.shape[:3])  # [b, np, sq, 1] -> [b, np, sq]
+    def forward(self, q, k, v, causal: bool):
+        """-> (out `[b, np, sq, d]` in q's dtype, lse `[b, np, sq]` fp32, rng). `rng` is what
+        the backward needs to redraw this block's dropout mask (None without dropout).
 
-    def backward(self, dout, q, k, v, out, lse, causal: bool):
-        """Gradients of one block given the row-merged `out` and `lse`: (dq, dk, dv) shaped like
-        q, k, v (dk/dv summed over the query heads that share a K/V head)."""
+        Dropout acts elementwise on the row's probabilities; a block's probabilities are the
+        row's times exp(block lse - row lse), so dropping within blocks and merging equals
+        dropping the merged softmax, with one independent mask element per (query, key)."""
+        p = self.dropout_p
         if self.backend == "math":
-            return _math_backward(dout, q, k, v, out, lse, causal, self.scale)
+            seed = _draw_seed(q.device) if p else None
+            out, lse = _math_forward(q, k, v, causal, self.scale, p, seed)
+            return out, lse, seed
+        if self.backend == "flash":
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, p, causal, False,
+                                                                     scale=self.scale)
+            return res[0], res[1], (res[6], res[7]) if p else None
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, p, causal, False,
+                                                                 scale=self.scale)
+        return res[0], res[1].reshape(res[1].shape[:3]), (res[6], res[7]) if p else None  # lse [b, np, sq, 1]
+
+    def backward(self, dout, q, k, v, out, lse, causal: bool, rng=None):
+        """Gradients of one block given the row-merged `out` and `lse` and the block's `rng`
+        from forward: (dq, dk, dv) shaped like q, k, v (dk/dv summed over the query heads that
+        share a K/V head)."""
+        p = self.dropout_p
+        if self.backend == "math":
+            return _math_backward(dout, q, k, v, out, lse, causal, self.scale, p, rng)
         sq, sk = q.shape[2], k.shape[2]
         empty = torch.empty(0, dtype=torch.long, device=q.device)
+        seed, offset = rng if rng is not None else (empty, empty)
         lse = lse.contiguous()
         if self.backend == "flash":
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, empty, empty, sq, sk, 0.0, causal, empty, empty, scale=self.scale)
+                dout, q, k, v, out, lse, empty, empty, sq, sk, p, causal, seed, offset, scale=self.scale)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.unsqueeze(-1), empty, empty, empty, empty, empty, sq, sk, 0.0, causal,
+            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, empty, empty, empty, sq, sk, p, causal,
             scale=self.scale)
+
+
+def _draw_seed(device) -> int:
+    """A seed for one block's dropout mask, from the current default generator (the TP-rank
+    stream inside the model's RNG fork; replayed by activation recompute)."""
+    return int(torch.randint(2**62, (1,), device="cpu" if torch.device(device).type == "cpu" else device))
+
+
+def _dropout_scale(shape, p: float, seed: int, device) -> torch.Tensor:
+    """Keep-mask divided by the keep probability, fp32 `shape`, redrawn identically from `seed`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return (torch.rand(shape, generator=g, device=device) >= p).float() / (1.0 - p)
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
@@ -103,21 +127,30 @@ def _scores(qg, kg, causal: bool, scale: float) -> torch.Tensor:
     return scores
 
 
-def _math_forward(q, k, v, causal: bool, scale: float):
+def _math_forward(q, k, v, causal: bool, scale: float, dropout_p: float = 0.0, seed: int | None = None):
     qg, kg, vg = _grouped(q, k, v)
     scores = _scores(qg, kg, causal, scale)
     lse = torch.logsumexp(scores, dim=-1)  # [b, ng, np/ng, sq]
-    out = torch.matmul((scores - lse.unsqueeze(-1)).exp(), vg)  # [b, ng, np/ng, sq, d]
+    probs = (scores - lse.unsqueeze(-1)).exp()  # [b, ng, np/ng, sq, sk]
+    if dropout_p:
+        probs = probs * _dropout_scale(probs.shape, dropout_p, seed, q.device)
+    out = torch.matmul(probs, vg)  # [b, ng, np/ng, sq, d]
     return out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:3])
 
 
-def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float, dropout_p: float = 0.0,
+                   seed: int | None = None):
     qg, kg, vg = _grouped(q, k, v)
     grouped = qg.shape  # [b, ng, np/ng, sq, d]
     probs = (_scores(qg, kg, causal, scale) - lse.float().reshape(grouped[:4]).unsqueeze(-1)).exp()
+    keep = _dropout_scale(probs.shape, dropout_p, seed, q.device) if dropout_p else None
     dog = dout.float().reshape(grouped)
-    dv = torch.matmul(probs.transpose(-1, -2), dog).sum(2)  # [b, ng, sk, d]
+    dropped = probs * keep if keep is not None else probs
+    dv = torch.matmul(dropped.transpose(-1, -2), dog).sum(2)  # [b, ng, sk, d]
     dprobs = torch.matmul(dog, vg.transpose(-1, -2))  # [b, ng, np/ng, sq, sk]
+    if keep is not None:
+        dprobs = dprobs * keep
+    # rowsum(dO * O) = rowsum(P * dP) with the dropped output as well (FlashAttention-2 §3.1.2).
     row = (dog * out.float().reshape(grouped)).sum(-1, keepdim=True)  # [b, ng, np/ng, sq, 1]
     dscores = probs * (dprobs - row) * scale
     dq = torch.matmul(dscores, kg)  # [b, ng, np/ng, sq, d]

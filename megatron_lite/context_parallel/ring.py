@@ -37,10 +37,12 @@ def _block_plan(step: int, comm: CPComm, c: int):
 
 
 def ring_forward(q, k, v, comm: CPComm, kernel: BlockKernel):
-    """q `[b, np, 2c, d]`, k/v `[b, ng, 2c, d]` -> (out like q, lse `[b, np, 2c]` fp32)."""
+    """q `[b, np, 2c, d]`, k/v `[b, ng, 2c, d]` -> (out like q, lse `[b, np, 2c]` fp32, the
+    blocks' dropout rng states for backward)."""
     c = q.shape[2] // 2
     bufs = [torch.stack([k, v]), None]  # [2, b, ng, 2c, d]: K and V travel as one message
     out = lse = None
+    rngs = []
     for step in range(comm.size):
         kv = bufs[step % 2]
         pending = []
@@ -49,16 +51,17 @@ def ring_forward(q, k, v, comm: CPComm, kernel: BlockKernel):
                 bufs[(step + 1) % 2] = torch.empty_like(kv)
             pending = ring_exchange(comm, kv, bufs[(step + 1) % 2], KV_TAG)
         causal, rows, keys = _block_plan(step, comm, c)
-        o, o_lse = kernel.forward(q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], causal)
+        o, o_lse, rng = kernel.forward(q[:, :, rows], kv[0, :, :, keys], kv[1, :, :, keys], causal)
+        rngs.append(rng)
         if step == 0:
             out, lse = o.float(), o_lse.float().clone()  # [b, np, 2c, d], [b, np, 2c]
         else:
             merge_(out[:, :, rows], lse[:, :, rows], o, o_lse)
         wait_all(pending)
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse, rngs
 
 
-def ring_backward(dout, q, k, v, out, lse, comm: CPComm, kernel: BlockKernel):
+def ring_backward(dout, q, k, v, out, lse, rngs, comm: CPComm, kernel: BlockKernel):
     """Gradients (dq, dk, dv) of `ring_forward` given its merged `out` and `lse`."""
     c = q.shape[2] // 2
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [b, np, 2c, d]
@@ -73,7 +76,8 @@ def ring_backward(dout, q, k, v, out, lse, comm: CPComm, kernel: BlockKernel):
             kv_pending = ring_exchange(comm, kv, bufs[(step + 1) % 2], KV_TAG)
         causal, rows, keys = _block_plan(step, comm, c)
         dq_b, dk_b, dv_b = kernel.backward(dout[:, :, rows], q[:, :, rows], kv[0, :, :, keys],
-                                           kv[1, :, :, keys], out[:, :, rows], lse[:, :, rows], causal)
+                                           kv[1, :, :, keys], out[:, :, rows], lse[:, :, rows], causal,
+                                           rngs[step])
         dq[:, :, rows] += dq_b
         # This rank's contribution to the block of rank (r - step), in fp32 so that CP
         # partial sums do not round at every hop: [2, b, ng, 2c, d].
@@ -98,15 +102,15 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, comm: CPComm, kernel: BlockKernel):
-        out, lse = ring_forward(q, k, v, comm, kernel)
+        out, lse, rngs = ring_forward(q, k, v, comm, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.kernel = comm, kernel
+        ctx.comm, ctx.kernel, ctx.rngs = comm, kernel, rngs
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.comm, ctx.kernel)
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.rngs, ctx.comm, ctx.kernel)
         return dq, dk, dv, None, None
 
 

@@ -131,7 +131,7 @@ class SelfAttention(nn.Module):
             softmax_in_fp32=cfg.attention_softmax_in_fp32)
         if self.context_parallel is not None:  # [s/cp, b, heads, d]: attention across CP ranks
             local, cp = attend, self.context_parallel
-            attend = lambda q_, k_, v_: cp(q_, k_, v_, local)  # noqa: E731
+            attend = lambda q_, k_, v_: cp(q_, k_, v_, local, dropout_p)  # noqa: E731
         # Attention dropout acts on this rank's heads only: draw it from the TP-rank stream.
         fork = (self.rng_tracker.fork() if dropout_p and self.rng_tracker is not None
                 else contextlib.nullcontext())

@@ -61,8 +61,10 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10) ->
     return DistributedEnv(rank, world, local_rank, device, backend)
 
 
-def build_parallel_state(tp: int, pp: int, cp: int, tied_embeddings: bool, order: str) -> ParallelState:
-    return ParallelState.create(tp=tp, pp=pp, cp=cp, order=order, tied_embeddings=tied_embeddings)
+def build_parallel_state(tp: int, pp: int, cp: int, tied_embeddings: bool, order: str,
+                         hierarchical_cp: list[int] | None = None) -> ParallelState:
+    return ParallelState.create(tp=tp, pp=pp, cp=cp, order=order, tied_embeddings=tied_embeddings,
+                                hierarchical_cp=tuple(hierarchical_cp) if hierarchical_cp else None)
 
 
 def seed_rank(seed: int, ps: ParallelState, device: torch.device,

@@ -25,6 +25,7 @@ from megatron_lite.config.startup_lines import (
     world_size_line,
 )
 from megatron_lite.config.validation import ConfigError, validate_args
+from megatron_lite.context_parallel.split import ContextParallelBatches
 from megatron_lite.data.builders import build_data_iterators
 from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel, default_bucket_size
@@ -93,6 +94,18 @@ def _build_optimizer(args, chunks, ps):
         return DistributedOptimizer(chunks, cfg, ps, scaler)
     named = [(name, p) for chunk in chunks for name, p in chunk.module.named_parameters()]
     return MixedPrecisionOptimizer(named, cfg, ps, scaler)
+
+
+def _context_parallel_batches(args, data, ps, device):
+    """(train, valid, test) iterators; with CP each is read on CP rank 0 only and broadcast,
+    then split into this rank's zig-zag share (spec §9.1)."""
+    iterators = (data.train, data.valid, data.test)
+    if ps.cp_size == 1:
+        return iterators
+    sizes = (args.micro_batch_size, args.eval_micro_batch_size, args.eval_micro_batch_size)
+    return tuple(None if it is None else ContextParallelBatches(
+        it if ps.cp_rank == 0 else None, ps.cp_group, ps.ranks["cp"], ps.cp_rank, b, args.seq_length, device)
+        for it, b in zip(iterators, sizes))
 
 
 def _pipeline_layout(args) -> PipelineLayout:
@@ -298,8 +311,6 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
                                    tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
     if args.train_samples:
         args.train_iters = batches.iterations_for_samples(args.train_samples)
-    if args.context_parallel_size > 1:
-        raise SystemExit("error: --context-parallel-size > 1 is not available in this version yet")
     if args.ckpt_format != "torch_dist":
         raise SystemExit(f"error: --ckpt-format {args.ckpt_format} is not available in this version yet "
                          "(torch_dist is)")
@@ -323,7 +334,8 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
 
     ps = build_parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.context_parallel_size, not args.untie_embeddings_and_output_weights,
-                              "tp-cp-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-dp-pp")
+                              "tp-cp-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-dp-pp",
+                              hierarchical_cp=args.hierarchical_context_parallel_sizes)
     tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init)
     logger.datetime_line("after megatron is initialized")
     logger.rank0(f"time to initialize megatron (seconds): {time.time() - start:.3f}")
@@ -354,7 +366,7 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
                                     is_first_rank=env.rank == 0, barrier=dist.barrier, log=logger.rank0)
     except (OSError, ValueError, IndexError) as e:  # missing or corrupt data, empty split, oversampled blend
         raise SystemExit(f"error: {e}") from None
-    data_iter, valid_iter, test_iter = data.train, data.valid, data.test
+    data_iter, valid_iter, test_iter = _context_parallel_batches(args, data, ps, env.device)
     logger.datetime_line("after dataloaders are built")
     logger.rank0("done with setup ...")
     for line in theoretical_memory_lines(config, LayoutInfo(

@@ -17,11 +17,14 @@ from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.init import gather_global, init_model_parameters
+from megatron_lite.optimizer.core import OptimizerConfig
+from megatron_lite.optimizer.distributed import DistributedOptimizer
+from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
 from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
 from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
-from megatron_lite.training.train_step import forward_backward
+from megatron_lite.training.train_step import forward_backward, train_step
 from tests.model_utils import tiny_config
 
 SEED, SEQ, MICRO, LAYERS, M = 1234, 16, 2, 4, 2
@@ -147,3 +150,41 @@ def test_cp2_composes(run_dist, tp, pp, dp):
     cases = [(f, t, vpp, False) for f in ("gpt", "llama") for t in (["p2p"], ["a2a"])]
     cases.append(("llama", ["all_gather"], vpp, True))
     _check(run_dist(2 * tp * pp * dp, _run, tp, 2, pp, None, cases), cases, dp)
+
+
+@pytest.mark.parametrize("sizes", [(1, 2), (2, 1)], ids=["ring-only", "a2a-only"])
+def test_hierarchical_cp_degenerate_levels(run_dist, sizes):
+    cases = [("llama", ["a2a+p2p"], 1, False)]
+    _check(run_dist(2, _run, 1, 2, 1, sizes, cases), cases, 1)
+
+
+def _train(rank, world, cp, dp, distributed_optimizer):
+    """Three Adam steps of Llama (GQA) at CP x DP; 4 micro-batches per global batch."""
+    ps = ParallelState.create(cp=cp)
+    try:
+        cfg = _config("llama", ["p2p"])
+        model = build_model_chunks(cfg, ps, build_layout(LAYERS, 1, None), SEED,
+                                   build_rng_tracker(SEED, 0, 0, "cpu"))[0]
+        ddp = DistributedDataParallel(model, ps, DDPConfig(
+            use_distributed_optimizer=distributed_optimizer, overlap_grad_reduce=True, bucket_size=4000))
+        # eps 1e-4: Adam with a tiny eps turns fp32 reduction-order noise in near-zero grads
+        # into lr-sized steps (DP4 alone differs by 2e-4 then), which would hide real errors.
+        ocfg = OptimizerConfig(lr=1e-2, clip_grad=1.0, adam_eps=1e-4)
+        opt = (DistributedOptimizer([ddp], ocfg, ps) if distributed_optimizer
+               else MixedPrecisionOptimizer(model.named_parameters(), ocfg, ps))
+        data, losses = _data(ps), []
+        for _ in range(3):
+            r = train_step(ddp, opt, data, 4 // dp, ps, CPU)
+            losses.append(float(r.loss_sum_count[0] / r.loss_sum_count[1]))
+        ddp.finish_param_sync()
+        return losses, gather_global(model, ps.tp_group)
+    finally:
+        ps.destroy()
+
+
+def test_cp2_dp2_distributed_optimizer_trains_like_one_process(run_dist):
+    ref_losses, ref_params = run_dist(1, _train, 1, 1, False)[0]
+    for losses, params in run_dist(4, _train, 2, 2, True):
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        for name, p in params.items():
+            _close(p, ref_params[name], f"param {name}")

@@ -255,6 +255,16 @@ ERROR_CASES = [
     ("--context-parallel-size 2 --hierarchical-context-parallel-sizes 2 2", 2,
      ["--hierarchical-context-parallel-sizes (2 2)", "--context-parallel-size (2)"]),
     ("--cp-comm-type ring", 1, ["--cp-comm-type ring"]),
+    ("--context-parallel-size 4 --cp-comm-type a2a --num-attention-heads 2 --hidden-size 64", 4,
+     ["--cp-comm-type a2a", "--num-attention-heads / --tensor-model-parallel-size (2)", "(4)"]),
+    ("--context-parallel-size 4 --cp-comm-type a2a --group-query-attention --num-query-groups 3 "
+     "--num-attention-heads 12 --hidden-size 96", 4,
+     ["--cp-comm-type a2a", "--num-query-groups / --tensor-model-parallel-size (3)"]),
+    ("--context-parallel-size 4 --cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 2 "
+     "--group-query-attention --num-query-groups 3 --num-attention-heads 6 --hidden-size 96", 4,
+     ["--cp-comm-type a2a+p2p", "--num-query-groups / --tensor-model-parallel-size (3)", "size (2)"]),
+    ("--context-parallel-size 2 --reset-attention-mask", 2,
+     ["--reset-attention-mask", "--context-parallel-size"]),
     ("--num-experts 8", 1, ["--num-experts"]),
     ("--use-torch-fsdp2", 1, ["--use-torch-fsdp2"]),
     ("--fp8-format e4m3", 1, ["--fp8-format"]),
