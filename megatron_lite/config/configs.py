@@ -45,6 +45,9 @@ class ModelConfig:
     recompute_granularity: str | None = None  # None | selective | full
     recompute_method: str | None = None  # uniform | block
     recompute_num_layers: int | None = None
+    # Full recompute keeps each layer's attention output and LSE so the recompute skips the
+    # attention forward (context_parallel/core.py); False re-runs it (for measurements).
+    recompute_keeps_attention: bool = True
     sequence_parallel: bool = False
     # --cp-comm-type: one value for every layer or one per layer (spec §9.2); used when the
     # ParallelState has CP > 1.

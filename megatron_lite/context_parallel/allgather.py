@@ -80,22 +80,3 @@ def allgather_backward(dout, q, k, v, out, lse, rngs, comm: CPComm, kernel: Bloc
                              for t in range(comm.size)])  # [cp, 2, b, ng, 2c, d]
     mine = reduce_scatter(by_member, 0, comm.group)[0]  # [2, b, ng, 2c, d]
     return torch.cat(dqs, dim=2).to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype)
-
-
-class AllGatherAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, comm: CPComm, kernel: BlockKernel):
-        out, lse, rngs = allgather_forward(q, k, v, comm, kernel)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.kernel, ctx.rngs = comm, kernel, rngs
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        dq, dk, dv = allgather_backward(dout, *ctx.saved_tensors, ctx.rngs, ctx.comm, ctx.kernel)
-        return dq, dk, dv, None, None
-
-
-def allgather_attention(q, k, v, comm: CPComm, kernel: BlockKernel) -> torch.Tensor:
-    """q `[b, np, 2c, d]`, k/v `[b, ng, 2c, d]` (zig-zag local halves) -> `[b, np, 2c, d]`."""
-    return AllGatherAttention.apply(q, k, v, comm, kernel)

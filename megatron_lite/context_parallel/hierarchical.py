@@ -12,15 +12,16 @@ from __future__ import annotations
 import torch
 
 from megatron_lite.context_parallel.comm import CPComm
+from megatron_lite.context_parallel.core import AttentionStash, RingCore, core_attention_bhsd
 from megatron_lite.context_parallel.kernels import BlockKernel
-from megatron_lite.context_parallel.ring import ring_attention
 from megatron_lite.context_parallel.ulysses import gather_heads, scatter_heads
 
 
-def hierarchical_attention(q, k, v, inner: CPComm, outer: CPComm, kernel: BlockKernel) -> torch.Tensor:
+def hierarchical_attention(q, k, v, inner: CPComm, outer: CPComm, kernel: BlockKernel,
+                           stash: AttentionStash | None = None) -> torch.Tensor:
     """q `[s/cp, b, np, d]`, k/v `[s/cp, b, ng, d]` -> `[s/cp, b, np*d]`."""
     s_l, b, heads, d = q.shape
-    qf, kf, vf = scatter_heads(q, k, v, inner)  # [s/b, b, np/a, d], [s/b, b, ng', d]
+    qf, kf, vf = scatter_heads(q, k, v, inner, "--cp-comm-type a2a+p2p")  # [s/b, b, np/a, d], [s/b, b, ng', d]
     qf, kf, vf = (t.permute(1, 2, 0, 3) for t in (qf, kf, vf))  # [b, heads, s/b, d]
-    ctx = ring_attention(qf, kf, vf, outer, kernel)  # [b, np/a, s/b, d]
+    ctx = core_attention_bhsd(qf, kf, vf, RingCore(outer, kernel), stash)  # [b, np/a, s/b, d]
     return gather_heads(ctx.permute(2, 0, 1, 3), inner).reshape(s_l, b, heads * d)

@@ -95,25 +95,3 @@ def ring_backward(dout, q, k, v, out, lse, rngs, comm: CPComm, kernel: BlockKern
     wait_all(dkv_pending)
     del dkv_sent
     return dq.to(q.dtype), dkv_in[0].to(k.dtype), dkv_in[1].to(v.dtype)
-
-
-class RingAttention(torch.autograd.Function):
-    """Autograd wrapper: saves the local q, k, v and the merged out and LSE."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, comm: CPComm, kernel: BlockKernel):
-        out, lse, rngs = ring_forward(q, k, v, comm, kernel)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.kernel, ctx.rngs = comm, kernel, rngs
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.rngs, ctx.comm, ctx.kernel)
-        return dq, dk, dv, None, None
-
-
-def ring_attention(q, k, v, comm: CPComm, kernel: BlockKernel) -> torch.Tensor:
-    """q `[b, np, 2c, d]`, k/v `[b, ng, 2c, d]` (zig-zag local halves) -> `[b, np, 2c, d]`."""
-    return RingAttention.apply(q, k, v, comm, kernel)

@@ -46,13 +46,13 @@ def from_zigzag_halves(y: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([first, second], dim=1)
 
 
-def scatter_heads(q, k, v, comm: CPComm):
+def scatter_heads(q, k, v, comm: CPComm, what: str = "--cp-comm-type a2a"):
     """q `[s_l, b, np, d]`, k/v `[s_l, b, ng, d]` -> q `[n*s_l, b, np/n, d]`, k/v
     `[n*s_l, b, max(ng/n, 1), d]` over the group's whole sequence (zig-zag halves order)."""
     n = comm.size
     s_l, b, heads, d = q.shape
     groups = k.shape[2]
-    check_heads(heads, groups, n, "--cp-comm-type a2a")
+    check_heads(heads, groups, n, what)
     if groups % n:  # fewer K/V heads than ranks: replicate, each copy serves n/ng ranks
         k, v = (t.repeat_interleave(n // groups, dim=2) for t in (k, v))
     hq, hk = heads // n, k.shape[2] // n

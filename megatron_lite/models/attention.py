@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.config.configs import ModelConfig
-from megatron_lite.context_parallel import ContextParallelAttention
+from megatron_lite.context_parallel import ContextParallelAttention, stashed_local_attention
+from megatron_lite.context_parallel.core import OFF, AttentionStash
 from megatron_lite.context_parallel.ulysses import check_heads
 from megatron_lite.fused.elementwise import rotary
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -111,6 +112,8 @@ class SelfAttention(nn.Module):
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device)
         self.head_dim = d
         self.context_parallel = context_parallel_attention(config, ps, layer_number)
+        # Set to record / replay by the transformer block around full-recompute checkpoints.
+        self.stash = AttentionStash()
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         cfg = self.config
@@ -129,9 +132,14 @@ class SelfAttention(nn.Module):
         attend = lambda q_, k_, v_: core_attention(  # noqa: E731
             q_, k_, v_, backend=cfg.attention_backend, dropout_p=dropout_p,
             softmax_in_fp32=cfg.attention_softmax_in_fp32)
+        # Without CP and with dropout the ordinary kernel stays (its dropout stream is what a
+        # run without recompute draws); the block kernels' own dropout is used under CP only.
+        stash = self.stash if self.stash.mode != OFF and (self.context_parallel or not dropout_p) else None
         if self.context_parallel is not None:  # [s/cp, b, heads, d]: attention across CP ranks
             local, cp = attend, self.context_parallel
-            attend = lambda q_, k_, v_: cp(q_, k_, v_, local, dropout_p)  # noqa: E731
+            attend = lambda q_, k_, v_: cp(q_, k_, v_, local, dropout_p, stash)  # noqa: E731
+        elif stash is not None:  # full recompute: one LSE block whose output the recompute reuses
+            attend = stashed_local_attention(cfg.attention_backend, dropout_p, stash)
         # Attention dropout acts on this rank's heads only: draw it from the TP-rank stream.
         fork = (self.rng_tracker.fork() if dropout_p and self.rng_tracker is not None
                 else contextlib.nullcontext())

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_lite.config.configs import ModelConfig
+from megatron_lite.context_parallel.core import RECORD, REPLAY, stash_mode
 from megatron_lite.models.attention import SelfAttention
 from megatron_lite.models.mlp import MLP
 from megatron_lite.models.norms import Norm
@@ -62,24 +63,31 @@ class TransformerBlock(nn.Module):
             TransformerLayer(config, ps, n, rng_tracker, device) for n in layer_numbers)
         self.final_layernorm = make_norm(config, device) if final_norm else None
 
-    def _recompute_context(self):
-        # Full recompute re-runs dropout inside TP regions: replay the tracker's states as they
-        # were at forward time (torch's checkpoint only restores the default generators).
+    def _recompute_context(self, layers):
+        """(forward context, recompute context) of one checkpoint over `layers`.
+
+        Full recompute re-runs dropout inside TP regions: replay the tracker's states as they
+        were at forward time (torch's checkpoint only restores the default generators). With
+        `recompute_keeps_attention` the forward records each layer's attention output and the
+        recompute replays it instead of attending again (context_parallel/core.py)."""
         tracker = self.rng_tracker
-        if tracker is None:
-            return contextlib.nullcontext(), contextlib.nullcontext()
-        saved = tracker.state_dict()
+        stashes = [layer.self_attention.stash for layer in layers] \
+            if self.config.recompute_keeps_attention and torch.is_grad_enabled() else []
+        saved = tracker.state_dict() if tracker is not None else None
 
         @contextlib.contextmanager
         def replay():
-            current = tracker.state_dict()
-            tracker.load_state_dict(saved)
+            current = tracker.state_dict() if tracker is not None else None
+            if tracker is not None:
+                tracker.load_state_dict(saved)
             try:
-                yield
+                with stash_mode(stashes, REPLAY):
+                    yield
             finally:
-                tracker.load_state_dict(current)
+                if tracker is not None:
+                    tracker.load_state_dict(current)
 
-        return contextlib.nullcontext(), replay()
+        return stash_mode(stashes, RECORD), replay()
 
     def _run(self, layers, x, rope):
         for layer in layers:
@@ -88,7 +96,7 @@ class TransformerBlock(nn.Module):
 
     def _checkpointed(self, layers, x, rope):
         return checkpoint(self._run, layers, x, rope, use_reentrant=False,
-                          context_fn=self._recompute_context)
+                          context_fn=lambda: self._recompute_context(layers))
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         cfg = self.config

@@ -31,8 +31,12 @@ SEED, SEQ, MICRO, LAYERS, M = 1234, 16, 2, 4, 2
 CPU = torch.device("cpu")
 
 
-def _config(family, comm_type, sp=False, per_token=False):
+def _config(family, comm_type, sp=False):
+    """`family`: gpt or llama, "+recompute" for full recompute (attention kept, core.py)."""
+    family, _, recompute = family.partition("+")
     extra = {"num_query_groups": 2, "ffn_hidden_size": 48} if family == "llama" else {}
+    if recompute:
+        extra.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     return tiny_config(family, num_layers=LAYERS, hidden_size=32, num_attention_heads=4, sequence_parallel=sp,
                        cp_comm_type=tuple(comm_type), **extra)
 
@@ -72,7 +76,7 @@ def _case(ps, channels, family, comm_type, vpp, per_token):
 def _run(rank, world, tp, cp, pp, hierarchical, cases):
     out = []
     for family, comm_type, vpp, per_token in cases:
-        ps = ParallelState.create(tp=tp, cp=cp, pp=pp, tied_embeddings=family == "gpt",
+        ps = ParallelState.create(tp=tp, cp=cp, pp=pp, tied_embeddings=family.startswith("gpt"),
                                   hierarchical_cp=hierarchical)
         channels = PipelineChannels.create(ps, ring=vpp > 1) if pp > 1 else None
         try:
@@ -88,6 +92,7 @@ _REFERENCE = {}
 
 
 def _reference(family, m_global):
+    family = family.partition("+")[0]
     key = (family, m_global)
     if key not in _REFERENCE:
         ps = ParallelState.create()
@@ -135,11 +140,13 @@ ALL_TYPES = (["p2p"], ["all_gather"], ["a2a"])
 def test_cp_matches_single_process(run_dist, cp):
     cases = [(f, t, 1, False) for f in ("gpt", "llama") for t in ALL_TYPES]
     cases.append(("llama", ["p2p", "a2a", "all_gather", "p2p"], 1, True))  # one type per layer
+    # Full recompute that keeps the attention output: the recompute replays it (core.py).
+    cases += [("llama+recompute", t, 1, False) for t in ALL_TYPES]
     _check(run_dist(cp, _run, 1, cp, 1, None, cases), cases, 1)
 
 
 def test_hierarchical_cp_2x2_matches_single_process(run_dist):
-    cases = [(f, ["a2a+p2p"], 1, False) for f in ("gpt", "llama")]
+    cases = [(f, ["a2a+p2p"], 1, False) for f in ("gpt", "llama", "llama+recompute")]
     _check(run_dist(4, _run, 1, 4, 1, (2, 2), cases), cases, 1)
 
 
@@ -149,6 +156,7 @@ def test_cp2_composes(run_dist, tp, pp, dp):
     vpp = 2 if pp > 1 else 1
     cases = [(f, t, vpp, False) for f in ("gpt", "llama") for t in (["p2p"], ["a2a"])]
     cases.append(("llama", ["all_gather"], vpp, True))
+    cases.append(("gpt+recompute", ["p2p"], vpp, False))
     _check(run_dist(2 * tp * pp * dp, _run, tp, 2, pp, None, cases), cases, dp)
 
 
