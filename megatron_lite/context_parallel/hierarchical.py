@@ -21,7 +21,7 @@ def hierarchical_attention(q, k, v, inner: CPComm, outer: CPComm, kernel: BlockK
                            stash: AttentionStash | None = None) -> torch.Tensor:
     """q `[s/cp, b, np, d]`, k/v `[s/cp, b, ng, d]` -> `[s/cp, b, np*d]`."""
     s_l, b, heads, d = q.shape
-    qf, kf, vf = scatter_heads(q, k, v, inner, "--cp-comm-type a2a+p2p")  # [s/b, b, np/a, d], [s/b, b, ng', d]
+    qf, kf, vf = scatter_heads(q, k, v, inner, "--cp-comm-type a2a+p2p")  # [s/b, b, np/a or ng', d]
     qf, kf, vf = (t.permute(1, 2, 0, 3) for t in (qf, kf, vf))  # [b, heads, s/b, d]
     ctx = core_attention_bhsd(qf, kf, vf, RingCore(outer, kernel), stash)  # [b, np/a, s/b, d]
     return gather_heads(ctx.permute(2, 0, 1, 3), inner).reshape(s_l, b, heads * d)
