@@ -3,6 +3,9 @@ a measured bf16 matmul peak, and peak memory.
 
     python tools/benchmark.py --preset llama-1b --steps 20 --warmup 5
     python tools/benchmark.py --preset llama-1b --hf-baseline   # transformers + SDPA + autocast
+    # context parallelism over the GPUs of one node (long sequences, full recompute):
+    torchrun --nproc_per_node 2 tools/benchmark.py --preset llama-1b --micro-batch-size 1 \
+        --seq-length 131072 --recompute-granularity full --context-parallel-size 2 --cp-comm-type p2p
 
 The megatron_lite path is the training path of `pretrain()` (model, main-grad buffer,
 mixed-precision optimizer, train_step) on mock tokens; the baseline trains the same shape
@@ -12,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite.config.configs import ModelConfig
+from megatron_lite.context_parallel.split import split_batch
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
@@ -61,14 +67,23 @@ def _batches(cfg, mbs, seq, device):
                "position_ids": torch.arange(seq).expand(mbs, seq).contiguous()}
 
 
-def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False):
-    ps = ParallelState.create()
+def _parallel_state(cp: int, hierarchical):
+    """Every GPU of the launch in one CP group (torchrun), or a single process."""
+    if cp > 1:
+        return ParallelState.create(cp=cp, hierarchical_cp=hierarchical)
+    return ParallelState.create()
+
+
+def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False, cp=1,
+                      hierarchical=None):
+    ps = _parallel_state(cp, hierarchical)
     tracker = build_rng_tracker(1234, 0, 0, device)
     model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
     init_model_parameters(model, 1234, cfg.init_method_std, cfg.num_layers, 0, 1)
     model = DistributedDataParallel(model, ps, DDPConfig())
     opt = MixedPrecisionOptimizer(model.module.named_parameters(), OptimizerConfig(lr=1e-4), ps)
-    data = _batches(cfg, mbs, seq, device)
+    # Every rank draws the same batch and keeps its zig-zag share (what the CP data path does).
+    data = (split_batch(b, ps.cp_size, ps.cp_rank) for b in _batches(cfg, mbs, seq, device))
     losses = []
 
     def step():
@@ -126,7 +141,7 @@ def _time(step, steps, warmup, profile=False) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def main() -> None:
+def _args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -135,36 +150,75 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--recompute-granularity", default=None)
+    p.add_argument("--no-recompute-keeps-attention", action="store_true",
+                   help="full recompute re-runs the attention forward (for comparison)")
+    p.add_argument("--context-parallel-size", type=int, default=1, help="launch with torchrun, one GPU each")
+    p.add_argument("--cp-comm-type", default="p2p")
+    p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, default=None)
     p.add_argument("--cross-entropy-loss-fusion", action="store_true")
     p.add_argument("--no-fusion", action="store_true", help="eager SwiGLU, RoPE and RMSNorm")
     p.add_argument("--hf-baseline", action="store_true", help="time transformers instead")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
-    a = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: tools/benchmark.py needs a CUDA GPU")
-    device = torch.device("cuda")
-    cfg = ModelConfig(**PRESETS[a.preset], params_dtype=torch.bfloat16,
-                      attention_backend=a.attention_backend, recompute_granularity=a.recompute_granularity,
-                      cross_entropy_loss_fusion=a.cross_entropy_loss_fusion,
-                      bias_swiglu_fusion=not a.no_fusion, apply_rope_fusion=not a.no_fusion,
-                      no_persist_layer_norm=a.no_fusion)
-    runner = run_hf_baseline if a.hf_baseline else run_megatron_lite
-    sec, losses = runner(cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup, device, a.profile)
-    tokens = a.micro_batch_size * a.seq_length
-    flops = num_floating_point_operations(cfg, a.micro_batch_size, a.seq_length)
+    return p.parse_args()
+
+
+def _config(a) -> ModelConfig:
+    full = a.recompute_granularity == "full"  # uniform, one layer per checkpoint
+    preset = dict(PRESETS[a.preset], max_position_embeddings=max(a.seq_length, 2048))
+    return ModelConfig(**preset, params_dtype=torch.bfloat16,
+                       recompute_method="uniform" if full else None, recompute_num_layers=1 if full else None,
+                       recompute_keeps_attention=not a.no_recompute_keeps_attention,
+                       cp_comm_type=(a.cp_comm_type,),
+                       attention_backend=a.attention_backend, recompute_granularity=a.recompute_granularity,
+                       cross_entropy_loss_fusion=a.cross_entropy_loss_fusion,
+                       bias_swiglu_fusion=not a.no_fusion, apply_rope_fusion=not a.no_fusion,
+                       no_persist_layer_norm=a.no_fusion)
+
+
+def _result(a, cfg, sec, losses, device) -> dict:
+    gpus = a.context_parallel_size
+    tokens = a.micro_batch_size * a.seq_length / gpus  # per GPU: the CP group shares one sequence
+    flops = num_floating_point_operations(cfg, a.micro_batch_size, a.seq_length) / gpus
     peak = matmul_peak_tflops(device)
-    result = {
+    return {
         "impl": "hf-transformers" if a.hf_baseline else "megatron_lite", "preset": a.preset,
         "fusion": not a.no_fusion, "ce_fusion": a.cross_entropy_loss_fusion,
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "micro_batch": a.micro_batch_size, "seq": a.seq_length, "step_ms": round(sec * 1000, 2),
-        "tokens_per_s": round(tokens / sec), "tflops_per_gpu": round(flops / sec / 1e12, 1),
+        "context_parallel": gpus, "cp_comm_type": a.cp_comm_type if gpus > 1 else None,
+        "recompute": a.recompute_granularity, "recompute_keeps_attention": not a.no_recompute_keeps_attention,
+        "tokens_per_s": round(tokens * gpus / sec), "tokens_per_s_per_gpu": round(tokens / sec),
+        "tflops_per_gpu": round(flops / sec / 1e12, 1),
         "mfu_vs_measured_matmul_peak": round(flops / sec / 1e12 / peak, 3),
         "matmul_peak_tflops": round(peak, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "first_last_loss": [float(_loss(losses[0])), float(_loss(losses[-1]))],
     }
+
+
+def main() -> None:
+    a = _args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: tools/benchmark.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    cp = a.context_parallel_size
+    if cp > 1:  # under torchrun: one GPU per rank, all in one CP group
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    cfg = _config(a)
+    shape = (cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup, device, a.profile)
+    if a.hf_baseline:
+        sec, losses = run_hf_baseline(*shape)
+    else:
+        sec, losses = run_megatron_lite(*shape, cp, a.hierarchical_context_parallel_sizes)
+    result = _result(a, cfg, sec, losses, device)
+    first = cp == 1 or dist.get_rank() == 0
+    if cp > 1:
+        dist.destroy_process_group()
+    if not first:
+        return
     print(json.dumps(result), flush=True)
     if a.json:
         with open(a.json, "a") as f:
