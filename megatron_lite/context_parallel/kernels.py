@@ -48,7 +48,8 @@ class BlockKernel:
 
     def forward(self, q, k, v, causal: bool):
         """-> (out `[b, np, sq, d]` in q's dtype, lse `[b, np, sq]` fp32, rng). `rng` is what
-        the backward needs to redraw this block's dropout mask (None without dropout).
+        the backward needs to redraw this block's dropout mask (math: a seed, None without
+        dropout; GPU ops: their philox state).
 
         Dropout acts elementwise on the row's probabilities; a block's probabilities are the
         row's times exp(block lse - row lse), so dropping within blocks and merging equals
@@ -58,13 +59,15 @@ class BlockKernel:
             seed = _draw_seed(q.device) if p else None
             out, lse = _math_forward(q, k, v, causal, self.scale, p, seed)
             return out, lse, seed
+        # The GPU ops' rng outputs (philox state) are kept for every block: backward takes them
+        # even without dropout.
         if self.backend == "flash":
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, p, causal, False,
                                                                      scale=self.scale)
-            return res[0], res[1], (res[6], res[7]) if p else None
+            return res[0], res[1], (res[6], res[7])
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, p, causal, False,
                                                                  scale=self.scale)
-        return res[0], res[1].reshape(res[1].shape[:3]), (res[6], res[7]) if p else None  # lse [b, np, sq, 1]
+        return res[0], res[1].reshape(res[1].shape[:3]), (res[6], res[7])  # lse [b, np, sq, 1]
 
     def backward(self, dout, q, k, v, out, lse, causal: bool, rng=None):
         """Gradients of one block given the row-merged `out` and `lse` and the block's `rng`
@@ -74,15 +77,18 @@ class BlockKernel:
         if self.backend == "math":
             return _math_backward(dout, q, k, v, out, lse, causal, self.scale, p, rng)
         sq, sk = q.shape[2], k.shape[2]
-        empty = torch.empty(0, dtype=torch.long, device=q.device)
-        seed, offset = rng if rng is not None else (empty, empty)
+        no_seqlens = torch.empty(0, dtype=torch.int32, device=q.device)  # dense batch: no cu_seqlens
+        no_rng = torch.empty(0, dtype=torch.long, device=q.device)  # only read with dropout
+        seed, offset = rng if rng is not None else (no_rng, no_rng)
         lse = lse.contiguous()
         if self.backend == "flash":
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, empty, empty, sq, sk, p, causal, seed, offset, scale=self.scale)
+                dout, q, k, v, out, lse, no_seqlens, no_seqlens, sq, sk, p, causal, seed, offset,
+                scale=self.scale)
+        no_bias = torch.empty(0, device=q.device, dtype=q.dtype)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, empty, empty, empty, sq, sk, p, causal,
-            scale=self.scale)
+            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, no_bias, no_seqlens, no_seqlens, sq, sk, p,
+            causal, scale=self.scale)
 
 
 def _draw_seed(device) -> int:
