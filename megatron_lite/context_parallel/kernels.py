@@ -77,18 +77,15 @@ class BlockKernel:
         if self.backend == "math":
             return _math_backward(dout, q, k, v, out, lse, causal, self.scale, p, rng)
         sq, sk = q.shape[2], k.shape[2]
-        no_seqlens = torch.empty(0, dtype=torch.int32, device=q.device)  # dense batch: no cu_seqlens
-        no_rng = torch.empty(0, dtype=torch.long, device=q.device)  # only read with dropout
-        seed, offset = rng if rng is not None else (no_rng, no_rng)
+        # None = an undefined tensor: no cu_seqlens (dense batch), no bias, no dropout state.
+        seed, offset = rng if rng is not None else (None, None)
         lse = lse.contiguous()
         if self.backend == "flash":
             return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-                dout, q, k, v, out, lse, no_seqlens, no_seqlens, sq, sk, p, causal, seed, offset,
-                scale=self.scale)
-        no_bias = torch.empty(0, device=q.device, dtype=q.dtype)
+                dout, q, k, v, out, lse, None, None, sq, sk, p, causal, seed, offset, scale=self.scale)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, no_bias, no_seqlens, no_seqlens, sq, sk, p,
-            causal, scale=self.scale)
+            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None, sq, sk, p, causal,
+            scale=self.scale)
 
 
 def _draw_seed(device) -> int:

@@ -30,13 +30,13 @@ def test_block_kernel_matches_math(backend, heads, groups, causal):
     sq, sk = (256, 256) if causal else (128, 384)
     q, k, v = _qkv(2, heads, groups, sq, sk)
     fast, ref = BlockKernel(backend, 0.125), BlockKernel("math", 0.125)
-    out, lse, _ = fast.forward(q, k, v, causal)
+    out, lse, rng = fast.forward(q, k, v, causal)
     ref_out, ref_lse, _ = ref.forward(q, k, v, causal)
     assert lse.shape == (2, heads, sq) and lse.dtype == torch.float32
     assert _rel(out, ref_out) < 1e-2
     assert (lse - ref_lse).abs().max() < 1e-2
     dout = torch.randn_like(q)
-    grads = fast.backward(dout, q, k, v, out, lse, causal)
+    grads = fast.backward(dout, q, k, v, out, lse, causal, rng)
     ref_grads = ref.backward(dout, q, k, v, ref_out, ref_lse, causal)
     for g, r, name in zip(grads, ref_grads, "qkv"):
         assert g.shape == r.shape, name
