@@ -3,7 +3,7 @@ of the K/V transfer time runs under the attention kernels (the overlap of spec Â
 
     torchrun --nproc_per_node 2 tools/cp_ring_trace.py --seq-length 32768 --trace ring.json
 
-Runs forward + backward of one attention layer (Llama-3.2-1B heads: 32 query, 8 K/V, d 64)
+Runs forward + backward of one attention layer three times (Llama-3.2-1B heads: 32 query, 8 K/V, d 64)
 under the torch profiler and writes rank 0's Chrome trace. Prints one JSON line: the NCCL
 kernels' total time and the part of it during which a compute kernel ran on another stream.
 """
@@ -71,7 +71,12 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
+        # The profilers of the two ranks start at different times: line them up first, or the
+        # first transfer's kernel spends that skew waiting for the peer.
+        dist.barrier(device_ids=[device.index])
+        torch.cuda.synchronize()
+        for _ in range(3):
+            step()
         torch.cuda.synchronize()
     comm, compute = _intervals(prof)
     result = {"seq": a.seq_length, "cp": ps.cp_size, "nccl_kernels": len(comm),
