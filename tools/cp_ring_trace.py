@@ -22,13 +22,18 @@ from megatron_lite.distributed.parallel_state import ParallelState
 
 
 def _intervals(prof):
-    """(nccl kernel intervals, compute kernel intervals) in µs from the profiler's CUDA events."""
+    """(NCCL send/recv kernel intervals, compute kernel intervals) in µs from the profiler's
+    CUDA events."""
     comm, compute = [], []
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA or e.time_range.elapsed_us() <= 0:
             continue
         span = (e.time_range.start, e.time_range.end)
-        (comm if "nccl" in e.name.lower() else compute).append(span)
+        name = e.name.lower()
+        if "nccl" not in name:
+            compute.append(span)
+        elif "send" in name or "recv" in name:  # the ring's transfers (not the barrier)
+            comm.append(span)
     return comm, compute
 
 
