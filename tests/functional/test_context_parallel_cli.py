@@ -1,0 +1,72 @@
+"""Context parallelism end to end through torchrun on CPU (spec §9): `pretrain_llama.py
+--context-parallel-size 2` prints the lm-loss lines of the CP=1 run for every --cp-comm-type
+(Llama with GQA, fp32), and a checkpoint saved at CP=2 loads at CP=1 and back at CP=2 and
+continues the same curve."""
+import re
+
+import pytest
+
+from tests.functional.test_pretrain_cli import torchrun
+
+pytestmark = pytest.mark.slow
+
+TINY_LLAMA = [
+    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--group-query-attention", "--num-query-groups", "2",
+    "--seq-length", "32", "--max-position-embeddings", "32",
+    "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--make-vocab-size-divisible-by", "64",
+    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
+    "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
+    "--mock-data", "--log-interval", "1", "--distributed-backend", "gloo", "--seed", "1234",
+    "--eval-interval", "3", "--eval-iters", "1",
+]
+LOSS = re.compile(r" iteration +(\d+)/.*lm loss: (\S+) \|"
+                  r"| (validation loss at [^|]*)\| lm loss value: (\S+) \|")
+
+
+def _losses(stdout):
+    """[(iteration or validation label, loss)] in printed order."""
+    rows = []
+    for m in map(LOSS.search, stdout.splitlines()):
+        if m:
+            rows.append((m.group(1) or m.group(3).strip(), float(m.group(2) or m.group(4))))
+    return rows
+
+
+def _same_curve(got, ref):
+    assert [k for k, _ in got] == [k for k, _ in ref], (got, ref)
+    for (key, a), (_, b) in zip(got, ref):
+        # Printed with 7 digits; the CP blocks sum attention in another order.
+        assert abs(a - b) <= 2e-6 * b, (key, a, b)
+
+
+@pytest.fixture(scope="module")
+def cp1():
+    return _losses(torchrun(1, "pretrain_llama.py", *TINY_LLAMA).stdout)
+
+
+@pytest.mark.parametrize("layout", [
+    ["--cp-comm-type", "p2p"], ["--cp-comm-type", "allgather"], ["--cp-comm-type", "a2a"],
+    ["--cp-comm-type", "a2a+p2p", "--hierarchical-context-parallel-sizes", "2", "1"],
+    ["--cp-comm-type", "p2p", "a2a", "--recompute-granularity", "full", "--recompute-method", "uniform",
+     "--recompute-num-layers", "1"],
+], ids=["p2p", "allgather", "a2a", "a2a+p2p", "per-layer-recompute"])
+def test_cp2_prints_the_cp1_losses(cp1, layout):
+    proc = torchrun(2, "pretrain_llama.py", *TINY_LLAMA, "--context-parallel-size", "2", *layout)
+    assert "context-parallel size: 2" in proc.stdout
+    got = _losses(proc.stdout)
+    assert len(got) == 6 + 2 + 2, proc.stdout[-3000:]  # 6 iterations, 2 evaluations, valid + test at the end
+    _same_curve(got, cp1)
+
+
+def test_checkpoint_cp2_to_cp1_to_cp2_continues_the_curve(tmp_path, cp1):
+    ckpt = str(tmp_path / "ckpt")
+    cp2 = ["--context-parallel-size", "2"]
+    first = torchrun(2, "pretrain_llama.py", *TINY_LLAMA, *cp2, "--save", ckpt, "--save-interval", "2",
+                     "--exit-interval", "2")
+    assert "successfully saved checkpoint from iteration       2" in first.stdout
+    middle = torchrun(1, "pretrain_llama.py", *TINY_LLAMA, "--load", ckpt, "--save", ckpt,
+                      "--save-interval", "2", "--exit-interval", "4")
+    last = torchrun(2, "pretrain_llama.py", *TINY_LLAMA, *cp2, "--load", ckpt)
+    resumed = _losses(middle.stdout) + _losses(last.stdout)  # iterations 3-4, then 5-6 and evaluations
+    _same_curve(resumed, [r for r in cp1 if r[0] not in ("1", "2")])
