@@ -19,6 +19,7 @@ from megatron_lite.checkpoint.layout import (
     read_tracker,
     write_json,
 )
+from megatron_lite.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 from megatron_lite.config.configs import ModelConfig
 
 _STRIDED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
@@ -76,8 +77,8 @@ def read_global_checkpoint(root: str, ckpt_step: int | None = None):
     check_complete(directory)
     with open(os.path.join(directory, COMMON)) as f:
         common = json.load(f)
-    meta = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    meta = SafeFileSystemReader(directory).read_metadata().state_dict_metadata
     stored = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
               for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
-    dcp.load(stored, checkpoint_id=directory, no_dist=True)
+    dcp.load(stored, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner(), no_dist=True)
     return from_stored(stored, bool(common["args"].get("swiglu"))), common

@@ -37,6 +37,12 @@ from megatron_lite.checkpoint.layout import (
     write_tracker,
 )
 from megatron_lite.checkpoint.optim_state import OptimizerCheckpoint
+from megatron_lite.checkpoint.safe_load import (
+    UNSAFE_MARK,
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    UnsafeCheckpointError,
+)
 from megatron_lite.checkpoint.sharded import model_state
 
 CHECKPOINT_VERSION = 3.0
@@ -237,13 +243,30 @@ def _check_scheduler(saved: dict, scheduler, override: bool, use_checkpoint: boo
         )
 
 
+def _unsafe(error: BaseException) -> str | None:
+    """The refusal of a malicious file (safe_load.py), wherever DCP wrapped it: per-rank
+    failure lists, causes, or the text of an error DCP re-raised in its own words."""
+    if isinstance(error, UnsafeCheckpointError):
+        return str(error)
+    for inner in getattr(error, "failures", {}).values():  # rank -> (exception, traceback)
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        found = _unsafe(inner) if isinstance(inner, BaseException) else None
+        if found is not None:
+            return found
+    for part in str(error).replace("; ", "\n").splitlines():
+        if UNSAFE_MARK in part:
+            return part[part.find("/"):] if "/" in part else part
+    cause = error.__cause__ or error.__context__
+    return _unsafe(cause) if cause is not None else None
+
+
 def _load_failure(directory: str, error: Exception) -> str:
     """One line naming what is wrong: the tensor files shorter than `.metadata` says they are,
     else DCP's own first line."""
     short = []
     try:
         ends = {}
-        for info in dcp.FileSystemReader(directory).read_metadata().storage_data.values():
+        for info in SafeFileSystemReader(directory).read_metadata().storage_data.values():
             ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
         for name, end in sorted(ends.items()):
             path = os.path.join(directory, name)
@@ -304,8 +327,11 @@ def load_checkpoint(
         rng_tensors = {_rng_prefix(ctx.ps) + k: v.clone() for k, v in tensors.items()}
         state.update(rng_tensors)
     try:
-        dcp.load(state, checkpoint_id=directory)
+        dcp.load(state, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as e:  # DCP's lists every rank's failure
+        unsafe = _unsafe(e)
+        if unsafe is not None:
+            raise CheckpointError(unsafe) from None
         raise CheckpointError(_load_failure(directory, e)) from e
     if load_optim:
         opt_ckpt.finish_load()

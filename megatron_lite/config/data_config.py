@@ -44,24 +44,31 @@ def _read_list(path: str, flag: str) -> list[str]:
         raise ConfigError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
 
 
-def _blends(args) -> tuple[Blend | None, tuple | None]:
+def _parse_blend(tokens, source: str) -> Blend | None:
     try:
-        if args.data_path or args.data_args_path:
-            tokens = args.data_path or _read_list(args.data_args_path, "--data-args-path")
-            return parse_blend(tokens), None
-        if args.per_split_data_args_path:
-            try:
-                with open(args.per_split_data_args_path) as f:
-                    spec = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                path = args.per_split_data_args_path
-                raise ConfigError(f"--per-split-data-args-path {path}: {e}") from None
-            return None, tuple(parse_blend(spec.get(k)) for k in ("train", "valid", "test"))
-        per_split = (args.train_data_path, args.valid_data_path, args.test_data_path)
-        if any(per_split):
-            return None, tuple(parse_blend(p) for p in per_split)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        return parse_blend(tokens)
+    except ValueError as e:  # e.g. a NaN weight: name the flag (and file) it came from
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _blends(args) -> tuple[Blend | None, tuple | None]:
+    if args.data_path:
+        return _parse_blend(args.data_path, "--data-path"), None
+    if args.data_args_path:
+        source = f"--data-args-path {args.data_args_path}"
+        return _parse_blend(_read_list(args.data_args_path, "--data-args-path"), source), None
+    if args.per_split_data_args_path:
+        source = f"--per-split-data-args-path {args.per_split_data_args_path}"
+        try:
+            with open(args.per_split_data_args_path) as f:
+                spec = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{source}: {e}") from None
+        return None, tuple(_parse_blend(spec.get(k), f"{source} ({k})") for k in ("train", "valid", "test"))
+    per_split = {"--train-data-path": args.train_data_path, "--valid-data-path": args.valid_data_path,
+                 "--test-data-path": args.test_data_path}
+    if any(per_split.values()):
+        return None, tuple(_parse_blend(tokens, name) for name, tokens in per_split.items())
     return None, None
 
 

@@ -1,7 +1,8 @@
 """Checks a parsed command line and derives the sizes the rest of the code needs.
 
 Megatron-LM validates with asserts spread over several files; here every impossible or
-contradictory setting raises a one-line `ConfigError` that names the flags at fault. Derived
+contradictory setting raises a one-line `ConfigError` that names the flags at fault. The domain
+of each single numeric flag is a table in `ranges.py`; this file checks flags together. Derived
 attributes keep Megatron's names because the argument dump (spec §3.1) prints them.
 """
 from __future__ import annotations
@@ -13,6 +14,9 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_lite.config.errors import ConfigError
+from megatron_lite.config.errors import flag as _flag
+from megatron_lite.config.ranges import check_ranges, check_rotary_dims
 from megatron_lite.pipeline_parallel.layout import build_layout
 
 # --cp-comm-type values (spec §9.2); Megatron's help spells all_gather as "allgather".
@@ -32,14 +36,6 @@ _TOKENIZER_NEEDS = {
     "SFTTokenizer": ("tokenizer_model",),
     "NullTokenizer": ("vocab_size",),
 }
-
-
-class ConfigError(ValueError):
-    """An impossible or contradictory command line; the one-line message names the flags at fault."""
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -62,8 +58,10 @@ def validate_args(
     warn = warn or logging.getLogger(__name__).warning
     _require(isinstance(world_size, int) and world_size >= 1, f"world size must be >= 1 (got {world_size})")
     _check_required(args)
+    check_ranges(args)  # one flag at a time, before any rule that combines flags
     _derive_parallel_sizes(args, world_size)
     _check_model_shape(args)
+    check_rotary_dims(args)
     _reject_unsupported(args)
     _check_context_parallel(args)
     _derive_batch_sizes(args)
@@ -163,8 +161,6 @@ def _check_model_shape(args) -> None:
         args.bias_gelu_fusion = False
     if args.apply_query_key_layer_scaling:
         args.attention_softmax_in_fp32 = True
-    _require(args.make_vocab_size_divisible_by >= 1,
-             f"--make-vocab-size-divisible-by must be >= 1 (got {args.make_vocab_size_divisible_by})")
 
 
 def _reject_unsupported(args) -> None:
@@ -237,7 +233,6 @@ def _derive_batch_sizes(args) -> None:
     if args.global_batch_size is None:
         args.global_batch_size = b * dp
     gbs = args.global_batch_size
-    _require(gbs > 0, f"--global-batch-size must be positive (got {gbs})")
     _require(gbs % (b * dp) == 0, f"--global-batch-size ({gbs}) must be divisible by "
              f"--micro-batch-size ({b}) x data-parallel size ({dp})")
     args.num_micro_batches = gbs // (b * dp)  # M (spec conventions)
@@ -441,9 +436,6 @@ def _check_data_parallel(args, cuda_available: bool) -> None:
         # spec §8.3: the overlapped all-gather lives in the distributed optimizer's bucket chain.
         _require(args.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer")
         _require(args.overlap_grad_reduce, "--overlap-param-gather needs --overlap-grad-reduce")
-    for dest in ("ddp_bucket_size", "ddp_num_buckets"):
-        value = getattr(args, dest)
-        _require(value is None or value > 0, f"{_flag(dest)} must be positive (got {value})")
     if args.distributed_backend is None:
         args.distributed_backend = "nccl" if cuda_available else "gloo"
 
@@ -476,7 +468,6 @@ def _check_checkpointing(args) -> None:
     if args.save is not None:
         _require(args.save_interval is not None, "--save needs --save-interval")
     interval = args.save_interval
-    _require(interval is None or interval > 0, f"--save-interval must be positive (got {interval})")
     retain = args.save_retain_interval
     if retain is not None:
         _require(interval is not None and retain > 0 and retain % interval == 0,

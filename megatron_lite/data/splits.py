@@ -2,12 +2,16 @@
 from command-line values to what the dataset builder needs."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
 SPLIT_NAMES = ("train", "valid", "test")
+# --split fields: plain decimals ("949", "0.5", ".5") between commas, slashes or spaces.
+_SPLIT_SEPARATORS = re.compile(r"\s*[,/]\s*|\s+")
+_SPLIT_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -28,21 +32,29 @@ def parse_blend(tokens: list[str] | None) -> Blend | None:
         except ValueError:
             weights = None
         if weights is not None:
-            if any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"blend weights must be non-negative with a positive sum "
-                                 f"(got {list(weights)})")
+            # float() also parses "nan" and "inf"; either would turn every normalized weight into NaN.
+            bad = [t for t, w in zip(tokens[0::2], weights) if not math.isfinite(w) or w < 0]
+            if bad or sum(weights) <= 0:
+                raise ValueError(f"blend weights must be finite and non-negative with a positive sum "
+                                 f"(got {', '.join(bad or tokens[0::2])})")
             return Blend(tuple(tokens[1::2]), weights)
     return Blend(tuple(tokens))
 
 
 def parse_split(split: str) -> list[float]:
-    """spec §2.3 steps 1-2: numbers out of e.g. "949,50,1" (or "99 1"), padded to 3, normalized."""
-    parts = [float(x) for x in re.findall(r"[.0-9]+", split)]
-    if not parts or len(parts) > 3:
-        raise ValueError(f"--split {split!r}: expected up to three proportions such as 949,50,1")
-    parts += [0.0] * (3 - len(parts))
-    if any(p < 0 for p in parts) or sum(parts) <= 0:
-        raise ValueError(f"--split {split!r}: proportions must be non-negative with a positive sum")
+    """spec §2.3 steps 1-2: numbers out of e.g. "949,50,1" (or "99 1", "98/2"), padded to 3, normalized.
+
+    Megatron pulls every `[.0-9]+` run out of the string, so "1..2" fails inside float() and
+    "-1,2" or "1e-3,1" silently become other splits; here the whole string must be up to
+    three plain non-negative numbers between separators, or it is refused naming --split.
+    """
+    fields = _SPLIT_SEPARATORS.split(split.strip())
+    if len(fields) > 3 or not all(_SPLIT_NUMBER.fullmatch(f) for f in fields):
+        raise ValueError(f"--split {split!r}: expected up to three non-negative numbers separated by commas, "
+                         "such as 949,50,1")
+    parts = [float(f) for f in fields] + [0.0] * (3 - len(fields))
+    if sum(parts) <= 0:
+        raise ValueError(f"--split {split!r}: proportions must have a positive sum")
     total = sum(parts)
     return [p / total for p in parts]
 

@@ -8,6 +8,7 @@ for a single process works without torch.distributed being initialized.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -34,6 +35,9 @@ class ParallelState:
     embedding_ranks: list = field(default_factory=list)
     position_embedding_group: object = None
     position_embedding_ranks: list = field(default_factory=list)
+    # --distributed-timeout-minutes for every group this layout makes: torch's new_group does
+    # not inherit the world's timeout (it would keep its 30-minute default).
+    timeout: timedelta | None = None
     _owned: list = field(default_factory=list, repr=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -47,6 +51,7 @@ class ParallelState:
         tied_embeddings: bool = True,
         backend: str | None = None,
         hierarchical_cp: tuple[int, ...] | None = None,
+        timeout: timedelta | None = None,
     ) -> ParallelState:
         """Build every group for this layout. Collective: all ranks of the world must call it.
         `hierarchical_cp`: `--hierarchical-context-parallel-sizes` (inner, outer), for a2a+p2p."""
@@ -59,7 +64,7 @@ class ParallelState:
                 f"x context ({cp}) parallel sizes"
             )
         grid = RankGrid(tp=tp, cp=cp, dp=world // model_parallel, pp=pp, order=order)
-        state = cls(grid=grid, rank=rank)
+        state = cls(grid=grid, rank=rank, timeout=timeout)
         for token in _GROUP_TOKENS:
             state.groups[token], state.ranks[token] = state._new_groups(grid.groups(token), backend)
         if hierarchical_cp and len(hierarchical_cp) > 1:
@@ -82,7 +87,7 @@ class ParallelState:
         for ranks in all_groups:
             group = None
             if dist.is_initialized() and len(ranks) > 1:
-                group = dist.new_group(ranks, backend=backend)
+                group = dist.new_group(ranks, backend=backend, timeout=self.timeout)
                 self._owned.append(group)
             if self.rank in ranks:
                 mine, mine_ranks = group, list(ranks)

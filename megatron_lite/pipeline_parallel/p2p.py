@@ -45,7 +45,7 @@ class PipelineChannels:
             for r in range(pp if ring else pp - 1):
                 a, b = pipeline[r], pipeline[(r + 1) % pp]
                 for kind in (ACT, GRAD):
-                    group = dist.new_group(sorted({a, b}), backend=backend)
+                    group = dist.new_group(sorted({a, b}), backend=backend, timeout=ps.timeout)
                     out._owned.append(group)
                     if pipeline == mine and ps.rank in (a, b):
                         out.links[(kind, r)] = (group, a, b)

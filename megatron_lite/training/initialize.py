@@ -2,8 +2,11 @@
 ParallelState and seed the generators (spec §2.12)."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,6 +26,9 @@ class DistributedEnv:
     backend: str
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,9 +44,25 @@ def resolve_backend(requested: str | None) -> str:
     return requested
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, end this worker when its launcher dies. torchrun's workers run in their
+    own sessions, so a hard kill of torchrun (a scheduler's SIGKILL) would leave them training
+    and writing checkpoints beside a restarted job. Linux's parent-death signal kills the
+    worker instead (SIGKILL: no signal handler may start a save without a launcher)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not permitted here (e.g. a sandbox): nothing else we can do
+    if os.getppid() != launcher:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: float = 10) -> DistributedEnv:
     """Initialize the default process group. Without torchrun variables this is a world of one
     (so `python pretrain_gpt.py ...` works too)."""
+    die_with_launcher()
     backend = resolve_backend(backend)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,9 +84,11 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10) ->
 
 
 def build_parallel_state(tp: int, pp: int, cp: int, tied_embeddings: bool, order: str,
-                         hierarchical_cp: list[int] | None = None) -> ParallelState:
+                         hierarchical_cp: list[int] | None = None,
+                         timeout_minutes: float | None = None) -> ParallelState:
     return ParallelState.create(tp=tp, pp=pp, cp=cp, order=order, tied_embeddings=tied_embeddings,
-                                hierarchical_cp=tuple(hierarchical_cp) if hierarchical_cp else None)
+                                hierarchical_cp=tuple(hierarchical_cp) if hierarchical_cp else None,
+                                timeout=timedelta(minutes=timeout_minutes) if timeout_minutes else None)
 
 
 def seed_rank(seed: int, ps: ParallelState, device: torch.device,

@@ -18,6 +18,7 @@ from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.configs import model_config_from_args
 from megatron_lite.config.data_config import data_config_from_args, tokenizer_config_from_args
+from megatron_lite.config.ranges import check_ranges
 from megatron_lite.config.startup_lines import (
     format_args_dump,
     pad_vocab_size,
@@ -159,7 +160,7 @@ class _Checkpointing:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.timers, self.logger = timers, logger
         self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker)
-        self.saver = AsyncSaver(env.device) if (args.async_save and args.save) else None
+        self.saver = AsyncSaver(env.device, ps.timeout) if (args.async_save and args.save) else None
         # Synchronous saves from a GPU also go through pinned host buffers (see HostStaging).
         self.staging = HostStaging(env.device) if (env.device.type == "cuda" and self.saver is None) else None
         self.last_saved, self.restore_rng = None, None
@@ -288,7 +289,32 @@ def _build_scheduler(args, optimizer):
         wsd_decay_steps=wsd, lr_wsd_decay_style=args.lr_wsd_decay_style)
 
 
+def _is_peer_failure(error: BaseException) -> bool:
+    """A collective that timed out or lost its peer: gloo raises a RuntimeError naming the
+    timeout or the closed connection, NCCL a DistBackendError."""
+    if isinstance(error, dist.DistBackendError):
+        return True
+    text = str(error)
+    signs = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
+    return isinstance(error, RuntimeError) and any(t in text for t in signs)
+
+
 def pretrain(argv=None, defaults: dict | None = None) -> int:
+    """Train as the command line says. A collective that a stuck or dead rank never joins
+    ends this rank with one `error:` line (within --distributed-timeout-minutes; every group
+    carries that timeout) instead of a traceback, so torchrun stops the whole job."""
+    try:
+        return _pretrain(argv, defaults)
+    except (RuntimeError, dist.DistBackendError) as e:
+        if not _is_peer_failure(e):
+            raise
+        rank = os.environ.get("RANK", "0")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: rank {rank}: a collective failed, another rank is stuck or dead "
+                         f"(--distributed-timeout-minutes): {first}") from None
+
+
+def _pretrain(argv=None, defaults: dict | None = None) -> int:
     start = time.time()
     args = parse_args(argv, defaults=defaults)
     if args.deterministic_mode:
@@ -296,6 +322,10 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
         # any GPU work. Ops without a deterministic kernel then raise instead of varying.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    try:  # before init_distributed, which already uses --distributed-timeout-minutes
+        check_ranges(args)
+    except ConfigError as e:  # no process group yet: torchrun's RANK picks the rank that prints
+        raise SystemExit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 2) from None
     env = init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
     logger = RankLogger(env.rank, env.world_size)
     try:
@@ -335,7 +365,8 @@ def pretrain(argv=None, defaults: dict | None = None) -> int:
     ps = build_parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                               args.context_parallel_size, not args.untie_embeddings_and_output_weights,
                               "tp-cp-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-dp-pp",
-                              hierarchical_cp=args.hierarchical_context_parallel_sizes)
+                              hierarchical_cp=args.hierarchical_context_parallel_sizes,
+                              timeout_minutes=args.distributed_timeout_minutes)
     tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init)
     logger.datetime_line("after megatron is initialized")
     logger.rank0(f"time to initialize megatron (seconds): {time.time() - start:.3f}")

@@ -117,7 +117,10 @@ def main(argv=None) -> None:
         "--vocab-size", type=int, default=None, help="tokenizer vocabulary (padding is stripped)"
     )
     a = p.parse_args(argv)
-    (hf_to_megatron if a.direction == "hf-to-megatron" else megatron_to_hf)(a)
+    try:
+        (hf_to_megatron if a.direction == "hf-to-megatron" else megatron_to_hf)(a)
+    except (OSError, ValueError, KeyError) as e:  # unreadable, malformed or refused (safe_load.py) input
+        raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 if __name__ == "__main__":
