@@ -11,7 +11,7 @@ import pytest
 from tests.functional.test_pretrain_cli import iteration_lines, torchrun
 
 ROOT = Path(__file__).resolve().parents[2]
-GPT2 = ROOT.parent / "shared" / "data" / "gpt2"
+GPT2 = ROOT / "tests" / "data" / "gpt2"  # GPT-2 vocab.json / merges.txt, copied into the repo
 WORDS = ("the a model data token parallel tensor pipeline gradient loss batch sequence layer "
          "attention network training step rank process learns reads writes small large fast").split()
 

@@ -14,7 +14,7 @@ from megatron_lite.data.tokenizers import TokenizerConfig, build_tokenizer
 from tests.unit.data.test_indexed_dataset import bin_bytes, idx_bytes
 
 ROOT = Path(__file__).resolve().parents[3]
-GPT2 = ROOT.parent / "shared" / "data" / "gpt2"
+GPT2 = ROOT / "tests" / "data" / "gpt2"
 GPT2_FLAGS = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(GPT2 / "vocab.json"),
               "--merge-file", str(GPT2 / "merges.txt")]
 

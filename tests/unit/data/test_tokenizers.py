@@ -10,7 +10,7 @@ import pytest
 
 from megatron_lite.data.tokenizers import TokenizerConfig, TokenizerError, build_tokenizer
 
-GPT2 = Path(__file__).resolve().parents[4] / "shared" / "data" / "gpt2"
+GPT2 = Path(__file__).resolve().parents[2] / "data" / "gpt2"  # tests/data/gpt2
 
 SAMPLE = [
     "Hello, world! It's a test: don't we'll they've I'm you'd she's.",
