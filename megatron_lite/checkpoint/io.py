@@ -109,6 +109,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _check_finite(models, ps, iteration: int) -> None:
+    """Refuse to publish weights with NaN/Inf (a run with --no-check-for-nan-in-loss-and-grad
+    can get there): the previous checkpoint stays the one --load finds. Collective."""
+    params = [p for m in models for p in m.parameters()]
+    if not params:
+        return
+    bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).any().float().reshape(1)
+    for group in (ps.mp_group, ps.dp_cp_group):  # together they span the world
+        if group is not None:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+    if bool(bad.item()):
+        raise CheckpointError(f"refusing to save iteration {iteration}: the model has non-finite weights "
+                              "(NaN/Inf); the previous checkpoint is still the latest")
+
+
 def _save_planner(fully_parallel: bool):
     """DCP writes each replicated tensor once. By default the writer of each is the rank with
     the least to write so far, which spreads the save over the DP replicas (Megatron's fully
@@ -144,6 +159,7 @@ def save_checkpoint(
     published, older checkpoints whose iteration is not a multiple of it are deleted."""
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
+    _check_finite(models, ctx.ps, iteration)
     if saver is not None:
         saver.wait()  # the previous save must be published before this one can follow it
     if _rank0():
@@ -198,6 +214,8 @@ def save_checkpoint(
     try:
         dcp.save(state, storage_writer=checkpoint_writer(partial), planner=_save_planner(fully_parallel))
     except (Exception, CheckpointException) as e:
+        if _rank0():  # every rank has stopped writing (the failure is collective): free the disk
+            shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(f"{partial}: save of iteration {iteration} failed ({describe_error(e)}); "
                               "the previous checkpoint is still the latest") from e
     publish()
@@ -300,6 +318,9 @@ def load_checkpoint(
     """Collective. None when `root` has no checkpoint (the run starts from scratch)."""
     found = read_tracker(root) if ckpt_step is None else (ckpt_step, False)
     if found is None:
+        if not os.path.exists(root):  # Megatron starts from scratch here too: say it loudly
+            logger.rank0(f"WARNING: --load {root} does not exist; training starts from random weights "
+                         "(--exit-on-missing-checkpoint makes this an error)")
         logger.rank0(f"WARNING: could not find the metadata file {os.path.join(root, TRACKER)}")
         logger.rank0("    will not load any checkpoints and will start from random")
         return None

@@ -30,7 +30,15 @@ class CheckpointError(RuntimeError):
 
 
 def describe_error(error: BaseException) -> str:
-    """`Type: first line` of an error, for one-line messages (DCP's span one line per rank)."""
+    """`Type: first line` of an error, for one-line messages (DCP's span one line per rank).
+    A DCP CheckpointException is unwrapped to the first rank's own error, so a full disk
+    reads `OSError: [Errno 28] No space left on device`, not `ranks:dict_keys([0])`."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            return describe_error(inner)
     first = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
@@ -44,7 +52,11 @@ def read_tracker(root: str) -> tuple[int, bool] | None:
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the tracker ({type(e).__name__}: {e})") from None
     if text == "release":
         return 0, True
     try:
@@ -109,11 +121,22 @@ def prune_checkpoints(root: str, latest: int, retain_interval: int) -> list[int]
     return removed
 
 
+# What every load reads from common.json (checkpoint/io.py); a file without them is refused
+# by name rather than failing later with a KeyError.
+COMMON_KEYS = ("checkpoint_version", "args", "has_optimizer", "has_rng", "tensor_model_parallel_size",
+               "pipeline_model_parallel_size", "opt_param_scheduler", "consumed_train_samples",
+               "consumed_valid_samples", "skipped_train_samples", "num_floating_point_operations_so_far")
+
+
 def read_common(directory: str) -> dict:
     """The checkpoint's `common.json` (JSON: reading it runs no code)."""
     path = os.path.join(directory, COMMON)
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
+        with open(path, encoding="utf-8") as f:
+            common = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    missing = [k for k in COMMON_KEYS if k not in common] if isinstance(common, dict) else list(COMMON_KEYS)
+    if missing:
+        raise CheckpointError(f"{path}: not a megatron_lite checkpoint record, missing {', '.join(missing)}")
+    return common

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -467,6 +468,9 @@ def _check_data_and_tokenizer(args, warn: Callable[[str], None]) -> None:
 def _check_checkpointing(args) -> None:
     if args.save is not None:
         _require(args.save_interval is not None, "--save needs --save-interval")
+        # Found at startup, not at the first save after hours of training.
+        _require(not os.path.exists(args.save) or os.path.isdir(args.save),
+                 f"--save {args.save} is a file, not a directory")
     interval = args.save_interval
     retain = args.save_retain_interval
     if retain is not None:

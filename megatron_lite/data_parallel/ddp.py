@@ -29,6 +29,10 @@ from megatron_lite.tensor_parallel.collectives import (
 )
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf in the loss or the gradients (--check-for-nan-in-loss-and-grad)."""
+
+
 @dataclass(frozen=True)
 class DDPConfig:
     grad_reduce_in_fp32: bool = True  # --accumulate-allreduce-grads-in-fp32 (forced on with --bf16)
@@ -197,7 +201,7 @@ class DistributedDataParallel(torch.nn.Module):
         if bool(torch.isfinite(norms).all()):  # one host sync per iteration, after all launches
             return
         bad = next(i for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok)
-        raise RuntimeError(f"Rank {dist.get_rank() if dist.is_initialized() else 0}: found NaN in local "
+        raise NonFiniteError(f"Rank {dist.get_rank() if dist.is_initialized() else 0}: found NaN in local "
                            f"grad norm for bucket #{bad} in backward pass before data-parallel "
                            "communication collective")
 

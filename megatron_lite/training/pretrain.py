@@ -44,6 +44,7 @@ from megatron_lite.pipeline_parallel.trace import (
     gather_events,
     write_chrome_trace,
 )
+from megatron_lite.training.failures import report_failures
 from megatron_lite.training.flops import num_floating_point_operations
 from megatron_lite.training.housekeeping import Housekeeping, HousekeepingConfig
 from megatron_lite.training.initialize import build_parallel_state, init_distributed, seed_rank
@@ -289,29 +290,10 @@ def _build_scheduler(args, optimizer):
         wsd_decay_steps=wsd, lr_wsd_decay_style=args.lr_wsd_decay_style)
 
 
-def _is_peer_failure(error: BaseException) -> bool:
-    """A collective that timed out or lost its peer: gloo raises a RuntimeError naming the
-    timeout or the closed connection, NCCL a DistBackendError."""
-    if isinstance(error, dist.DistBackendError):
-        return True
-    text = str(error)
-    signs = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer")
-    return isinstance(error, RuntimeError) and any(t in text for t in signs)
-
-
 def pretrain(argv=None, defaults: dict | None = None) -> int:
-    """Train as the command line says. A collective that a stuck or dead rank never joins
-    ends this rank with one `error:` line (within --distributed-timeout-minutes; every group
-    carries that timeout) instead of a traceback, so torchrun stops the whole job."""
-    try:
-        return _pretrain(argv, defaults)
-    except (RuntimeError, dist.DistBackendError) as e:
-        if not _is_peer_failure(e):
-            raise
-        rank = os.environ.get("RANK", "0")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: rank {rank}: a collective failed, another rank is stuck or dead "
-                         f"(--distributed-timeout-minutes): {first}") from None
+    """Train as the command line says; failures of the run become one `error:` line
+    (training/failures.py)."""
+    return report_failures(_pretrain, argv, defaults)
 
 
 def _pretrain(argv=None, defaults: dict | None = None) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_lite.data_parallel.ddp import NonFiniteError
 from megatron_lite.data_parallel.finalize import finalize_grads
 from megatron_lite.pipeline_parallel.executor import (
     ForwardBackwardResult,
@@ -68,7 +69,7 @@ def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, t
     totals = result.totals
     cfg = chunks[0].config
     if cfg.check_for_nan_in_grad and not bool(torch.isfinite(totals[0])):
-        raise RuntimeError(f"Rank {ps.rank}: found NaN or Inf in local forward loss calculation")
+        raise NonFiniteError(f"Rank {ps.rank}: found NaN or Inf in local forward loss calculation")
     timers("all-grads-sync", 1).start()
     finalize_grads(chunks, ps, num_tokens=totals[1] if cfg.calculate_per_token_loss else None)
     timers("all-grads-sync", 1).stop()
