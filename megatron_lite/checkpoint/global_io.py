@@ -10,11 +10,14 @@ import os
 import torch
 import torch.distributed.checkpoint as dcp
 
+from megatron_lite.checkpoint.checksums import first_mismatch
 from megatron_lite.checkpoint.layout import (
     COMMON,
     METADATA,
     METADATA_CONTENT,
+    CheckpointError,
     check_complete,
+    checkpoint_writer,
     iteration_dir,
     read_tracker,
     write_json,
@@ -52,7 +55,7 @@ def write_global_checkpoint(root: str, global_state: dict[str, torch.Tensor], cf
     directory = iteration_dir(root, iteration, release)
     partial = directory + ".partial"
     os.makedirs(partial, exist_ok=True)
-    dcp.save(to_stored(global_state, cfg.swiglu), checkpoint_id=partial, no_dist=True)
+    dcp.save(to_stored(global_state, cfg.swiglu), storage_writer=checkpoint_writer(partial), no_dist=True)
     common = {"checkpoint_version": 3.0, "iteration": iteration, "consumed_train_samples": 0,
               "consumed_valid_samples": 0, "skipped_train_samples": 0,
               "num_floating_point_operations_so_far": 0.0, "tensor_model_parallel_size": 1,
@@ -77,6 +80,9 @@ def read_global_checkpoint(root: str, ckpt_step: int | None = None):
     check_complete(directory)
     with open(os.path.join(directory, COMMON)) as f:
         common = json.load(f)
+    corrupted = first_mismatch(directory)
+    if corrupted:
+        raise CheckpointError(corrupted)
     meta = SafeFileSystemReader(directory).read_metadata().state_dict_metadata
     stored = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
               for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}

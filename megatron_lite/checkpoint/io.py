@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from megatron_lite.checkpoint import rng
+from megatron_lite.checkpoint import checksums, rng
 from megatron_lite.checkpoint.async_save import AsyncSaver, HostStaging
 from megatron_lite.checkpoint.layout import (
     COMMON,
@@ -347,6 +347,9 @@ def load_checkpoint(
         tensors, _ = rng.capture(ctx.rng_tracker, ctx.device)  # templates of the right shapes
         rng_tensors = {_rng_prefix(ctx.ps) + k: v.clone() for k, v in tensors.items()}
         state.update(rng_tensors)
+    corrupted = checksums.verify(directory, ctx.ps)  # before DCP reads anything into the model
+    if corrupted:
+        raise CheckpointError(corrupted)
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner())
     except (Exception, CheckpointException) as e:  # DCP's lists every rank's failure

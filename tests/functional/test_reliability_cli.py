@@ -46,6 +46,25 @@ def test_planted_metadata_pickle_is_refused_on_load(tmp_path):
     assert not marker.exists()
 
 
+def test_a_corrupted_tensor_file_is_refused_on_load(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    flags = _with(TINY_GPT, "--train-iters", "4")
+    torchrun(2, "pretrain_gpt.py", *flags, "--save", ckpt, "--save-interval", "4")
+    directory = os.path.join(ckpt, "iter_0000004")
+    victim = sorted(f for f in os.listdir(directory) if f.endswith(".distcp"))[-1]
+    with open(os.path.join(directory, victim), "r+b") as f:
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 1]))
+    proc = torchrun(2, "pretrain_gpt.py", *flags, "--load", ckpt, "--no-load-optim", check=False)
+    assert proc.returncode != 0
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    errors = {ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error: ")}
+    assert any(f"{victim}: checksum mismatch" in e for e in errors), errors
+    assert " iteration        5/" not in proc.stdout  # no training step ran
+
+
 def _start(tmp_path, *extra):
     """A 2-process run long enough to be interrupted; returns (torchrun Popen, log path)."""
     log = tmp_path / "run.log"
