@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     try:
         ds = IndexedDataset(args.data_path, multimodal=args.multimodal)
         tokenizer = build_tokenizer(tokenizer_config_from_tool_args(args)) if args.tokenizer_type else None
-    except (FileNotFoundError, IndexedDatasetError, TokenizerError) as e:
+    except (OSError, IndexedDatasetError, TokenizerError) as e:  # OSError: e.g. an unreadable file
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("\n".join(summary(ds)))

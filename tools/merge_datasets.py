@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     try:
         prefixes = find_prefixes(args.input, exclude=args.output_prefix)
         merge(prefixes, args.output_prefix, args.multimodal)
-    except (FileNotFoundError, IndexedDatasetError) as e:
+    except (OSError, IndexedDatasetError) as e:  # OSError: --input not a directory, unwritable output
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Merged {len(prefixes)} datasets into {data_file_path(args.output_prefix)} and "

@@ -32,7 +32,13 @@ from megatron_lite.data.indexed_dataset import (  # noqa: E402
 )
 from megatron_lite.data.preprocess import EncodeOptions, EncodeStats, encode_file  # noqa: E402
 from megatron_lite.data.sentence_split import punkt_parameters  # noqa: E402
-from megatron_lite.data.text_input import BadLine, decode_document, iter_lines, open_binary  # noqa: E402
+from megatron_lite.data.text_input import (  # noqa: E402
+    BadLine,
+    decode_document,
+    iter_lines,
+    numbered_lines,
+    open_binary,
+)
 from megatron_lite.data.tokenizers import TokenizerError  # noqa: E402
 
 
@@ -78,17 +84,29 @@ def make_partitions(pattern: str, n: int, sequential: bool) -> list[str]:
     if sequential:
         total = sum(1 for f in inputs for _ in iter_lines(f))
         block = max(1, math.ceil(total / n))
-    outs = [open(name + ".partial", "wb") for name in names]
-    k = 0
-    for f in inputs:
-        with open_binary(f) as fin:
-            for line in fin:
-                part = min(k // block, n - 1) if block else k % n
-                outs[part].write(line if line.endswith(b"\n") else line + b"\n")
-                k += 1
-    for out, name in zip(outs, names):
-        out.close()
-        os.replace(name + ".partial", name)
+    outs = []
+    try:
+        for name in names:
+            outs.append(open(name + ".partial", "wb"))
+        k = 0
+        for f in inputs:
+            with open_binary(f) as fin:
+                for _, line in numbered_lines(fin, f):
+                    part = min(k // block, n - 1) if block else k % n
+                    outs[part].write(line if line.endswith(b"\n") else line + b"\n")
+                    k += 1
+        for out, name in zip(outs, names):
+            out.close()
+            os.replace(name + ".partial", name)
+    except BaseException as e:
+        for out, name in zip(outs, names):  # no half-dealt partition may be reused by the next run
+            out.close()
+            if os.path.exists(name + ".partial"):
+                os.remove(name + ".partial")
+        if isinstance(e, OSError):  # partition files are written next to --input
+            raise OSError(f"--partitions: cannot write {e.filename or names[0] + '.partial'} "
+                          f"({e.strerror or e})") from None
+        raise
     return names
 
 
@@ -114,8 +132,10 @@ def _encode_partition(args, tok_cfg, options, path, prefix, workers, level, resu
         result_queue.put(("ok", stats))
     except BadLine as e:
         result_queue.put(("bad", (e.path, e.lineno, e.reason)))
+    except (ValueError, OSError, RuntimeError) as e:  # one-line messages naming their file
+        result_queue.put(("error", str(e)))
     except BaseException as e:  # reported by the parent
-        result_queue.put(("error", f"{type(e).__name__}: {e}"))
+        result_queue.put(("error", f"{path}: {type(e).__name__}: {e}"))
 
 
 def run(args) -> EncodeStats:
@@ -126,7 +146,12 @@ def run(args) -> EncodeStats:
                          f"({args.partitions})")
     inputs = [args.input] if args.partitions == 1 else make_partitions(
         args.input, args.partitions, args.keep_sequential_samples)
+    duplicate = next((k for i, k in enumerate(args.json_keys) if k in args.json_keys[:i]), None)
+    if duplicate is not None:
+        raise SystemExit(f"error: --json-keys: {duplicate!r} given twice (each key writes one dataset)")
     for f in inputs:
+        if os.path.isdir(f):
+            raise SystemExit(f"error: --input {f}: is a directory, expected a JSONL file")
         if not os.path.isfile(f):
             raise SystemExit(f"error: --input {f}: no such file")
     params = None
@@ -178,9 +203,9 @@ def main(argv=None) -> int:
     try:
         stats = run(args)
     except BadLine as e:
-        print(f"error: {e}\n(pass --skip-bad-lines to skip and count such lines)", file=sys.stderr)
+        print(f"error: {e} (pass --skip-bad-lines to skip and count such lines)", file=sys.stderr)
         return 1
-    except (TokenizerError, FileNotFoundError, RuntimeError, ValueError) as e:
+    except (TokenizerError, OSError, RuntimeError, ValueError) as e:  # OSError: unwritable output
         print(f"error: {e}", file=sys.stderr)
         return 1
     mb = stats.nbytes / 1024 / 1024

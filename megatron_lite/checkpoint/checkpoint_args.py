@@ -29,7 +29,7 @@ def saved_args(root: str, ckpt_step: int | None = None) -> dict | None:
         return None
     directory = iteration_dir(root, found[0], release=found[1])
     check_complete(directory)
-    return read_common(directory).get("args", {})
+    return read_common(directory, required=("args",))["args"]
 
 
 def apply_checkpoint_args(args, saved: dict) -> list[str]:

@@ -128,7 +128,7 @@ COMMON_KEYS = ("checkpoint_version", "args", "has_optimizer", "has_rng", "tensor
                "consumed_valid_samples", "skipped_train_samples", "num_floating_point_operations_so_far")
 
 
-def read_common(directory: str) -> dict:
+def read_common(directory: str, required: tuple[str, ...] = COMMON_KEYS) -> dict:
     """The checkpoint's `common.json` (JSON: reading it runs no code)."""
     path = os.path.join(directory, COMMON)
     try:
@@ -136,7 +136,7 @@ def read_common(directory: str) -> dict:
             common = json.load(f)
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-    missing = [k for k in COMMON_KEYS if k not in common] if isinstance(common, dict) else list(COMMON_KEYS)
+    missing = [k for k in required if k not in common] if isinstance(common, dict) else list(required)
     if missing:
         raise CheckpointError(f"{path}: not a megatron_lite checkpoint record, missing {', '.join(missing)}")
     return common

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from megatron_lite.data.blending_indices import build_blending_indices, build_exhaustive_blending_indices
+from megatron_lite.data.errors import DataError
 from megatron_lite.data.index_cache import IndexCache, describe
 
 _INDEX_NAMES = ("dataset_index", "dataset_sample_index")
@@ -46,10 +47,20 @@ class BlendedDataset:
             self.dataset_index, self.dataset_sample_index = built
             if cache:
                 cache.save(self.unique_description, dict(zip(_INDEX_NAMES, built)))
-        self._check_not_oversampled()
+        source = cache.path("dataset_index.npy") if hit is not None else "the built indices"
+        self._check_not_oversampled(source)
 
-    def _check_not_oversampled(self) -> None:
-        used = np.bincount(np.asarray(self.dataset_index, dtype=np.int64), minlength=len(self.datasets))
+    def _check_not_oversampled(self, source: str) -> None:
+        index = np.asarray(self.dataset_index, dtype=np.int64)
+        if len(index) != len(self.dataset_sample_index) or (len(index) and index.min() < 0):
+            raise DataError(f"{source}: damaged {self.split} blend indices (dataset index of {len(index)} "
+                            f"entries, sample index of {len(self.dataset_sample_index)}); delete the cache "
+                            "files to rebuild them")
+        used = np.bincount(index, minlength=len(self.datasets))
+        if len(used) > len(self.datasets):
+            raise DataError(f"{source}: damaged {self.split} blend indices (they name dataset "
+                            f"{len(used) - 1} of a blend of {len(self.datasets)}); delete the cache files to "
+                            "rebuild them")
         for i, d in enumerate(self.datasets):
             if used[i] > len(d):
                 raise IndexError(

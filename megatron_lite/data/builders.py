@@ -80,7 +80,8 @@ def dataset_config(cfg: DataConfig, tokenizer) -> GPTDatasetConfig:
         reset_position_ids=cfg.reset_position_ids, reset_attention_mask=cfg.reset_attention_mask,
         eod_mask_loss=cfg.eod_mask_loss, create_attention_mask=cfg.create_attention_mask,
         path_to_cache=cfg.data_cache_path, mmap_bin_files=cfg.mmap_bin_files,
-        mid_level_dataset_surplus=cfg.mid_level_dataset_surplus, mock=cfg.mock)
+        mid_level_dataset_surplus=cfg.mid_level_dataset_surplus, mock=cfg.mock,
+        vocab_size=tokenizer.vocab_size)
 
 
 class _Builder:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megatron_lite.data.errors import DataError
 from megatron_lite.data.index_builders import build_gpt_indices
 from megatron_lite.data.index_cache import IndexCache, describe
 
@@ -43,6 +44,10 @@ class GPTDatasetConfig:
     mmap_bin_files: bool = True
     mid_level_dataset_surplus: float = 0.005
     mock: bool = False
+    # Token ids must lie in [0, vocab_size): ids past the tokenizer's vocabulary mean the data was
+    # preprocessed with another tokenizer (past the padded vocabulary they crash the embedding).
+    # None skips the check. Not part of the cache description: it does not shape the indices.
+    vocab_size: int | None = None
 
 
 def ltor_masks_and_position_ids(tokens: torch.Tensor, eod: int, reset_position_ids: bool,
@@ -72,6 +77,15 @@ def ltor_masks_and_position_ids(tokens: torch.Tensor, eod: int, reset_position_i
             causal &= doc[:, None] == doc[None, :]
         attention_mask = (~causal).unsqueeze(0)  # [1, s, s]
     return attention_mask, loss_mask, position_ids
+
+
+def _check_cached_shapes(cache: IndexCache, document_index, sample_index, shuffle_index) -> None:
+    """Shapes that `build_gpt_indices` always produces; anything else is a damaged cache."""
+    if document_index.ndim != 1 or sample_index.ndim != 2 or sample_index.shape[1] != 2 \
+            or shuffle_index.ndim != 1 or len(shuffle_index) != len(sample_index) - 1:
+        raise DataError(f"{cache.path('sample_index.npy')}: the cached index arrays do not fit together "
+                        f"(sample index {sample_index.shape}, shuffle index {shuffle_index.shape}); delete "
+                        f"{cache.base}-* in {cache.directory} to rebuild them")
 
 
 class GPTDataset:
@@ -119,6 +133,7 @@ class GPTDataset:
         if hit is not None:
             self._log(f"Load the {self.kind} {self.split} indices from {cache.directory}")
             arrays = [hit[n] for n in _INDEX_NAMES]
+            _check_cached_shapes(cache, *arrays)
         else:
             self._log(f"Build and save the {self.kind} {self.split} indices")
             if len(self.indices) == 0 or int(self.dataset.sequence_lengths[self.indices].sum()) <= 1:
@@ -153,9 +168,27 @@ class GPTDataset:
             parts.append(self.dataset.get(int(self.document_index[end]), 0, end_off + extra))
         want = self.config.sequence_length + extra
         text = np.concatenate(parts).astype(np.int64)
+        self._check_token_ids(idx, text, parts)
         if text.size < want:
             text = np.concatenate([text, np.full(want - text.size, self.config.pad, np.int64)])
         return text
+
+    def _check_token_ids(self, idx: int, text: np.ndarray, parts: list[np.ndarray]) -> None:
+        """Refuse ids outside [0, vocab_size) naming the dataset, sample and sequence, instead of an
+        embedding IndexError without either. Checked per sample as it is read: one vectorized
+        reduction over s + 1 ids (microseconds), where a scan of the whole mmap'd `.bin` at startup
+        would read gigabytes."""
+        vocab = self.config.vocab_size
+        # One reduction: viewed as uint64, negative int64 ids are >= 2**63, past any vocabulary.
+        if vocab is None or not text.size or int(text.view(np.uint64).max()) < vocab:
+            return
+        pos = int(np.flatnonzero((text < 0) | (text >= vocab))[0])
+        part = int(np.searchsorted(np.cumsum([p.size for p in parts]), pos, side="right"))
+        k = int(self.shuffle_index[idx])
+        sequence = int(self.document_index[int(self.sample_index[k][0]) + part])
+        raise DataError(f"{self.dataset_path or 'the mock dataset'}: sample {idx} of the {self.split} split "
+                        f"holds token id {int(text[pos])} (sequence {sequence}), outside the tokenizer's "
+                        f"vocabulary [0, {vocab}): was it preprocessed with another tokenizer?")
 
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         text = torch.from_numpy(self.text(idx))  # [s + 1]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_lite.data.errors import DataError
+
 
 def describe(identifiers: dict) -> tuple[str, str]:
     """(description, md5 of its UTF-8): `json.dumps(indent=4)` as Megatron writes it."""
@@ -35,13 +37,27 @@ class IndexCache:
         paths = [self.path("description.txt")] + [self.path(f"{n}.npy") for n in names]
         if not all(os.path.isfile(p) for p in paths):
             return None
-        return {n: np.load(self.path(f"{n}.npy"), allow_pickle=True, mmap_mode="r") for n in names}
+        return {n: self._load_array(self.path(f"{n}.npy")) for n in names}
+
+    @staticmethod
+    def _load_array(path: str) -> np.ndarray:
+        # Index arrays are plain integers: refusing pickles keeps a planted .npy from running code
+        # (DESIGN rule 13), and a damaged file is named instead of failing later inside a sample.
+        try:
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{path}: unreadable dataset index cache ({str(e).splitlines()[0]}); delete it "
+                            "to rebuild the indices") from None
+        if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (1, 2):
+            raise DataError(f"{path}: not a dataset index array ({array.dtype}, {array.ndim} dimensions); "
+                            "delete it to rebuild the indices")
+        return array
 
     def save(self, description: str, arrays: dict[str, np.ndarray]) -> None:
         try:
             os.makedirs(self.directory, exist_ok=True)
             for name, array in arrays.items():
-                self._atomic(f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=True))
+                self._atomic(f"{name}.npy", lambda f, a=array: np.save(f, a, allow_pickle=False))
             self._atomic("description.txt", lambda f: f.write(description.encode("utf-8")))
         except OSError as e:
             raise CacheWriteError(f"cannot write dataset index cache in {self.directory} "

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+
+from megatron_lite.data.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -27,10 +28,25 @@ _HEADER = struct.Struct("<9sQBQQ")
 DTYPE_CODES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                                 6: np.float64, 7: np.float32, 8: np.uint16}
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+# Token ids are integers: a float code (6, 7) would reinterpret the `.bin` bytes as garbage ids.
+TOKEN_CODES = tuple(c for c, t in DTYPE_CODES.items() if np.issubdtype(t, np.integer))
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError):
     """A `.bin`/`.idx` pair that is not a valid Megatron mmap dataset; the message names the file."""
+
+
+class SequenceRangeError(DataError, IndexError):
+    """Tokens asked for outside a sequence (damaged index cache); an IndexError that stays one line
+    when a DataLoader worker raises it (see errors.DataError)."""
+
+
+class DatasetWriteError(OSError):
+    """A dataset file cannot be written (read-only directory, full disk); names the file."""
+
+
+def _write_error(path: str, e: OSError) -> DatasetWriteError:
+    return DatasetWriteError(f"cannot write {path} ({e.strerror or e})")
 
 
 def data_file_path(prefix: str) -> str:
@@ -84,6 +100,9 @@ def read_header(idx_path: str) -> IndexHeader:
         raise IndexedDatasetError(f"{idx_path}: unknown .idx version {version} (only {VERSION} exists)")
     if code not in DTYPE_CODES:
         raise IndexedDatasetError(f"{idx_path}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
+    if code not in TOKEN_CODES:
+        raise IndexedDatasetError(f"{idx_path}: dtype code {code} ({np.dtype(DTYPE_CODES[code])}) is not an "
+                                  f"integer token dtype (token datasets use codes {list(TOKEN_CODES)})")
     return IndexHeader(np.dtype(DTYPE_CODES[code]), s, d)
 
 
@@ -148,6 +167,8 @@ class IndexedDataset:
         self.path_prefix = path_prefix
         idx_path, bin_path = index_file_path(path_prefix), data_file_path(path_prefix)
         for p in (idx_path, bin_path):
+            if os.path.isdir(p):
+                raise IndexedDatasetError(f"{p}: is a directory, not a dataset file")
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"dataset prefix {path_prefix!r}: {p} does not exist "
                                         "(--data-path takes prefixes such as my-corpus_text_document)")
@@ -198,8 +219,8 @@ class IndexedDataset:
         if length is None:
             length = seq_len - offset
         if offset < 0 or length < 0 or offset + length > seq_len:
-            raise IndexError(f"{self.path_prefix}: tokens [{offset}, {offset + length}) out of range for "
-                             f"sequence {idx} of length {seq_len}")
+            raise SequenceRangeError(f"{self.path_prefix}: tokens [{offset}, {offset + length}) out of range "
+                                     f"for sequence {idx} of length {seq_len}")
         start = int(self.index.sequence_pointers[idx]) + offset * self.dtype.itemsize
         return self._read(start, length)
 
@@ -208,11 +229,19 @@ class IndexedDataset:
             return np.empty(0, self.dtype)
         if self._bin is not None:
             return np.frombuffer(self._bin, self.dtype, count, start)
-        fd = os.open(self._bin_path, os.O_RDONLY)
+        want = count * self.dtype.itemsize
         try:
-            raw = os.pread(fd, count * self.dtype.itemsize, start)
-        finally:
-            os.close(fd)
+            fd = os.open(self._bin_path, os.O_RDONLY)
+            try:
+                raw = os.pread(fd, want, start)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise DataError(f"{self._bin_path}: cannot read bytes [{start}, {start + want}) "
+                            f"({e.strerror or e})") from None
+        if len(raw) != want:  # the file shrank after it was opened and checked against its .idx
+            raise DataError(f"{self._bin_path}: truncated .bin: bytes [{start}, {start + want}) are past "
+                            "its end (was it rewritten during training?)")
         return np.frombuffer(raw, self.dtype, count)
 
     def __getitem__(self, idx):
@@ -255,13 +284,21 @@ class IndexedDatasetBuilder:
 
     def __init__(self, prefix: str, dtype=np.int32, multimodal: bool = False):
         self.prefix, self.dtype, self.multimodal = prefix, np.dtype(dtype), multimodal
-        dtype_code(self.dtype)
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        for stale in (index_file_path(prefix), data_file_path(prefix)):
-            if os.path.exists(stale):
-                os.remove(stale)
+        if dtype_code(self.dtype) not in TOKEN_CODES:
+            raise IndexedDatasetError(f"{prefix}: dtype {self.dtype} is not an integer token dtype")
         self._tmp_bin = data_file_path(prefix) + ".partial"
-        self._bin = open(self._tmp_bin, "wb")
+        parent = Path(prefix).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetWriteError(f"cannot create directory {parent} ({e.strerror or e})") from None
+        try:
+            for stale in (index_file_path(prefix), data_file_path(prefix)):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            self._bin = open(self._tmp_bin, "wb")
+        except OSError as e:
+            raise _write_error(getattr(e, "filename", None) or self._tmp_bin, e) from None
         self._lengths: list[np.ndarray] = []
         self._docs: list[np.ndarray] = [np.zeros(1, np.int64)]
         self._modes: list[np.ndarray] = []
@@ -270,7 +307,7 @@ class IndexedDatasetBuilder:
     def add_item(self, tokens, mode: int = 0) -> None:
         """One sequence (spec §1.5 "add one sequence")."""
         arr = np.asarray(tokens, dtype=self.dtype)
-        self._bin.write(arr.tobytes())
+        self._write(arr.tobytes())
         self._lengths.append(np.array([arr.size], np.int32))
         self._modes.append(np.array([mode], np.int8))
         self._count += 1
@@ -290,7 +327,7 @@ class IndexedDatasetBuilder:
         per_doc = np.asarray(sequences_per_document, dtype=np.int64)
         if int(lengths.sum(dtype=np.int64)) != arr.size or int(per_doc.sum()) != lengths.size:
             raise ValueError("add_documents: tokens, lengths and sequences_per_document do not add up")
-        self._bin.write(arr.tobytes())
+        self._write(arr.tobytes())
         self._lengths.append(lengths)
         self._modes.append(np.zeros(lengths.size, np.int8) if modes is None else np.asarray(modes, np.int8))
         self._docs.append(self._count + np.cumsum(per_doc))
@@ -309,23 +346,36 @@ class IndexedDatasetBuilder:
         self._modes.append(np.zeros(n, np.int8) if modes is None else np.array(modes))
         self._count += len(other.sequence_lengths)
         with open(data_file_path(other_prefix), "rb") as src:
-            shutil.copyfileobj(src, self._bin, 16 << 20)
+            while block := src.read(16 << 20):
+                self._write(block)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as e:  # e.g. a full disk: name the file rather than show a traceback
+            raise _write_error(self._tmp_bin, e) from None
 
     def finalize(self) -> None:
-        self._bin.close()
-        os.replace(self._tmp_bin, data_file_path(self.prefix))
         idx_path = index_file_path(self.prefix)
         tmp_idx = idx_path + ".partial"
-        write_index(tmp_idx, self.dtype, np.concatenate(self._lengths) if self._lengths else np.zeros(0),
-                    np.concatenate(self._docs),
-                    np.concatenate(self._modes) if self.multimodal and self._modes else
-                    (np.zeros(0, np.int8) if self.multimodal else None))
-        os.replace(tmp_idx, idx_path)
+        try:
+            self._bin.close()
+            os.replace(self._tmp_bin, data_file_path(self.prefix))
+            write_index(tmp_idx, self.dtype, np.concatenate(self._lengths) if self._lengths else np.zeros(0),
+                        np.concatenate(self._docs),
+                        np.concatenate(self._modes) if self.multimodal and self._modes else
+                        (np.zeros(0, np.int8) if self.multimodal else None))
+            os.replace(tmp_idx, idx_path)
+        except OSError as e:
+            raise _write_error(getattr(e, "filename", None) or tmp_idx, e) from None
 
     def abort(self) -> None:
         """Drop everything written so far (the output prefix is left without files)."""
         if not self._bin.closed:
             self._bin.close()
-        for p in (self._tmp_bin, index_file_path(self.prefix) + ".partial"):
+        leftovers = [self._tmp_bin, index_file_path(self.prefix) + ".partial"]
+        if not os.path.exists(index_file_path(self.prefix)):  # finalize() failed after renaming the .bin
+            leftovers.append(data_file_path(self.prefix))
+        for p in leftovers:
             if os.path.exists(p):
                 os.remove(p)

@@ -18,19 +18,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_lite.data.indexed_dataset import IndexedDatasetBuilder, optimal_dtype
+from megatron_lite.data.indexed_dataset import DatasetWriteError, IndexedDatasetBuilder, optimal_dtype
 from megatron_lite.data.sentence_split import SentenceSplitter
 from megatron_lite.data.text_input import (
     BadLine,
     compressed_position,
     decode_document,
     file_size,
+    numbered_lines,
     open_binary,
 )
 from megatron_lite.data.tokenizers import TokenizerConfig, build_tokenizer
 
 CHUNK_LINES = 512
 CHUNK_BYTES = 1 << 20
+_WORKER_FAILED, _READER_DONE = -1, -2  # sequence numbers of the two kinds of message that carry no chunk
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,17 @@ class Encoder:
 
     def _encode_key(self, doc: dict, key: str, lineno: int) -> tuple[list[int], list[int]]:
         try:
-            return self.encode_text(doc[key])
+            ids, lengths = self.encode_text(doc[key])
         except ValueError as e:  # e.g. NullTokenizer given words
             raise BadLine(self.path, lineno, f"cannot tokenize key {key!r}: {e}") from None
+        vocab = self.tok.vocab_size
+        # An id outside the vocabulary (NullTokenizer text such as "70000" or "-1") would be written
+        # silently, or wrap around in the uint16 .bin, and break training much later.
+        if ids and (min(ids) < 0 or max(ids) >= vocab):
+            bad = next(i for i in ids if i < 0 or i >= vocab)
+            raise BadLine(self.path, lineno, f"key {key!r} gives token id {bad}, outside the tokenizer's "
+                                             f"vocabulary [0, {vocab})")
+        return ids, lengths
 
     def encode_chunk(self, first_lineno: int, lines: list[bytes]) -> ChunkResult:
         keys = self.opts.json_keys
@@ -123,25 +133,30 @@ class Encoder:
 
 
 def _worker(tok_cfg: TokenizerConfig, options: EncodeOptions, dtype, path: str, tasks, results) -> None:
+    where = path
     try:
         encoder = Encoder(build_tokenizer(tok_cfg), options, dtype, path)
         for seq, lineno, lines, position in iter(tasks.get, None):
+            where = f"{path}:{lineno}-{lineno + len(lines) - 1}"
             result = encoder.encode_chunk(lineno, lines)
             result.position = position
             results.put((seq, result))
     except BadLine as e:
-        results.put((-1, ("bad", (e.path, e.lineno, e.reason))))
-    except BaseException:  # report anything else to the main process, which stops the run
-        results.put((-1, ("crash", traceback.format_exc())))
+        results.put((_WORKER_FAILED, ("bad", (e.path, e.lineno, e.reason))))
+    except BaseException as e:  # report anything else, in one line, to the main process, which stops the run
+        last = traceback.format_exception_only(type(e), e)[-1].strip()
+        message = f"{where}: preprocessing worker failed on these lines ({last})"
+        results.put((_WORKER_FAILED, ("crash", message)))
 
 
-def _read_chunks(path: str, tasks, num_workers: int, state: dict) -> None:
-    """Reader thread: numbered chunks of lines into `tasks`, then one stop marker per worker."""
+def _read_chunks(path: str, tasks, num_workers: int, state: dict, results) -> None:
+    """Reader thread: numbered chunks of lines into `tasks`, then one stop marker per worker, and
+    a wake-up marker into `results` so the main loop sees the final count (or error) at once."""
     seq = 0
     try:
         with open_binary(path) as f:
             lines, size, first = [], 0, 1
-            for n, line in enumerate(f, 1):
+            for n, line in numbered_lines(f, path):
                 lines.append(line.rstrip(b"\r\n"))
                 size += len(line)
                 if len(lines) >= CHUNK_LINES or size >= CHUNK_BYTES:
@@ -156,6 +171,7 @@ def _read_chunks(path: str, tasks, num_workers: int, state: dict) -> None:
         state["chunks"] = seq
         for _ in range(num_workers):
             tasks.put(None)
+        results.put((_READER_DONE, None))
 
 
 class Progress:
@@ -217,14 +233,15 @@ def _collect(results, procs, state, builders, progress) -> int:
         try:
             seq, result = results.get(timeout=1.0)
         except queue.Empty:
-            if not all(p.is_alive() for p in procs) and results.empty():
-                raise RuntimeError("a preprocessing worker died (out of memory?)") from None
+            _check_workers(procs, results, state, next_seq)
+            continue
+        if seq == _READER_DONE:
             continue
         if seq < 0:
             kind, payload = result
             if kind == "bad":
                 raise BadLine(*payload)
-            raise RuntimeError(f"preprocessing worker failed:\n{payload}")
+            raise RuntimeError(payload)
         pending[seq] = result
         while next_seq in pending:
             chunk = pending.pop(next_seq)
@@ -241,6 +258,19 @@ def _collect(results, procs, state, builders, progress) -> int:
     return bad
 
 
+def _check_workers(procs, results, state, next_seq: int) -> None:
+    """After a wait without results: fail if a worker died. A worker that returned (exit code 0)
+    is not dead: it received its stop marker after the reader's last chunk (at once for an empty
+    input) and flushed its results into the queue before exiting."""
+    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+    if dead:
+        raise RuntimeError(f"a preprocessing worker died (exit code {dead[0]}; out of memory?)")
+    waiting = "chunks" in state and next_seq < state["chunks"]
+    if waiting and all(p.exitcode == 0 for p in procs) and results.empty():
+        raise RuntimeError(f"the preprocessing workers stopped without returning chunk {next_seq} of "
+                           f"{state['chunks']}")
+
+
 def encode_file(path: str, output_prefix: str, tok_cfg: TokenizerConfig, options: EncodeOptions,
                 workers: int = 1, log_interval: int = 1000, level: str = "document") -> EncodeStats:
     """Tokenize `path` into `{output_prefix}_{key}_{level}.bin/.idx` for every JSON key."""
@@ -250,7 +280,7 @@ def encode_file(path: str, output_prefix: str, tok_cfg: TokenizerConfig, options
     Encoder(tokenizer, options, dtype, path)  # option errors surface here, before any worker starts
     print(f"Opening {path}", file=sys.stderr, flush=True)
     prefixes = [f"{output_prefix}_{key}_{level}" for key in options.json_keys]
-    builders = {key: IndexedDatasetBuilder(p, dtype) for key, p in zip(options.json_keys, prefixes)}
+    builders = _open_builders(output_prefix, dict(zip(options.json_keys, prefixes)), dtype)
     ctx = mp.get_context()
     tasks, results = ctx.Queue(maxsize=4 * workers), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(tok_cfg, options, dtype, path, tasks, results), daemon=True)
@@ -258,7 +288,8 @@ def encode_file(path: str, output_prefix: str, tok_cfg: TokenizerConfig, options
     for p in procs:
         p.start()
     state: dict = {}
-    reader = threading.Thread(target=_read_chunks, args=(path, tasks, len(procs), state), daemon=True)
+    reader = threading.Thread(target=_read_chunks, args=(path, tasks, len(procs), state, results),
+                              daemon=True)
     reader.start()
     print(f"Time to startup: {time.time() - start}", file=sys.stderr, flush=True)
     progress = Progress(log_interval, _size_or_none(path))
@@ -271,14 +302,32 @@ def encode_file(path: str, output_prefix: str, tok_cfg: TokenizerConfig, options
             b.abort()
         raise
     finally:
-        # Chunks still buffered for dead or finished workers must not block this process's exit.
+        # Chunks still buffered for dead or finished workers, and the reader's wake-up marker behind
+        # unread results, must not block this process's exit.
         tasks.cancel_join_thread()
+        results.cancel_join_thread()
         for p in procs:
             if p.is_alive():
                 p.terminate()
             p.join(timeout=5)
     progress.finish()
+    if progress.docs == 0:
+        print(f"warning: {path} holds no documents: the datasets written are empty", file=sys.stderr)
     return EncodeStats(progress.docs, progress.tokens, progress.nbytes, time.time() - start, bad, prefixes)
+
+
+def _open_builders(output_prefix: str, prefixes: dict[str, str], dtype) -> dict[str, IndexedDatasetBuilder]:
+    """One builder per JSON key; an unwritable --output-prefix is named in one line, and builders
+    already opened drop their files."""
+    builders: dict[str, IndexedDatasetBuilder] = {}
+    try:
+        for key, prefix in prefixes.items():
+            builders[key] = IndexedDatasetBuilder(prefix, dtype)
+    except OSError as e:
+        for b in builders.values():
+            b.abort()
+        raise DatasetWriteError(f"--output-prefix {output_prefix}: {e}") from None
+    return builders
 
 
 def _size_or_none(path: str) -> int | None:

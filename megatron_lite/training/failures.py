@@ -1,6 +1,7 @@
 """Failures of a running job as one `error:` line each, instead of a traceback: a collective
 that a stuck or dead rank never joins (every group carries --distributed-timeout-minutes, so
-it ends within that time), and a NaN/Inf found by --check-for-nan-in-loss-and-grad. The
+it ends within that time), a NaN/Inf found by --check-for-nan-in-loss-and-grad, and bad data
+met while reading batches (data/errors.py). The
 process exits non-zero and torchrun stops the other ranks."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 
 import torch.distributed as dist
 
+from megatron_lite.data.errors import DataError
 from megatron_lite.data_parallel.ddp import NonFiniteError
 
 # What gloo's RuntimeErrors say when a peer never answers or went away.
@@ -25,6 +27,8 @@ def report_failures(run, *args):
     """`run(*args)`, with the failures above turned into SystemExit("error: ...")."""
     try:
         return run(*args)
+    except DataError as e:  # bad data met while reading batches (DataLoader workers included)
+        raise SystemExit(f"error: {e}") from None
     except NonFiniteError as e:
         raise SystemExit(f"error: {e} (--no-check-for-nan-in-loss-and-grad turns this check off)") from None
     except (RuntimeError, dist.DistBackendError) as e:

@@ -111,3 +111,13 @@ def test_nan_check_and_lost_peers_become_one_error_line():
 
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not a peer failure: the traceback stays
         report_failures(bug)
+
+
+def test_bad_data_met_while_training_is_one_line():
+    from megatron_lite.data.errors import DataError
+
+    def read():
+        raise DataError("/data/x_text_document: sample 3 of the train split holds token id 300")
+
+    with pytest.raises(SystemExit, match=r"^error: /data/x_text_document: sample 3 .* token id 300$"):
+        report_failures(read)

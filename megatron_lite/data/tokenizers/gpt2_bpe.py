@@ -40,12 +40,22 @@ def _read_vocab(path: str) -> dict[str, int]:
             vocab = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"--vocab-file {path}: not a GPT-2 vocab.json ({e})") from None
-    if not isinstance(vocab, dict):
-        raise TokenizerError(f"--vocab-file {path}: not a GPT-2 vocab.json (expected a JSON object)")
+    except RecursionError:
+        raise TokenizerError(f"--vocab-file {path}: not a GPT-2 vocab.json (nested too deeply)") from None
+    if not isinstance(vocab, dict) or not vocab:
+        raise TokenizerError(f"--vocab-file {path}: not a GPT-2 vocab.json (expected a non-empty JSON object "
+                             "of token: id)")
+    # Ids index the model's embedding, whose size is the entry count: each must be an integer in
+    # [0, entries), or the tokenizer would emit ids past the vocabulary it reports.
+    for token, i in vocab.items():
+        if type(i) is not int or not 0 <= i < len(vocab):
+            raise TokenizerError(f"--vocab-file {path}: entry {token[:40]!r} has id {str(i)[:40]}, not an "
+                                 f"integer in [0, {len(vocab)}) (the number of entries)")
     return vocab
 
 
-def _read_merges(path: str) -> list[tuple[str, str]]:
+def _read_merges(path: str) -> list[tuple[int, str, str]]:
+    """(line number, left, right) for every merge rule of `path`."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
@@ -58,7 +68,9 @@ def _read_merges(path: str) -> list[tuple[str, str]]:
         parts = line.split()
         if len(parts) != 2:
             raise TokenizerError(f"--merge-file {path}:{n}: expected two symbols, got {line[:60]!r}")
-        merges.append((parts[0], parts[1]))
+        merges.append((n, parts[0], parts[1]))
+    if not merges:  # byte-level BPE without merges would tokenize every byte alone, silently
+        raise TokenizerError(f"--merge-file {path}: no merge rules (an empty or header-only merges.txt)")
     return merges
 
 
@@ -85,8 +97,9 @@ class GPT2BPETokenizer(FixedIds):
         # Single bytes take their vocab.json order (ranks of single bytes never steer merges).
         byte_ids = {b: vocab.get(c, len(vocab) + b) for b, c in bytes_to_unicode().items()}
         ranks = {bytes([b]): r for r, b in enumerate(sorted(range(256), key=byte_ids.__getitem__))}
-        for a, b in merges:
-            merged = to_bytes(a, f"--merge-file {merge_file}") + to_bytes(b, f"--merge-file {merge_file}")
+        for n, a, b in merges:
+            where = f"--merge-file {merge_file}:{n}"
+            merged = to_bytes(a, where) + to_bytes(b, where)
             ranks.setdefault(merged, len(ranks))
         # id <-> bytes tables from vocab.json; rank -> id where they differ.
         id_bytes: list[bytes | None] = [None] * (max(vocab.values()) + 1)

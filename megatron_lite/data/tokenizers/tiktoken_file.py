@@ -37,8 +37,10 @@ def _read_ranks(path: str, max_vocab: int) -> dict[bytes, int]:
                 if line.strip():
                     token, rank = line.split()
                     ranks[base64.b64decode(token)] = int(rank)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise TokenizerError(f"--tokenizer-model {path}: not a tiktoken vocabulary ({e})") from None
+    if not ranks:  # tiktoken would build an encoder that cannot encode a single byte
+        raise TokenizerError(f"--tokenizer-model {path}: not a tiktoken vocabulary (no ranks: an empty file)")
     return {t: r for t, r in ranks.items() if r < max_vocab}
 
 
