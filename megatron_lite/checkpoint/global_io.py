@@ -4,7 +4,6 @@ distributed run writes (checkpoint/io.py), so a converted checkpoint loads at an
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -19,6 +18,7 @@ from megatron_lite.checkpoint.layout import (
     check_complete,
     checkpoint_writer,
     iteration_dir,
+    read_common,
     read_tracker,
     write_json,
 )
@@ -78,8 +78,7 @@ def read_global_checkpoint(root: str, ckpt_step: int | None = None):
         raise FileNotFoundError(f"{root}: no latest_checkpointed_iteration.txt (not a checkpoint directory?)")
     directory = iteration_dir(root, found[0], found[1])
     check_complete(directory)
-    with open(os.path.join(directory, COMMON)) as f:
-        common = json.load(f)
+    common = read_common(directory, required=("args",))
     corrupted = first_mismatch(directory)
     if corrupted:
         raise CheckpointError(corrupted)

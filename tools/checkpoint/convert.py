@@ -22,6 +22,7 @@ from types import SimpleNamespace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megatron_lite.checkpoint.global_io import read_global_checkpoint, write_global_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.layout import CheckpointError  # noqa: E402
 from megatron_lite.config.configs import ModelConfig, model_config_from_args  # noqa: E402
 from megatron_lite.models import hf  # noqa: E402
 
@@ -32,14 +33,22 @@ def _read_hf_dir(path: str):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise SystemExit(f"error: --hf-dir {path} has no config.json")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, RecursionError) as e:
+        config = e
+    if not isinstance(config, dict):
+        raise SystemExit(f"error: {config_path}: not a JSON object ({config})")
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise SystemExit(f"error: --hf-dir {path} has no *.safetensors files")
     state = {}
     for name in files:
-        state.update(load_file(os.path.join(path, name)))
+        try:
+            state.update(load_file(os.path.join(path, name)))
+        except Exception as e:  # safetensors raises its own SafetensorError for a damaged file
+            raise SystemExit(f"error: {os.path.join(path, name)}: cannot read ({e})") from None
     return config, state
 
 
@@ -57,14 +66,20 @@ def _args_of(cfg: ModelConfig, family: str, orig_vocab: int) -> dict:
 
 def hf_to_megatron(a) -> None:
     config, state = _read_hf_dir(a.hf_dir)
-    family = hf._family(a.family, config)
-    cfg = hf.model_config_from_hf(
-        config,
-        family,
-        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
-        tp=a.tensor_model_parallel_size,
-    )
-    global_state = hf.hf_to_global(state, cfg, family)
+    try:
+        family = hf._family(a.family, config)
+        cfg = hf.model_config_from_hf(
+            config,
+            family,
+            make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+            tp=a.tensor_model_parallel_size,
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {os.path.join(a.hf_dir, 'config.json')}: {_one_line(e)}") from None
+    try:
+        global_state = hf.hf_to_global(state, cfg, family)
+    except (ValueError, KeyError, RuntimeError) as e:  # missing or mis-shaped tensors
+        raise SystemExit(f"error: --hf-dir {a.hf_dir} (*.safetensors): {_one_line(e)}") from None
     directory = write_global_checkpoint(
         a.save, global_state, cfg, _args_of(cfg, family, config["vocab_size"])
     )
@@ -85,8 +100,11 @@ def megatron_to_hf(a) -> None:
     ns = SimpleNamespace(**args)
     if not hasattr(ns, "add_bias_linear"):
         ns.add_bias_linear = True
-    cfg = model_config_from_args(ns)
-    hf_state = hf.global_to_hf(global_state, cfg, family, orig_vocab, tied_head=False)
+    try:
+        cfg = model_config_from_args(ns)
+        hf_state = hf.global_to_hf(global_state, cfg, family, orig_vocab, tied_head=False)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:  # args or tensors not of this model
+        raise SystemExit(f"error: --load {a.load}: {_one_line(e)}") from None
     os.makedirs(a.hf_dir, exist_ok=True)
     save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(a.hf_dir, "model.safetensors"))
     with open(os.path.join(a.hf_dir, "config.json"), "w") as f:
@@ -119,8 +137,15 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     try:
         (hf_to_megatron if a.direction == "hf-to-megatron" else megatron_to_hf)(a)
-    except (OSError, ValueError, KeyError) as e:  # unreadable, malformed or refused (safe_load.py) input
-        raise SystemExit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    except (OSError, ValueError, KeyError, CheckpointError) as e:  # unreadable, malformed or refused input
+        raise SystemExit(f"error: {_one_line(e)}") from None
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, cut to `limit` characters (lists of missing
+    tensors can run to thousands)."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 if __name__ == "__main__":
