@@ -8,6 +8,7 @@ previous one first: the host staging buffers are reused from one save to the nex
 """
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ class AsyncSaver:
         try:
             pending.future.result()
         except (Exception, CheckpointException) as e:  # the previous checkpoint stays the latest
+            if not dist.is_initialized() or dist.get_rank() == 0:  # free the disk (it may be full)
+                shutil.rmtree(pending.directory, ignore_errors=True)
             raise CheckpointError(
                 f"{pending.directory}: background save of iteration {pending.iteration} failed "
                 f"({describe_error(e)}); "
