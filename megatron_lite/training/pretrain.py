@@ -463,9 +463,11 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
         ckpt.close()  # the background save in flight, if any, is published before we go on
     if exit_reason is None and args.eval_iters > 0:
         prefix = f"iteration {state.iteration}"
-        if not args.skip_train or args.eval_interval:
+        # An empty split (e.g. --split 99,1,0) has no iterator: skipped, as Megatron does.
+        if (not args.skip_train or args.eval_interval) and valid_iter is not None:
             trainer.run_evaluation(state, valid_iter, f"{prefix} on validation set", count_samples=False)
-        trainer.run_evaluation(state, test_iter, f"{prefix} on test set", count_samples=False)
+        if test_iter is not None:
+            trainer.run_evaluation(state, test_iter, f"{prefix} on test set", count_samples=False)
     tensorboard.close()
     if trace is not None:
         _finish_trace(args, trace, logger)

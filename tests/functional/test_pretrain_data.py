@@ -73,3 +73,15 @@ def test_train_on_a_weighted_blend_reusing_cached_indices(datasets):
     assert [(r[0], r[5]) for r in iteration_lines(second)] == losses
     assert sorted(p.name for p in cache.iterdir()) == files
 
+
+
+def test_an_empty_test_split_is_skipped(datasets, tmp_path):
+    """--split 99,1,0 (29 of Megatron's configs): training, the saves and the final validation run;
+    the empty test split is skipped as Megatron skips it, not a crash."""
+    _, (a, _) = datasets
+    flags = [f if f != "90,8,2" else "99,1,0" for f in FLAGS]
+    proc = torchrun(1, "pretrain_gpt.py", *flags, "--data-path", a, "--save", str(tmp_path / "ckpt"),
+                    "--save-interval", "4")
+    assert len(iteration_lines(proc.stdout)) == 4
+    assert "validation loss at iteration 4 on validation set" in proc.stdout
+    assert "on test set" not in proc.stdout
