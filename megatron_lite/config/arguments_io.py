@@ -73,6 +73,12 @@ def _add_checkpointing_args(parser):
                        "host memory.")
     group.add_argument("--no-ckpt-fully-parallel-save", action="store_false", dest="ckpt_fully_parallel_save",
                        help="Do not spread checkpoint writing over the data-parallel group.")
+    group.add_argument("--ckpt-fully-parallel-save", action="store_true", dest="ckpt_fully_parallel_save",
+                       default=True, help="Spread checkpoint writing over the data-parallel group (the "
+                       "default, as in Megatron-LM where this flag is deprecated).")
+    group.add_argument("--use-persistent-ckpt-worker", action="store_true",
+                       help="Keep one background worker for --async-save: megatron_lite's async saver "
+                       "always is one (a thread that lives for the run, with reused host buffers).")
     group.add_argument("--ckpt-fully-parallel-load", action="store_true",
                        help="Accepted for compatibility: every rank already reads only the slices it holds.")
     group.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",

@@ -533,3 +533,12 @@ def _write_snapshot() -> None:
 
 if __name__ == "__main__" and "--update-snapshot" in sys.argv:
     _write_snapshot()
+
+
+def test_megatron_launch_script_flags_are_accepted():
+    """`--use-mcore-models` (deprecated and ignored by Megatron-LM itself) and
+    `--use-persistent-ckpt-worker` appear in most of Megatron's launch scripts and test configs."""
+    args = make("--use-mcore-models --use-persistent-ckpt-worker --ckpt-fully-parallel-save", 1)
+    assert args.deprecated_use_mcore_models and args.use_persistent_ckpt_worker
+    assert args.ckpt_fully_parallel_save
+    assert not make("--no-ckpt-fully-parallel-save", 1).ckpt_fully_parallel_save
