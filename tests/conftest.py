@@ -5,6 +5,10 @@ from tests.dist_pool import PoolRegistry
 
 
 def pytest_collection_modifyitems(config, items):
+    # The torchrun end-to-end tests take most of the suite's time: `-m "not slow"` leaves them out.
+    for item in items:
+        if "functional" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

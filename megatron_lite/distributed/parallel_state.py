@@ -185,11 +185,6 @@ class ParallelState:
     def in_embedding_group(self) -> bool:
         return self.rank in self.embedding_ranks
 
-    def pipeline_peer(self, offset: int) -> int:
-        """Global rank `offset` stages away in this rank's pipeline (wrapping, for VPP rings)."""
-        ranks = self.ranks["pp"]
-        return ranks[(self.pp_rank + offset) % len(ranks)]
-
     def describe(self) -> str:
         return (
             f"rank {self.rank}: tp {self.tp_rank}/{self.tp_size} cp {self.cp_rank}/{self.cp_size} "

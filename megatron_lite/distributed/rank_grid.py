@@ -81,12 +81,6 @@ class RankGrid:
             groups.append(sorted(group))
         return groups
 
-    def group_of(self, token: str, rank: int) -> list[int]:
-        for group in self.groups(token):
-            if rank in group:
-                return group
-        raise AssertionError("unreachable: every rank is in exactly one group per token")
-
 
 def hierarchical_cp_groups(cp_groups: list[list[int]], inner: int) -> tuple[list, list]:
     """Sub-groups of every CP group for `a2a+p2p` (spec §5.2, §9.2): `inner` consecutive CP

@@ -115,5 +115,3 @@ class Timers:
         sep = "" if self.log_option == "all" else "\n"
         return header + ("\n" if sep else "") + sep.join(lines)
 
-    def names_run(self) -> list[str]:
-        return list(self._timers)
