@@ -78,7 +78,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         # The profilers of the two ranks start at different times: line them up first, or the
         # first transfer's kernel spends that skew waiting for the peer.
-        dist.barrier(device_ids=[device.index])
+        dist.barrier(group=ps.cp_group, device_ids=[device.index])
         torch.cuda.synchronize()
         for _ in range(3):
             step()
