@@ -6,6 +6,7 @@ import torch
 from megatron_lite.config.configs import ModelConfig
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.data_parallel.finalize import finalize_grads
+from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.init import gather_global, init_model_parameters
@@ -57,3 +58,22 @@ def one_step(cfg: ModelConfig, ps, seed: int = 1234):
     finalize_grads([ddp], ps)
     grads = gather_global(model, ps.tp_group, grads=True)
     return logits, loss.detach(), grads
+
+
+def dense_reference(cfg: ModelConfig, data, m_global: int, seed: int = 1234):
+    """The single-process reference of the parity tests: one model, `m_global` micro-batches
+    of `data` back-propagated as loss_sum / tokens / M (spec §6.4). Returns (summed [loss
+    sum, tokens], per-micro-batch [loss sum, tokens], gradients by global name)."""
+    ps = ParallelState.create()
+    model = GPTModel(cfg, ps, rng_tracker=build_rng_tracker(seed, 0, 0, "cpu"))
+    init_model_parameters(model, seed, cfg.init_method_std, cfg.num_layers, 0, 1)
+    totals, per_mb = torch.zeros(2), []
+    for _ in range(m_global):
+        batch = next(data)
+        losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])  # [b, s]
+        loss_sum, count = (losses * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
+        (loss_sum / count / m_global).backward()
+        per_mb.append(torch.stack([loss_sum.detach(), count]))
+        totals += per_mb[-1]
+    grads = {model.global_name(n): p.grad.clone() for n, p in model.named_parameters()}
+    return totals, per_mb, grads

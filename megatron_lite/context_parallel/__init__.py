@@ -15,11 +15,11 @@ import torch
 
 from megatron_lite.context_parallel.comm import CPComm
 from megatron_lite.context_parallel.core import (
-    AllGatherCore,
     AttentionStash,
     LocalCore,
-    RingCore,
+    allgather_core,
     core_attention_bhsd,
+    ring_core,
 )
 from megatron_lite.context_parallel.hierarchical import hierarchical_attention
 from megatron_lite.context_parallel.kernels import BlockKernel, select_backend
@@ -76,7 +76,7 @@ class ContextParallelAttention:
         kernel = block_kernel(self.attention_backend, q, dropout_p)
         if self.comm_type == "a2a+p2p":
             return hierarchical_attention(q, k, v, self.inner, self.outer, kernel, stash)
-        core = (RingCore if self.comm_type == "p2p" else AllGatherCore)(self.comm, kernel)
+        core = (ring_core if self.comm_type == "p2p" else allgather_core)(self.comm, kernel)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s/cp, d]
         out = core_attention_bhsd(q, k, v, core, stash)  # [b, np, s/cp, d]
         return out.permute(2, 0, 1, 3).reshape(s_l, b, heads * d)

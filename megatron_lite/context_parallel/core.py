@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,27 +79,28 @@ class LocalCore:
 
 
 @dataclass(frozen=True)
-class RingCore:
+class CommCore:
+    """Attention across a CP group through a forward/backward pair of functions taking
+    (..., comm, kernel): the ring of ring.py or the all-gather of allgather.py."""
+
     comm: CPComm
     kernel: BlockKernel
+    forward_fn: Callable
+    backward_fn: Callable
 
     def forward(self, q, k, v):
-        return ring_forward(q, k, v, self.comm, self.kernel)
+        return self.forward_fn(q, k, v, self.comm, self.kernel)
 
     def backward(self, dout, q, k, v, out, lse, rngs):
-        return ring_backward(dout, q, k, v, out, lse, rngs, self.comm, self.kernel)
+        return self.backward_fn(dout, q, k, v, out, lse, rngs, self.comm, self.kernel)
 
 
-@dataclass(frozen=True)
-class AllGatherCore:
-    comm: CPComm
-    kernel: BlockKernel
+def ring_core(comm: CPComm, kernel: BlockKernel) -> CommCore:
+    return CommCore(comm, kernel, ring_forward, ring_backward)
 
-    def forward(self, q, k, v):
-        return allgather_forward(q, k, v, self.comm, self.kernel)
 
-    def backward(self, dout, q, k, v, out, lse, rngs):
-        return allgather_backward(dout, q, k, v, out, lse, rngs, self.comm, self.kernel)
+def allgather_core(comm: CPComm, kernel: BlockKernel) -> CommCore:
+    return CommCore(comm, kernel, allgather_forward, allgather_backward)
 
 
 class CoreAttention(torch.autograd.Function):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lite.context_parallel.comm import CPComm
-from megatron_lite.context_parallel.core import AttentionStash, RingCore, core_attention_bhsd
+from megatron_lite.context_parallel.core import AttentionStash, core_attention_bhsd, ring_core
 from megatron_lite.context_parallel.kernels import BlockKernel
 from megatron_lite.context_parallel.ulysses import gather_heads, scatter_heads
 
@@ -23,5 +23,5 @@ def hierarchical_attention(q, k, v, inner: CPComm, outer: CPComm, kernel: BlockK
     s_l, b, heads, d = q.shape
     qf, kf, vf = scatter_heads(q, k, v, inner, "--cp-comm-type a2a+p2p")  # [s/b, b, np/a or ng', d]
     qf, kf, vf = (t.permute(1, 2, 0, 3) for t in (qf, kf, vf))  # [b, heads, s/b, d]
-    ctx = core_attention_bhsd(qf, kf, vf, RingCore(outer, kernel), stash)  # [b, np/a, s/b, d]
+    ctx = core_attention_bhsd(qf, kf, vf, ring_core(outer, kernel), stash)  # [b, np/a, s/b, d]
     return gather_heads(ctx.permute(2, 0, 1, 3), inner).reshape(s_l, b, heads * d)

@@ -15,8 +15,7 @@ from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.data_parallel.finalize import finalize_grads
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
-from megatron_lite.models.gpt import GPTModel
-from megatron_lite.models.init import gather_global, init_model_parameters
+from megatron_lite.models.init import gather_global
 from megatron_lite.optimizer.core import OptimizerConfig
 from megatron_lite.optimizer.distributed import DistributedOptimizer
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer
@@ -25,7 +24,7 @@ from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExe
 from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
 from megatron_lite.training.train_step import forward_backward, train_step
-from tests.model_utils import tiny_config
+from tests.model_utils import dense_reference, tiny_config
 
 SEED, SEQ, MICRO, LAYERS, M = 1234, 16, 2, 4, 2
 CPU = torch.device("cpu")
@@ -95,21 +94,8 @@ def _reference(family, m_global):
     family = family.partition("+")[0]
     key = (family, m_global)
     if key not in _REFERENCE:
-        ps = ParallelState.create()
-        cfg = _config(family, ["p2p"])
-        model = GPTModel(cfg, ps, rng_tracker=build_rng_tracker(SEED, 0, 0, "cpu"))
-        init_model_parameters(model, SEED, cfg.init_method_std, LAYERS, 0, 1)
         data = micro_batch_iterator(MockTokens(64, SEQ, 128, SEED), 0, MICRO, 0, 1)
-        totals, per_mb = torch.zeros(2), []
-        for _ in range(m_global):
-            batch = next(data)
-            losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])  # [b, s]
-            loss_sum, count = (losses * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
-            (loss_sum / count / m_global).backward()
-            per_mb.append(torch.stack([loss_sum.detach(), count]))
-            totals += per_mb[-1]
-        grads = {model.global_name(n): p.grad.clone() for n, p in model.named_parameters()}
-        _REFERENCE[key] = (totals, per_mb, grads)
+        _REFERENCE[key] = dense_reference(_config(family, ["p2p"]), data, m_global, SEED)
     return _REFERENCE[key]
 
 

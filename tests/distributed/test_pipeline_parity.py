@@ -14,15 +14,14 @@ from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.data_parallel.finalize import finalize_grads
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
-from megatron_lite.models.gpt import GPTModel
-from megatron_lite.models.init import gather_global, init_model_parameters
+from megatron_lite.models.init import gather_global
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
 from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
 from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
 from megatron_lite.pipeline_parallel.schedules import in_flight_bound
 from megatron_lite.training.train_step import forward_backward
-from tests.model_utils import tiny_config
+from tests.model_utils import dense_reference, tiny_config
 
 SEED, SEQ, MICRO = 1234, 16, 2
 
@@ -95,20 +94,7 @@ def _reference(family, layers, m_global):
     gradients by global name."""
     key = (family, layers, m_global)
     if key not in _REFERENCE:
-        ps = ParallelState.create()
-        cfg = _config(family, layers, sp=False)
-        model = GPTModel(cfg, ps, rng_tracker=build_rng_tracker(SEED, 0, 0, "cpu"))
-        init_model_parameters(model, SEED, cfg.init_method_std, layers, 0, 1)
-        data, totals, per_mb = _data(0, 1), torch.zeros(2), []
-        for _ in range(m_global):
-            batch = next(data)
-            losses = model(batch["tokens"], batch["position_ids"], labels=batch["labels"])  # [b, s]
-            loss_sum, count = (losses * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
-            (loss_sum / count / m_global).backward()
-            per_mb.append(torch.stack([loss_sum.detach(), count]))
-            totals += per_mb[-1]
-        grads = {model.global_name(n): p.grad.clone() for n, p in model.named_parameters()}
-        _REFERENCE[key] = (totals, per_mb, grads)
+        _REFERENCE[key] = dense_reference(_config(family, layers, sp=False), _data(0, 1), m_global, SEED)
     return _REFERENCE[key]
 
 

@@ -6,20 +6,14 @@ import re
 
 import pytest
 
+from tests.functional.test_pretrain_cli import TINY_LLAMA as TINY_LLAMA_BASE
 from tests.functional.test_pretrain_cli import torchrun
 
 pytestmark = pytest.mark.slow
 
-TINY_LLAMA = [
-    "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-    "--group-query-attention", "--num-query-groups", "2",
-    "--seq-length", "32", "--max-position-embeddings", "32",
-    "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--make-vocab-size-divisible-by", "64",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
-    "--lr", "3e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", "2",
-    "--mock-data", "--log-interval", "1", "--distributed-backend", "gloo", "--seed", "1234",
-    "--eval-interval", "3", "--eval-iters", "1",
-]
+# test_pretrain_cli's tiny Llama (GQA), every iteration logged.
+TINY_LLAMA = [*TINY_LLAMA_BASE[:TINY_LLAMA_BASE.index("--log-interval") + 1], "1",
+              *TINY_LLAMA_BASE[TINY_LLAMA_BASE.index("--log-interval") + 2:]]
 LOSS = re.compile(r" iteration +(\d+)/.*lm loss: (\S+) \|"
                   r"| (validation loss at [^|]*)\| lm loss value: (\S+) \|")
 
