@@ -11,6 +11,7 @@ import pytest
 
 from tests.functional.test_checkpoint_cli import TINY_GPT
 from tests.functional.test_pretrain_cli import ROOT, torchrun
+from tests.functional.test_training_loop_cli import _children
 
 pytestmark = pytest.mark.slow
 
@@ -78,14 +79,6 @@ def _start(tmp_path, *extra):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.5)
     return proc, log
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            out += [int(c) for c in f.read().split()]
-    return out
 
 
 def _alive(pid: int) -> bool:
