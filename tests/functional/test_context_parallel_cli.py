@@ -1,7 +1,7 @@
 """Context parallelism end to end through torchrun on CPU (spec §9): `pretrain_llama.py
 --context-parallel-size 2` prints the lm-loss lines of the CP=1 run for every --cp-comm-type
-(Llama with GQA, fp32), and a checkpoint saved at CP=2 loads at CP=1 and back at CP=2 and
-continues the same curve."""
+(Llama with GQA, fp32), and a checkpoint saved at CP=2 loads at CP=1 (and back at CP=2) and
+at CP=4, continuing the same curve."""
 import re
 
 import pytest
@@ -64,3 +64,7 @@ def test_checkpoint_cp2_to_cp1_to_cp2_continues_the_curve(tmp_path, cp1):
     last = torchrun(2, "pretrain_llama.py", *TINY_LLAMA, *cp2, "--load", ckpt)
     resumed = _losses(middle.stdout) + _losses(last.stdout)  # iterations 3-4, then 5-6 and evaluations
     _same_curve(resumed, [r for r in cp1 if r[0] not in ("1", "2")])
+    # The CP2 checkpoint of iteration 2 also continues at CP4 (4 ranks, chunks of 4 tokens).
+    cp4 = torchrun(4, "pretrain_llama.py", *TINY_LLAMA, "--context-parallel-size", "4",
+                   "--load", ckpt, "--ckpt-step", "2")
+    _same_curve(_losses(cp4.stdout), [r for r in cp1 if r[0] not in ("1", "2")])
