@@ -181,22 +181,8 @@ def save_checkpoint(
         gathered = [(key, rng_values)]
     common = None
     if _rank0():
-        common = {
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "consumed_train_samples": loop_state.consumed_train_samples,
-            "consumed_valid_samples": loop_state.consumed_valid_samples,
-            "skipped_train_samples": loop_state.skipped_train_samples,
-            "num_floating_point_operations_so_far": loop_state.floating_point_operations_so_far,
-            "tensor_model_parallel_size": ctx.ps.tp_size,
-            "pipeline_model_parallel_size": ctx.ps.pp_size,
-            "has_optimizer": save_optim,
-            "has_rng": save_rng,
-            "opt_param_scheduler": scheduler.state_dict(),
-            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
-            "rng_values": dict(gathered) if save_rng else {},
-            "args": _jsonable(args_dict),
-        }
+        common = _common_record(iteration, loop_state, ctx.ps, save_optim, scheduler, grad_scaler,
+                                dict(gathered) if save_rng else None, args_dict)
 
     def publish():
         if common is not None:
@@ -211,6 +197,36 @@ def save_checkpoint(
         return final
     if staging is not None:  # one fast copy to host memory instead of DCP's per-tensor ones
         state = staging.stage(state)
+    _write_state(state, partial, iteration, fully_parallel)
+    publish()
+    _barrier()
+    return final
+
+
+def _common_record(iteration: int, loop_state, ps, save_optim: bool, scheduler, grad_scaler,
+                   rng_values: dict | None, args_dict: dict) -> dict:
+    """`common.json`: everything but tensors, as JSON (reading it runs no code)."""
+    return {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "consumed_train_samples": loop_state.consumed_train_samples,
+        "consumed_valid_samples": loop_state.consumed_valid_samples,
+        "skipped_train_samples": loop_state.skipped_train_samples,
+        "num_floating_point_operations_so_far": loop_state.floating_point_operations_so_far,
+        "tensor_model_parallel_size": ps.tp_size,
+        "pipeline_model_parallel_size": ps.pp_size,
+        "has_optimizer": save_optim,
+        "has_rng": rng_values is not None,
+        "opt_param_scheduler": scheduler.state_dict(),
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        "rng_values": rng_values or {},
+        "args": _jsonable(args_dict),
+    }
+
+
+def _write_state(state: dict, partial: str, iteration: int, fully_parallel: bool) -> None:
+    """Collective synchronous DCP write into `partial`; a failure removes the partial files
+    and is a CheckpointError of one line (a full disk reads as `OSError: [Errno 28] ...`)."""
     try:
         dcp.save(state, storage_writer=checkpoint_writer(partial), planner=_save_planner(fully_parallel))
     except (Exception, CheckpointException) as e:
@@ -218,9 +234,6 @@ def save_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(f"{partial}: save of iteration {iteration} failed ({describe_error(e)}); "
                               "the previous checkpoint is still the latest") from e
-    publish()
-    _barrier()
-    return final
 
 
 def _publish(root: str, iteration: int, partial: str, final: str, common: dict) -> None:
@@ -276,6 +289,21 @@ def _unsafe(error: BaseException) -> str | None:
             return part[part.find("/"):] if "/" in part else part
     cause = error.__cause__ or error.__context__
     return _unsafe(cause) if cause is not None else None
+
+
+def _read_state(directory: str, state: dict, ps) -> None:
+    """Collective: verify the tensor files' checksums, then fill `state` through the safe
+    reader (safe_load.py); every failure is a CheckpointError of one line."""
+    corrupted = checksums.verify(directory, ps)  # before DCP reads anything into the model
+    if corrupted:
+        raise CheckpointError(corrupted)
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # DCP's lists every rank's failure
+        unsafe = _unsafe(e)
+        if unsafe is not None:
+            raise CheckpointError(unsafe) from None
+        raise CheckpointError(_load_failure(directory, e)) from e
 
 
 def _load_failure(directory: str, error: Exception) -> str:
@@ -347,16 +375,7 @@ def load_checkpoint(
         tensors, _ = rng.capture(ctx.rng_tracker, ctx.device)  # templates of the right shapes
         rng_tensors = {_rng_prefix(ctx.ps) + k: v.clone() for k, v in tensors.items()}
         state.update(rng_tensors)
-    corrupted = checksums.verify(directory, ctx.ps)  # before DCP reads anything into the model
-    if corrupted:
-        raise CheckpointError(corrupted)
-    try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner())
-    except (Exception, CheckpointException) as e:  # DCP's lists every rank's failure
-        unsafe = _unsafe(e)
-        if unsafe is not None:
-            raise CheckpointError(unsafe) from None
-        raise CheckpointError(_load_failure(directory, e)) from e
+    _read_state(directory, state, ctx.ps)
     if load_optim:
         opt_ckpt.finish_load()
         _check_scheduler(

@@ -186,10 +186,6 @@ def _add_training_args(parser):
     group.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
     group.add_argument("--dataloader-type", type=str, default="single",
                        choices=["single", "cyclic", "external"], help="Data sampler type.")
-    # Deprecated in Megatron-LM itself ("Now ignored and mcore models are the default"); used by
-    # most of its launch scripts, so accepted exactly as Megatron accepts it.
-    group.add_argument("--use-mcore-models", action="store_true", dest="deprecated_use_mcore_models",
-                       help="DEPRECATED in Megatron-LM and ignored there too: mcore models are the default.")
     group.add_argument("--transformer-impl", type=str, default="transformer_engine",
                        choices=["local", "transformer_engine"],
                        help="Transformer implementation (accepted for compatibility).")
@@ -198,6 +194,10 @@ def _add_training_args(parser):
 
 def _add_initialization_args(parser):
     group = parser.add_argument_group(title="initialization")
+    # Deprecated in Megatron-LM itself ("Now ignored and mcore models are the default"); used by
+    # most of its launch scripts, so accepted exactly as Megatron accepts it.
+    group.add_argument("--use-mcore-models", action="store_true", dest="deprecated_use_mcore_models",
+                       help="DEPRECATED in Megatron-LM and ignored there too: mcore models are the default.")
     group.add_argument("--seed", type=int, default=1234,
                        help="Random seed for python, numpy, torch and CUDA.")
     group.add_argument("--data-parallel-random-init", action="store_true",

@@ -63,29 +63,19 @@ def all_to_all(x: torch.Tensor, comm: CPComm) -> torch.Tensor:
     return out
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """`[s_l, b, size*H, d]` (this rank's tokens, all heads) -> `[size, s_l, b, H, d]` (every
-    rank's tokens in group order, this rank's head slice)."""
+class _Ulysses(torch.autograd.Function):
+    """The two all-to-alls of Ulysses, each the other's backward. `to_heads`: sequence-sharded
+    `[s_l, b, size*H, d]` -> head-sharded `[size, s_l, b, H, d]`; else the way back."""
 
     @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return seq_to_heads(x, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return heads_to_seq(grad, ctx.comm), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, comm):
-        ctx.comm = comm
-        return heads_to_seq(y, comm)
+    def forward(ctx, x, comm, to_heads: bool):
+        ctx.comm, ctx.to_heads = comm, to_heads
+        return seq_to_heads(x, comm) if to_heads else heads_to_seq(x, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        return seq_to_heads(grad, ctx.comm), None
+        back = heads_to_seq(grad, ctx.comm) if ctx.to_heads else seq_to_heads(grad, ctx.comm)
+        return back, None, None
 
 
 def seq_to_heads(x: torch.Tensor, comm: CPComm) -> torch.Tensor:
@@ -102,8 +92,8 @@ def heads_to_seq(y: torch.Tensor, comm: CPComm) -> torch.Tensor:
 
 
 def seq_to_heads_autograd(x: torch.Tensor, comm: CPComm) -> torch.Tensor:
-    return _SeqToHeads.apply(x, comm)
+    return _Ulysses.apply(x, comm, True)
 
 
 def heads_to_seq_autograd(y: torch.Tensor, comm: CPComm) -> torch.Tensor:
-    return _HeadsToSeq.apply(y, comm)
+    return _Ulysses.apply(y, comm, False)
