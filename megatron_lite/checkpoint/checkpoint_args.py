@@ -1,11 +1,13 @@
 """`--use-checkpoint-args` (spec §4.5): take the model's shape from the checkpoint being loaded,
 so a run can resume or finetune with only `--load` and the training flags.
 
-Read before the arguments are validated: every rank reads `common.json` (JSON, no code runs).
+Read before the arguments are validated: every rank reads `common.json` (JSON, no code runs),
+or a Megatron-LM checkpoint's pickled args through the allowlist unpickler (megatron/pickles.py).
 """
 from __future__ import annotations
 
-from megatron_lite.checkpoint.layout import check_complete, iteration_dir, read_common, read_tracker
+from megatron_lite.checkpoint.layout import iteration_dir, read_tracker
+from megatron_lite.checkpoint.megatron.record import read_any_record
 
 # Taken from the checkpoint only when the command line left them unset (None), as in Megatron.
 _IF_UNSET = ("num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
@@ -28,8 +30,7 @@ def saved_args(root: str, ckpt_step: int | None = None) -> dict | None:
     if found is None:
         return None
     directory = iteration_dir(root, found[0], release=found[1])
-    check_complete(directory)
-    return read_common(directory, required=("args",))["args"]
+    return read_any_record(directory, required=("args",))[0]["args"]
 
 
 def apply_checkpoint_args(args, saved: dict) -> list[str]:

@@ -26,16 +26,16 @@ from megatron_lite.checkpoint.layout import (
     METADATA_CONTENT,
     TRACKER,
     CheckpointError,
-    check_complete,
     checkpoint_writer,
     describe_error,
     iteration_dir,
     prune_checkpoints,
-    read_common,
     read_tracker,
     write_json,
     write_tracker,
 )
+from megatron_lite.checkpoint.megatron.reader import fill_state
+from megatron_lite.checkpoint.megatron.record import read_any_record
 from megatron_lite.checkpoint.optim_state import OptimizerCheckpoint
 from megatron_lite.checkpoint.safe_load import (
     UNSAFE_MARK,
@@ -306,6 +306,17 @@ def _read_state(directory: str, state: dict, ps) -> None:
         raise CheckpointError(_load_failure(directory, e)) from e
 
 
+def _read_megatron_state(directory: str, megatron, state: dict, rng_prefix: str) -> None:
+    """Fill `state` from a Megatron-LM checkpoint (megatron/reader.py); failures in one line."""
+    try:
+        fill_state(directory, megatron, state, rng_prefix)
+    except (CheckpointError, UnsafeCheckpointError) as e:
+        raise CheckpointError(str(e)) from None
+    except (Exception, CheckpointException) as e:
+        unsafe = _unsafe(e)
+        raise CheckpointError(unsafe or _load_failure(directory, e)) from e
+
+
 def _load_failure(directory: str, error: Exception) -> str:
     """One line naming what is wrong: the tensor files shorter than `.metadata` says they are,
     else DCP's own first line."""
@@ -354,8 +365,7 @@ def load_checkpoint(
         return None
     iteration, release = found
     directory = iteration_dir(root, iteration, release)
-    check_complete(directory)
-    common = read_common(directory)
+    common, megatron = read_any_record(directory)
     logger.rank0(f" loading distributed checkpoint from {root} at iteration {iteration}")
     logger.rank0(f" checkpoint version {common['checkpoint_version']}")
     _check_args(common, args_dict, directory)
@@ -375,7 +385,10 @@ def load_checkpoint(
         tensors, _ = rng.capture(ctx.rng_tracker, ctx.device)  # templates of the right shapes
         rng_tensors = {_rng_prefix(ctx.ps) + k: v.clone() for k, v in tensors.items()}
         state.update(rng_tensors)
-    _read_state(directory, state, ctx.ps)
+    if megatron is not None:
+        _read_megatron_state(directory, megatron, state, _rng_prefix(ctx.ps))
+    else:
+        _read_state(directory, state, ctx.ps)
     if load_optim:
         opt_ckpt.finish_load()
         _check_scheduler(

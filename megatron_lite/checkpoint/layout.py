@@ -90,14 +90,15 @@ def write_json(path: str, content: dict) -> None:
     os.replace(tmp, path)
 
 
-def check_complete(directory: str) -> None:
+def check_complete(directory: str, names: tuple[str, ...] = (".metadata", COMMON)) -> None:
+    """Refuse, in one line, a directory without the marker or one of `names`."""
     marker = os.path.join(directory, METADATA)
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if not os.path.isfile(marker):
         raise CheckpointError(f"{directory} is not a complete torch_dist checkpoint: {METADATA} is missing "
                               "(the save was interrupted?)")
-    for name in (".metadata", COMMON):
+    for name in names:
         if not os.path.isfile(os.path.join(directory, name)):
             raise CheckpointError(f"{directory}: {name} is missing")
 
