@@ -81,3 +81,19 @@ def test_model_shape_mismatch_is_one_line():
     assert errors == [f"error: {os.path.join(FIXTURES, 'llama_tp1_bf16_distopt', 'iter_0000002')}: "
                       "ffn_hidden_size is 176 in the checkpoint but 192 on the command line"], errors
     assert "[rank0]: Traceback" not in proc.stderr, proc.stderr[-2000:]  # torchrun's own is fine
+
+
+def test_converted_checkpoints_continue_megatron_run(tmp_path):
+    """tools/checkpoint/convert.py with Megatron's interface: Megatron -> megatron_lite, and that
+    back to Megatron's layout; --load of either continues Megatron's own curve."""
+    lite, back = tmp_path / "lite", tmp_path / "megatron"
+    steps = (("core", "lite", FIXTURES / "gpt_tp1", lite), ("lite", "core", lite, back))
+    for loader, saver, src, dst in steps:
+        proc = torchrun(1, "tools/checkpoint/convert.py", "--model-type", "GPT", "--loader", loader,
+                        "--saver", saver, "--load-dir", str(src), "--save-dir", str(dst))
+        assert f"(weights and optimizer) of iteration 2 to {dst}/iter_0000002" in proc.stdout
+    expected = _megatron_rows("gpt_tp1")
+    for ckpt in (lite, back):
+        out = torchrun(1, "pretrain_gpt.py", *COMMON, "--distributed-backend", "gloo",
+                       "--load", str(ckpt)).stdout
+        _check({int(r[0]): r for r in iteration_lines(out)}, expected, rtol=1e-5)

@@ -98,3 +98,75 @@ def test_planted_common_state_pickle_runs_nothing(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=refusal):
         read_any_record(str(directory))
     assert not marker.exists()
+
+
+def _convert(loader, saver, load_dir, save_dir):
+    from tools.checkpoint import convert
+    convert.main(["--model-type", "GPT", "--loader", loader, "--saver", saver, "--load-dir", load_dir,
+                  "--save-dir", save_dir])
+
+
+def _training_state_equal(a, b):
+    (model_a, opt_a, common_a), (model_b, opt_b, common_b) = a, b
+    assert model_a.keys() == model_b.keys()
+    for k in model_a:
+        assert model_a[k].dtype == model_b[k].dtype and torch.equal(model_a[k], model_b[k]), k
+    assert opt_a["step"] == opt_b["step"]
+    for kind in ("main", "exp_avg", "exp_avg_sq"):
+        assert opt_a[kind].keys() == opt_b[kind].keys() == model_a.keys(), kind
+        for k in opt_a[kind]:
+            assert torch.equal(opt_a[kind][k], opt_b[kind][k]), (kind, k)
+    for key in ("iteration", "consumed_train_samples", "opt_param_scheduler",
+                "num_floating_point_operations_so_far"):
+        assert common_a[key] == common_b[key], key
+
+
+@pytest.mark.parametrize("fixture", ["gpt_tp1", "llama_tp1_bf16_distopt"])
+def test_convert_megatron_to_lite_and_back_keeps_the_training_state(tmp_path, fixture):
+    """--loader core --saver lite, then --loader lite --saver core: weights, fp32 masters,
+    moments, step, scheduler and counters survive both ways. (Loading the lite copy with
+    pretrain continues Megatron's curve: tests/functional/test_megatron_checkpoint_cli.py.)"""
+    from megatron_lite.checkpoint.global_io import read_global_training_state
+    from megatron_lite.checkpoint.megatron.global_state import read_megatron_training_state
+
+    source = os.path.join(FIXTURES, fixture)
+    lite, back = str(tmp_path / "lite"), str(tmp_path / "megatron")
+    _convert("core", "lite", source, lite)
+    _convert("lite", "core", lite, back)
+    original = read_megatron_training_state(source)
+    _training_state_equal(original, read_global_training_state(lite))
+    _training_state_equal(original, read_megatron_training_state(back))
+
+
+def test_written_megatron_checkpoint_matches_megatrons_own(tmp_path):
+    """What --saver core writes has Megatron-LM's keys, shapes, dtypes, values and common_state
+    (compared with the checkpoint Megatron-LM itself wrote), minus its RNG and rerun state."""
+    from megatron_lite.checkpoint.megatron.record import load_entry
+
+    lite, back = str(tmp_path / "lite"), str(tmp_path / "megatron")
+    _convert("core", "lite", os.path.join(FIXTURES, "gpt_tp1"), lite)
+    _convert("lite", "core", lite, back)
+    ours_dir = os.path.join(back, "iter_0000002")
+    assert open(os.path.join(back, "latest_checkpointed_iteration.txt")).read() == "2"
+    theirs, ours = read_record(GPT), read_record(ours_dir)
+    want, got = theirs.metadata.state_dict_metadata, ours.metadata.state_dict_metadata
+    assert set(want) - set(got) == {"rerun_state_machine_state/shard_0_1", "rng_state/shard_0.0_1.1"}
+    assert set(got) <= set(want)
+    for key, meta in want.items():
+        if hasattr(meta, "size"):
+            assert (meta.size, meta.properties.dtype) == (got[key].size, got[key].properties.dtype), key
+            a, b = torch.empty(tuple(meta.size), dtype=meta.properties.dtype), torch.zeros(tuple(meta.size))
+            read_regions(GPT, theirs.metadata, [Region(key, (0,) * a.dim(), a)])
+            read_regions(ours_dir, ours.metadata, [Region(key, (0,) * b.dim(), b)])
+            assert torch.equal(a, b), key
+    mine = load_entry(ours_dir, ours.metadata, "common_state/shard_0_1")
+    megatron = load_entry(GPT, theirs.metadata, "common_state/shard_0_1")
+    assert set(megatron) - set(mine) == {"rerun_state_machine"}
+    for key in mine:
+        if key != "args":
+            assert str(mine[key]) == str(megatron[key]) or mine[key] == megatron[key], key
+    mine_args, megatron_args = vars(mine["args"]), vars(megatron["args"])
+    assert mine_args.keys() == megatron_args.keys()
+    enums = {k for k, v in megatron_args.items() if "megatron." in repr(v)}
+    assert enums == {"attention_backend", "inference_cuda_graph_scope"}  # stored as their values
+    assert all(mine_args[k] == megatron_args[k] for k in megatron_args if k not in enums)

@@ -8,6 +8,20 @@ A torch_dist checkpoint stores every tensor under its layout-independent name wi
 shape, so there is no target TP/PP to choose: the converted checkpoint loads at any
 `--tensor-model-parallel-size` / `--pipeline-model-parallel-size` (as a `release`
 checkpoint: weights only, like Megatron's `--finetune`).
+
+Megatron-LM's own interface moves whole training states (weights, optimizer, scheduler,
+iteration) between the two projects' formats:
+
+    python tools/checkpoint/convert.py --model-type GPT --loader core --saver lite \
+        --load-dir megatron_ckpt/ --save-dir lite_ckpt/
+    python tools/checkpoint/convert.py --model-type GPT --loader lite --saver core \
+        --load-dir lite_ckpt/ --save-dir megatron_ckpt/
+
+Loaders: `core`/`mcore` (Megatron-LM torch_dist), `lite` (megatron_lite), `hf`/`llama_mistral`
+(a Hugging Face directory, weights only). Savers: `core`/`mcore`, `lite`, `hf`. Both torch_dist
+layouts store global tensors, so any `--target-tensor-parallel-size` /
+`--target-pipeline-parallel-size` loads them; the values are recorded as the saved layout.
+(`megatron --load` of a Megatron-LM checkpoint needs no conversion: megatron_lite reads it.)
 """
 
 from __future__ import annotations
@@ -21,8 +35,15 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron_lite.checkpoint.global_io import read_global_checkpoint, write_global_checkpoint  # noqa: E402
+from megatron_lite.checkpoint.global_io import (  # noqa: E402
+    read_global_checkpoint,
+    read_global_training_state,
+    write_global_checkpoint,
+    write_global_training_state,
+)
 from megatron_lite.checkpoint.layout import CheckpointError  # noqa: E402
+from megatron_lite.checkpoint.megatron.global_state import read_megatron_training_state  # noqa: E402
+from megatron_lite.checkpoint.megatron.writer import megatron_state, write_megatron_checkpoint  # noqa: E402
 from megatron_lite.config.configs import ModelConfig, model_config_from_args  # noqa: E402
 from megatron_lite.models import hf  # noqa: E402
 
@@ -87,12 +108,15 @@ def hf_to_megatron(a) -> None:
 
 
 def megatron_to_hf(a) -> None:
+    global_state, common = read_global_checkpoint(a.load, a.ckpt_step)
+    _write_hf(global_state, dict(common["args"]), a.hf_dir, a.family, a.vocab_size, a.load)
+
+
+def _write_hf(global_state: dict, args: dict, hf_dir: str, family, vocab_size, source: str) -> None:
     from safetensors.torch import save_file
 
-    global_state, common = read_global_checkpoint(a.load, a.ckpt_step)
-    args = dict(common["args"])
-    family = a.family or args.get("model_family") or ("llama" if args.get("swiglu") else "gpt2")
-    orig_vocab = a.vocab_size or args.get("orig_vocab_size") or args.get("vocab_size")
+    family = family or args.get("model_family") or ("llama" if args.get("swiglu") else "gpt2")
+    orig_vocab = vocab_size or args.get("orig_vocab_size") or args.get("vocab_size")
     if not orig_vocab:
         raise SystemExit(
             "error: the checkpoint does not record the tokenizer's vocabulary size: pass --vocab-size"
@@ -104,15 +128,82 @@ def megatron_to_hf(a) -> None:
         cfg = model_config_from_args(ns)
         hf_state = hf.global_to_hf(global_state, cfg, family, orig_vocab, tied_head=False)
     except (ValueError, KeyError, TypeError, RuntimeError) as e:  # args or tensors not of this model
-        raise SystemExit(f"error: --load {a.load}: {_one_line(e)}") from None
-    os.makedirs(a.hf_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(a.hf_dir, "model.safetensors"))
-    with open(os.path.join(a.hf_dir, "config.json"), "w") as f:
+        raise SystemExit(f"error: --load {source}: {_one_line(e)}") from None
+    os.makedirs(hf_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(hf_dir, "model.safetensors"))
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf.hf_config_from_model_config(cfg, family, orig_vocab), f, indent=2)
-    print(f"wrote {len(hf_state)} tensors to {a.hf_dir} ({family})")
+    print(f"wrote {len(hf_state)} tensors to {hf_dir} ({family})")
+
+
+def _load_training_state(a):
+    """(model, optimizer, record) from --load-dir through the chosen --loader."""
+    if a.loader in ("core", "mcore"):
+        return read_megatron_training_state(a.load_dir, a.ckpt_step)
+    if a.loader == "lite":
+        return read_global_training_state(a.load_dir, a.ckpt_step)
+    config, state = _read_hf_dir(a.load_dir)
+    try:
+        family = hf._family("llama" if a.loader == "llama_mistral" else None, config)
+        cfg = hf.model_config_from_hf(config, family, tp=a.target_tensor_parallel_size)
+        model = hf.hf_to_global(state, cfg, family)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"error: --load-dir {a.load_dir}: {_one_line(e)}") from None
+    common = {"checkpoint_version": 3.0, "iteration": 0, "consumed_train_samples": 0,
+              "consumed_valid_samples": 0, "skipped_train_samples": 0,
+              "num_floating_point_operations_so_far": 0.0, "opt_param_scheduler": None, "grad_scaler": None,
+              "args": _args_of(cfg, family, config["vocab_size"])}
+    return model, {"step": None}, common
+
+
+def convert_training_state(a) -> None:
+    """Megatron-LM's convert.py interface (see the module docstring)."""
+    if a.model_type != "GPT":
+        raise SystemExit(f"error: --model-type {a.model_type}: only GPT models are supported")
+    if a.megatron_path:
+        print("note: --megatron-path is not needed: megatron_lite reads and writes Megatron-LM's "
+              "layout itself")
+    model, optimizer, common = _load_training_state(a)
+    tp, pp = a.target_tensor_parallel_size, a.target_pipeline_parallel_size
+    common = dict(common, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if a.saver == "hf":
+        _write_hf(model, dict(common["args"]), a.save_dir, None, a.true_vocab_size, a.load_dir)
+        return
+    if a.saver == "lite":
+        directory = write_global_training_state(a.save_dir, model, optimizer, common)
+    else:
+        directory = write_megatron_checkpoint(a.save_dir, megatron_state(model, optimizer, common, tp, pp),
+                                              int(common["iteration"]))
+    what = "weights and optimizer" if optimizer.get("step") is not None else "weights"
+    print(f"wrote {len(model)} tensors ({what}) of iteration {common['iteration']} to {directory}")
+
+
+def _megatron_style_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Megatron-LM-style conversion of whole training states")
+    p.add_argument("--model-type", required=True, choices=["GPT", "BERT"])
+    p.add_argument("--loader", required=True, choices=["core", "mcore", "lite", "hf", "llama_mistral"])
+    p.add_argument("--saver", required=True, choices=["core", "mcore", "lite", "hf"])
+    p.add_argument("--load-dir", required=True)
+    p.add_argument("--save-dir", required=True)
+    p.add_argument("--ckpt-step", type=int, default=None, help="iteration to read (default: the tracker's)")
+    p.add_argument("--target-tensor-parallel-size", type=int, default=1,
+                   help="recorded as the saved layout (torch_dist loads at any TP)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1,
+                   help="recorded as the saved layout (torch_dist loads at any PP)")
+    p.add_argument("--true-vocab-size", type=int, default=None, help="--saver hf: vocabulary without padding")
+    p.add_argument("--megatron-path", default=None, help="accepted for Megatron's scripts; not needed here")
+    return p
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("--") and argv[0] not in ("-h", "--help"):
+        a = _megatron_style_parser().parse_args(argv)
+        try:
+            convert_training_state(a)
+        except (OSError, ValueError, KeyError, CheckpointError) as e:
+            raise SystemExit(f"error: {_one_line(e)}") from None
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="direction", required=True)
     imp = sub.add_parser("hf-to-megatron", help="Hugging Face directory -> torch_dist checkpoint")
