@@ -3,9 +3,9 @@ serves each position.
 
 The greedy rule (pick the dataset furthest behind its weight, lowest index on ties) is
 inherently sequential and is not a divisor method, so it has no closed form to vectorize.
-Like Megatron's `helpers.cpp`, it runs as a small C loop, compiled on first use with the system C
-compiler and loaded with ctypes; where no compiler exists the same loop runs in Python (correct,
-but about 100x slower: fine for test-sized blends).
+Like Megatron's `helpers.cpp`, it runs as a small C loop (csrc/blending_indices.c), compiled on
+first use with the system C compiler and loaded with ctypes; where no compiler exists the same
+loop runs in Python (correct, but about 100x slower: fine for test-sized blends).
 """
 from __future__ import annotations
 
@@ -24,55 +24,13 @@ log = logging.getLogger(__name__)
 
 MAX_DATASETS = 32766  # dataset ids are int16 (spec §2.8)
 
-_C_SOURCE = r"""
-#include <stdint.h>
-#include <stdlib.h>
-
-/* spec 2.8: err_i = w_i * max(t, 1) - c_i; strict '>' scan keeps the lowest index on ties. */
-void build_blending_indices(int16_t *dataset_index, int64_t *dataset_sample_index,
-                            const double *weights, int32_t num_datasets, int64_t size) {
-  int64_t *counts = calloc((size_t)num_datasets, sizeof(int64_t));
-  for (int64_t t = 0; t < size; ++t) {
-    double td = t > 1 ? (double)t : 1.0;
-    int32_t best = 0;
-    double best_err = weights[0] * td - (double)counts[0];
-    for (int32_t i = 1; i < num_datasets; ++i) {
-      double err = weights[i] * td - (double)counts[i];
-      if (err > best_err) { best_err = err; best = i; }
-    }
-    dataset_index[t] = (int16_t)best;
-    dataset_sample_index[t] = counts[best];
-    counts[best] += 1;
-  }
-  free(counts);
-}
-
-/* Exhaustive variant: weights = sizes / total, only datasets with samples left compete. */
-void build_exhaustive_blending_indices(int16_t *dataset_index, int64_t *dataset_sample_index,
-                                       const int64_t *sizes, int32_t num_datasets) {
-  int64_t total = 0;
-  for (int32_t i = 0; i < num_datasets; ++i) total += sizes[i];
-  int64_t *counts = calloc((size_t)num_datasets, sizeof(int64_t));
-  for (int64_t t = 0; t < total; ++t) {
-    double td = t > 1 ? (double)t : 1.0;
-    int32_t best = -1;
-    double best_err = 0.0;
-    for (int32_t i = 0; i < num_datasets; ++i) {
-      if (counts[i] >= sizes[i]) continue;
-      double err = ((double)sizes[i] / (double)total) * td - (double)counts[i];
-      if (best < 0 || err > best_err) { best_err = err; best = i; }
-    }
-    dataset_index[t] = (int16_t)best;
-    dataset_sample_index[t] = counts[best];
-    counts[best] += 1;
-  }
-  free(counts);
-}
-"""
+# The C source lives with the project's other native sources (csrc/, DESIGN "Layout").
+# A non-editable install has no csrc/: the Python loop runs then.
+_C_SOURCE_PATH = Path(__file__).resolve().parents[2] / "csrc" / "blending_indices.c"
 
 
-def _library_path() -> Path:
-    digest = hashlib.sha1(_C_SOURCE.encode()).hexdigest()[:12]
+def _library_path(source: str) -> Path:
+    digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     candidates = [Path(tempfile.gettempdir()) / "megatron_lite"]
     try:
         candidates.insert(0, Path.home() / ".cache" / "megatron_lite")
@@ -88,13 +46,13 @@ def _library_path() -> Path:
     raise OSError("no writable cache directory for the compiled blending helper")
 
 
-def _compile(target: Path) -> None:
+def _compile(target: Path, source: str) -> None:
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, out = Path(tmp) / "blending.c", Path(tmp) / target.name
-        src.write_text(_C_SOURCE)
+        src.write_text(source)
         subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(out), str(src)], check=True,
                        capture_output=True, timeout=120)
         os.replace(out, target)  # atomic: concurrent ranks never load a half-written library
@@ -103,9 +61,10 @@ def _compile(target: Path) -> None:
 def _load_helper():
     """The compiled helper, or None (then the Python loop runs)."""
     try:
-        path = _library_path()
+        source = _C_SOURCE_PATH.read_text()
+        path = _library_path(source)
         if not path.exists():
-            _compile(path)
+            _compile(path, source)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("blending helper not compiled (%s); using the slower Python loop", e)
