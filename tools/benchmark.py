@@ -6,6 +6,10 @@ a measured bf16 matmul peak, and peak memory.
     # context parallelism over the GPUs of one node (long sequences, full recompute):
     torchrun --nproc_per_node 2 tools/benchmark.py --preset llama-1b --micro-batch-size 1 \
         --seq-length 131072 --recompute-granularity full --context-parallel-size 2 --cp-comm-type p2p
+    # tensor parallelism with sequence parallelism, 4 micro-batches of gradient accumulation,
+    # without the gradient-accumulation fusion (compare with the same line without the flag):
+    torchrun --nproc_per_node 2 tools/benchmark.py --preset gpt-1.3b --tensor-model-parallel-size 2 \
+        --sequence-parallel --num-micro-batches 4 --no-gradient-accumulation-fusion
 
 The megatron_lite path is the training path of `pretrain()` (model, main-grad buffer,
 mixed-precision optimizer, train_step) on mock tokens; the baseline trains the same shape
@@ -39,6 +43,9 @@ PRESETS = {
                      position_embedding_type="rope", rotary_base=500000.0, use_rope_scaling=True,
                      rope_scaling_factor=32.0, normalization="RMSNorm", swiglu=True, add_bias_linear=False,
                      untie_embeddings_and_output_weights=False, attention_dropout=0.0, hidden_dropout=0.0),
+    # GPT-3 1.3B (Brown et al. 2020, table 2.1): 24 layers, h 2048, 16 heads, GPT-2 vocabulary.
+    "gpt-1.3b": dict(num_layers=24, hidden_size=2048, num_attention_heads=16, vocab_size=50304,
+                     max_position_embeddings=2048, attention_dropout=0.0, hidden_dropout=0.0),
     "tiny": dict(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
                  vocab_size=512, max_position_embeddings=128, position_embedding_type="rope",
                  normalization="RMSNorm", swiglu=True, add_bias_linear=False,
@@ -67,27 +74,27 @@ def _batches(cfg, mbs, seq, device):
                "position_ids": torch.arange(seq).expand(mbs, seq).contiguous()}
 
 
-def _parallel_state(cp: int, hierarchical):
-    """Every GPU of the launch in one CP group (torchrun), or a single process."""
-    if cp > 1:
-        return ParallelState.create(cp=cp, hierarchical_cp=hierarchical)
+def _parallel_state(cp: int, tp: int, hierarchical):
+    """Every GPU of the launch in one CP or TP group (torchrun), or a single process."""
+    if cp > 1 or tp > 1:
+        return ParallelState.create(tp=tp, cp=cp, hierarchical_cp=hierarchical)
     return ParallelState.create()
 
 
 def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False, cp=1,
-                      hierarchical=None):
-    ps = _parallel_state(cp, hierarchical)
-    tracker = build_rng_tracker(1234, 0, 0, device)
+                      hierarchical=None, tp=1, num_micro_batches=1, check_for_nan=False):
+    ps = _parallel_state(cp, tp, hierarchical)
+    tracker = build_rng_tracker(1234, ps.tp_rank, 0, device)
     model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
-    init_model_parameters(model, 1234, cfg.init_method_std, cfg.num_layers, 0, 1)
-    model = DistributedDataParallel(model, ps, DDPConfig())
+    init_model_parameters(model, 1234, cfg.init_method_std, cfg.num_layers, ps.tp_rank, ps.tp_size)
+    model = DistributedDataParallel(model, ps, DDPConfig(check_for_nan_in_grad=check_for_nan))
     opt = MixedPrecisionOptimizer(model.module.named_parameters(), OptimizerConfig(lr=1e-4), ps)
     # Every rank draws the same batch and keeps its zig-zag share (what the CP data path does).
     data = (split_batch(b, ps.cp_size, ps.cp_rank) for b in _batches(cfg, mbs, seq, device))
     losses = []
 
     def step():
-        r = train_step(model, opt, data, 1, ps, device)
+        r = train_step(model, opt, data, num_micro_batches, ps, device)
         losses.append(r.loss_sum_count)
 
     return _time(step, steps, warmup, profile), losses
@@ -155,6 +162,14 @@ def _args():
     p.add_argument("--context-parallel-size", type=int, default=1, help="launch with torchrun, one GPU each")
     p.add_argument("--cp-comm-type", default="p2p")
     p.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs=2, default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="launch with torchrun, one GPU each (not together with CP)")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--num-micro-batches", type=int, default=1, help="gradient accumulation steps per step")
+    p.add_argument("--no-gradient-accumulation-fusion", action="store_true",
+                   help="weight gradients as separate GEMMs added to main_grad by the DDP hook")
+    p.add_argument("--check-for-nan-in-loss-and-grad", action="store_true",
+                   help="the NaN/Inf check of the loss and the per-bucket grad norms (pretrain's default)")
     p.add_argument("--cross-entropy-loss-fusion", action="store_true")
     p.add_argument("--no-fusion", action="store_true", help="eager SwiGLU, RoPE and RMSNorm")
     p.add_argument("--hf-baseline", action="store_true", help="time transformers instead")
@@ -172,21 +187,29 @@ def _config(a) -> ModelConfig:
                        cp_comm_type=(a.cp_comm_type,),
                        attention_backend=a.attention_backend, recompute_granularity=a.recompute_granularity,
                        cross_entropy_loss_fusion=a.cross_entropy_loss_fusion,
+                       sequence_parallel=a.sequence_parallel,
+                       gradient_accumulation_fusion=not a.no_gradient_accumulation_fusion,
                        bias_swiglu_fusion=not a.no_fusion, apply_rope_fusion=not a.no_fusion,
                        no_persist_layer_norm=a.no_fusion)
 
 
 def _result(a, cfg, sec, losses, device) -> dict:
-    gpus = a.context_parallel_size
-    tokens = a.micro_batch_size * a.seq_length / gpus  # per GPU: the CP group shares one sequence
-    flops = num_floating_point_operations(cfg, a.micro_batch_size, a.seq_length) / gpus
+    gpus = a.context_parallel_size * a.tensor_model_parallel_size
+    samples = a.micro_batch_size * a.num_micro_batches
+    tokens = samples * a.seq_length / gpus  # per GPU: the CP/TP group shares its sequences
+    flops = num_floating_point_operations(cfg, samples, a.seq_length) / gpus
     peak = matmul_peak_tflops(device)
     return {
         "impl": "hf-transformers" if a.hf_baseline else "megatron_lite", "preset": a.preset,
         "fusion": not a.no_fusion, "ce_fusion": a.cross_entropy_loss_fusion,
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "micro_batch": a.micro_batch_size, "seq": a.seq_length, "step_ms": round(sec * 1000, 2),
-        "context_parallel": gpus, "cp_comm_type": a.cp_comm_type if gpus > 1 else None,
+        "context_parallel": a.context_parallel_size,
+        "cp_comm_type": a.cp_comm_type if a.context_parallel_size > 1 else None,
+        "tensor_parallel": a.tensor_model_parallel_size, "sequence_parallel": a.sequence_parallel,
+        "micro_batches": a.num_micro_batches,
+        "grad_accumulation_fusion": not a.no_gradient_accumulation_fusion,
+        "nan_check": a.check_for_nan_in_loss_and_grad,
         "recompute": a.recompute_granularity, "recompute_keeps_attention": not a.no_recompute_keeps_attention,
         "tokens_per_s": round(tokens * gpus / sec), "tokens_per_s_per_gpu": round(tokens / sec),
         "tflops_per_gpu": round(flops / sec / 1e12, 1),
@@ -202,8 +225,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: tools/benchmark.py needs a CUDA GPU")
     device = torch.device("cuda")
-    cp = a.context_parallel_size
-    if cp > 1:  # under torchrun: one GPU per rank, all in one CP group
+    cp, tp = a.context_parallel_size, a.tensor_model_parallel_size
+    if cp > 1 and tp > 1:
+        raise SystemExit("error: --context-parallel-size and --tensor-model-parallel-size together "
+                         "are not benchmarked")
+    if cp > 1 or tp > 1:  # under torchrun: one GPU per rank, all in one CP or TP group
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -212,10 +238,11 @@ def main() -> None:
     if a.hf_baseline:
         sec, losses = run_hf_baseline(*shape)
     else:
-        sec, losses = run_megatron_lite(*shape, cp, a.hierarchical_context_parallel_sizes)
+        sec, losses = run_megatron_lite(*shape, cp, a.hierarchical_context_parallel_sizes, tp,
+                                        a.num_micro_batches, a.check_for_nan_in_loss_and_grad)
     result = _result(a, cfg, sec, losses, device)
-    first = cp == 1 or dist.get_rank() == 0
-    if cp > 1:
+    first = (cp == 1 and tp == 1) or dist.get_rank() == 0
+    if cp > 1 or tp > 1:
         dist.destroy_process_group()
     if not first:
         return

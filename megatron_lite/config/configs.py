@@ -59,6 +59,9 @@ class ModelConfig:
     apply_rope_fusion: bool = True
     no_persist_layer_norm: bool = False  # True: RMSNorm unfused
     cross_entropy_loss_fusion: bool = False
+    # --no-gradient-accumulation-fusion turns off: linear-layer weight gradients accumulate
+    # straight into the DDP main_grad buffer (fused/wgrad.py); on by default as in Megatron.
+    gradient_accumulation_fusion: bool = True
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):

@@ -96,6 +96,11 @@ class DistributedDataParallel(torch.nn.Module):
             for (_, grad_dtype), params in by_dtype.items()]
         self._syncs = [_BucketSync(b) for buf in self.param_buffers for b in buf.buckets]
         self._sync_of = {p: s for s in self._syncs for p in s.bucket.params}
+        for p in self._sync_of:
+            # Megatron's protocol (spec §7.1): a linear layer whose weight has this attribute
+            # may accumulate its weight gradient into `main_grad` itself and set it to True;
+            # `_on_grad_ready` then discards the placeholder gradient (tensor_parallel/layers.py).
+            p.grad_added_to_main_grad = False
         self._grad_sync_enabled = True
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._sync_of]
         if config.use_distributed_optimizer and config.overlap_param_gather:
@@ -139,7 +144,10 @@ class DistributedDataParallel(torch.nn.Module):
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
         if param.grad is not None:
-            param.main_grad.add_(param.grad)  # fp32 accumulation across micro-batches
+            if param.grad_added_to_main_grad:
+                param.grad_added_to_main_grad = False  # the wgrad GEMM accumulated it already
+            else:
+                param.main_grad.add_(param.grad)  # fp32 accumulation across micro-batches
             param.grad = None
         if not (self._grad_sync_enabled and self.config.overlap_grad_reduce):
             return

@@ -105,11 +105,13 @@ class SelfAttention(nn.Module):
         self.linear_qkv = ColumnParallelLinear(
             config.hidden_size, config.query_projection_size + 2 * config.kv_projection_size,
             tp_group=ps.tp_group, bias=config.add_bias_linear or config.add_qkv_bias,
-            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device)
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device,
+            gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.linear_proj = RowParallelLinear(
             config.query_projection_size, config.hidden_size, tp_group=ps.tp_group,
             bias=config.add_bias_linear, input_is_parallel=True,
-            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device)
+            sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device,
+            gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.head_dim = d
         self.context_parallel = context_parallel_attention(config, ps, layer_number)
         # Set to record / replay by the transformer block around full-recompute checkpoints.

@@ -6,12 +6,15 @@ Column-parallel: weight split along the output dim, `[out/tp, in]`; the input is
 Row-parallel: weight split along the input dim, `[out, in/tp]`; the input is split, the
 partial outputs are all-reduced (or reduce-scattered to `[s/tp, b, out]`).
 
-The column-parallel GEMM is one autograd Function (`_ColumnParallelMatmul`, also exposed as
+The column-parallel GEMM is one autograd Function (`_LinearWithTP`, also exposed as
 `linear_with_tp` for externally owned weights such as a tied output layer) because that lets
 its backward (a) keep only the local `[s/tp, b, in]` input under sequence parallelism and
-re-gather it, and (b) overlap both the re-gather and the input-gradient reduction with GEMMs,
-as Megatron's `LinearWithGradAccumulationAndAsyncCommunication` does. For the overlap to be
-ordered as written on GPU, Megatron runs with CUDA_DEVICE_MAX_CONNECTIONS=1.
+re-gather it, (b) overlap both the re-gather and the input-gradient reduction with GEMMs, and
+(c) accumulate the weight gradient straight into the fp32 `main_grad` (gradient-accumulation
+fusion, on by default as in Megatron), as Megatron's
+`LinearWithGradAccumulationAndAsyncCommunication` does. The row-parallel GEMM uses the same
+Function without a group for (c). For the overlap to be ordered as written on GPU, Megatron
+runs with CUDA_DEVICE_MAX_CONNECTIONS=1.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from megatron_lite.fused.wgrad import accumulate_wgrad_
 from megatron_lite.tensor_parallel.collectives import (
     all_gather,
     all_reduce,
@@ -36,16 +40,31 @@ from megatron_lite.tensor_parallel.mappings import (
 from megatron_lite.tensor_parallel.sharding import mark_parallel, mark_sequence_parallel, shard
 
 
-class _ColumnParallelMatmul(torch.autograd.Function):
+def accumulates_in_main_grad(weight: torch.Tensor) -> bool:
+    """Whether a weight gradient may go straight into `weight.main_grad`: the param lives in a
+    DDP grad buffer whose post-accumulate hook drops the placeholder gradient and clears
+    `grad_added_to_main_grad` (data_parallel/ddp.py; Megatron's protocol, spec §7.1)."""
+    return (torch.is_grad_enabled() and weight.requires_grad and hasattr(weight, "main_grad")
+            and hasattr(weight, "grad_added_to_main_grad"))
+
+
+class _LinearWithTP(torch.autograd.Function):
     """`y = x W^T + b` with x entering a TP region: all-gathered along the sequence (SP) or
-    replicated (its gradient all-reduced)."""
+    replicated (its gradient all-reduced). With `group` None it is a local GEMM (TP=1, or the
+    row-parallel GEMM, whose reduction follows it), kept as a Function for `fuse_wgrad`:
+    the weight gradient accumulates into `main_grad` (fused/wgrad.py) and autograd gets an
+    uninitialized placeholder instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, sequence_parallel):
+    def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad):
         # Save the local input only: under SP it is 1/tp of the gathered one (the memory
         # saving that motivates SP); backward gathers it again.
         ctx.save_for_backward(x, weight)
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        # The Parameter itself: a saved tensor may come back as a detached copy without
+        # `main_grad` (non-reentrant activation checkpointing recomputes saved tensors).
+        # (`fuse_wgrad` is decided by the caller: grad mode is off inside forward.)
+        ctx.main_grad_param = weight if fuse_wgrad else None
         if sequence_parallel:
             x = all_gather(x, 0, group)  # [s/tp, b, in] -> [s, b, in]
         return F.linear(x, weight, bias)  # [s, b, out/tp]
@@ -61,7 +80,7 @@ class _ColumnParallelMatmul(torch.autograd.Function):
             # A fresh GEMM output, so the in-place all-reduce below cannot alias anyone's grad.
             grad_x = grad_out.matmul(weight)  # [s, b, in], partial over this rank's columns
         total_x = gathering.wait() if gathering is not None else x  # [s, b, in]
-        if need_x:
+        if need_x and group is not None:
             if sp:
                 reducing = reduce_scatter(grad_x, 0, group, async_op=True)  # -> [s/tp, b, in]
             else:
@@ -70,12 +89,25 @@ class _ColumnParallelMatmul(torch.autograd.Function):
         if need_w or need_b:
             g2d = grad_out.reshape(-1, grad_out.size(-1))  # [s*b, out/tp]
         if need_w:
-            grad_w = g2d.t().matmul(total_x.reshape(-1, total_x.size(-1)))  # [out/tp, in]
+            grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)))
         if need_b:
             grad_b = g2d.sum(0)  # [out/tp]
         if reducing is not None:
             grad_x = reducing.wait()
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _weight_grad(param, g2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    """`[out, in]` weight gradient of g2d `[T, out]`, x2d `[T, in]`; with `param` (fusion on)
+    accumulated into `param.main_grad` instead, returning a placeholder."""
+    if param is None:
+        return g2d.t().matmul(x2d)  # [out, in]
+    accumulate_wgrad_(param.main_grad, g2d, x2d)  # main_grad [out, in] += g2d^T x2d, in place
+    param.grad_added_to_main_grad = True
+    # Returning None would skip the param's AccumulateGrad node and with it DDP's
+    # post-accumulate hook, which counts the param ready for its bucket's reduction. An
+    # uninitialized tensor costs no kernel; the hook discards it (Megatron does the same).
+    return torch.empty_like(param)
 
 
 def linear_with_tp(
@@ -85,23 +117,36 @@ def linear_with_tp(
     tp_group,
     sequence_parallel: bool,
     gather_output: bool = False,
+    fuse_wgrad: bool = False,
 ) -> torch.Tensor:
     """Column-parallel `x W^T + b` for a weight owned elsewhere (e.g. the tied output layer,
     weight `[V/tp, h]`).
 
     x: `[s, b, in]`, or `[s/tp, b, in]` with sequence_parallel. Returns `[s, b, out/tp]`, or
     `[s, b, out]` when gather_output (not allowed with sequence_parallel, as in Megatron: the
-    vocab-parallel loss consumes the split output).
+    vocab-parallel loss consumes the split output). `fuse_wgrad`: gradient-accumulation
+    fusion, only for a weight this GEMM is the sole user of (the tied embedding also gets
+    the lookup's gradient, which the placeholder would corrupt: it stays unfused).
     """
     if gather_output and sequence_parallel:
         raise ValueError("gather_output is not supported together with sequence_parallel")
-    if group_size(tp_group) == 1:
+    fuse_wgrad = fuse_wgrad and accumulates_in_main_grad(weight)
+    if group_size(tp_group) == 1 and not fuse_wgrad:
         y = F.linear(x, weight, bias)  # [s, b, out]
     else:
-        y = _ColumnParallelMatmul.apply(x, weight, bias, tp_group, sequence_parallel)  # [s, b, out/tp]
+        y = _LinearWithTP.apply(x, weight, bias, tp_group, sequence_parallel, fuse_wgrad)  # [s, b, out/tp]
     if gather_output:
         y = gather_from_tp_region(y, tp_group)  # [s, b, out/tp] -> [s, b, out]
     return y
+
+
+def local_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 fuse_wgrad: bool = False) -> torch.Tensor:
+    """`x W^T + b` without communication (TP=1, or the row-parallel partial GEMM); through
+    `_LinearWithTP` only when the weight gradient goes into `main_grad`, else plain autograd."""
+    if fuse_wgrad and accumulates_in_main_grad(weight):
+        return _LinearWithTP.apply(x, weight, bias, None, False, True)
+    return F.linear(x, weight, bias)
 
 
 def _divide(n: int, tp: int, what: str) -> int:
@@ -126,13 +171,17 @@ class ColumnParallelLinear(torch.nn.Module):
     forward(x `[s, b, in]`, or `[s/tp, b, in]` with sequence_parallel) -> `[s, b, out/tp]`,
     or `[s, b, out]` with gather_output. `partition_stride` > 1 marks a weight made of that
     many stacked parts (SwiGLU `[gate; up]`: 2), so each rank gets its chunk of every part.
+    `gradient_accumulation_fusion`: the weight gradient accumulates into `weight.main_grad`
+    when the weight has one (fused/wgrad.py).
     Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
-                 partition_stride: int = 1, params_dtype: torch.dtype = torch.float32, device=None):
+                 partition_stride: int = 1, params_dtype: torch.dtype = torch.float32, device=None,
+                 gradient_accumulation_fusion: bool = False):
         super().__init__()
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         if gather_output and sequence_parallel:
             raise ValueError("gather_output is not supported together with sequence_parallel")
         self.input_size, self.output_size = input_size, output_size
@@ -167,7 +216,7 @@ class ColumnParallelLinear(torch.nn.Module):
         if consume_weight is not None:
             return consume_weight(x, self.weight, self.bias)
         return linear_with_tp(x, self.weight, self.bias, self.tp_group, self.sequence_parallel,
-                              self.gather_output)
+                              self.gather_output, self.gradient_accumulation_fusion)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, tp={group_size(self.tp_group)}, "
@@ -180,13 +229,16 @@ class RowParallelLinear(torch.nn.Module):
 
     forward(x `[s, b, in/tp]`, or `[s, b, in]` when not input_is_parallel) -> `[s, b, out]`
     summed over TP, or `[s/tp, b, out]` (reduce-scattered) with sequence_parallel.
+    `gradient_accumulation_fusion`: as in ColumnParallelLinear.
     Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32, device=None):
+                 params_dtype: torch.dtype = torch.float32, device=None,
+                 gradient_accumulation_fusion: bool = False):
         super().__init__()
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         if sequence_parallel and not input_is_parallel:
             # The SP reduce-scatter assumes the column-parallel layer before it split the input.
             raise ValueError("sequence_parallel requires input_is_parallel=True")
@@ -214,12 +266,12 @@ class RowParallelLinear(torch.nn.Module):
                 self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.tp_group
+        group, fuse = self.tp_group, self.gradient_accumulation_fusion
         if group_size(group) == 1:
-            return F.linear(x, self.weight, self.bias)  # [s, b, out]
+            return local_linear(x, self.weight, self.bias, fuse)  # [s, b, out]
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, group)  # [s, b, in] -> [s, b, in/tp]
-        y = F.linear(x, self.weight)  # [s, b, out], partial sum over tp
+        y = local_linear(x, self.weight, None, fuse)  # [s, b, out], partial sum over tp
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, group)  # -> [s/tp, b, out]
         else:

@@ -73,7 +73,8 @@ def _train_with_inf(rank, world, tp, distopt, bad_rank, bad_iteration=3, iters=4
         model, ddp, opt = build_trainable(
             ps, {"use_distributed_optimizer": distopt, "grad_reduce_in_fp32": False},
             model_kw={"params_dtype": torch.float16}, scaler=scaler)
-        weight = dict(model.named_parameters())["decoder.layers.0.mlp.linear_fc1.weight"]
+        # A bias: a fused linear weight's gradient bypasses tensor hooks (gradient-accumulation fusion).
+        weight = dict(model.named_parameters())["decoder.layers.0.mlp.linear_fc1.bias"]
         data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
         snapshots, outcomes = [], []
 

@@ -1,0 +1,47 @@
+"""Gradient-accumulation fusion (spec §7.1, §11): the weight-gradient GEMM of a linear layer
+accumulates straight into the parameter's `main_grad` (the fp32 DDP grad buffer) instead of
+producing a fresh `[out, in]` gradient per micro-batch that a hook then adds.
+
+Megatron calls Apex's `fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32`, a cuBLAS GEMM
+with bf16/fp16 operands, an fp32 C matrix and beta = 1. PyTorch exposes the same GEMM as
+`aten::addmm.dtype_out` (CUDA, torch >= 2.8): operands in the param dtype, accumulation and
+output in fp32, `out` aliasing `self` so C is read and written in place. Same-dtype operands
+(fp32 params, or a bf16 `main_grad` with --grad-reduce-in-bf16) are a plain `addmm_`, which
+is also what the CPU tests run. `reference` is the unfused computation: a separate GEMM in
+`main_grad`'s dtype, then an add.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _mixed_dtype_addmm_available() -> bool:
+    return hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def accumulate_wgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    """`main_grad [out, in] += grad_out^T @ x` for grad_out `[T, out]`, x `[T, in]` (T: tokens).
+
+    In place, one GEMM with beta = 1 and no `[out, in]` temporary."""
+    g_t = grad_out.t()  # [out, T], a transposed view: cuBLAS/BLAS read it as is
+    if x.dtype == main_grad.dtype:
+        main_grad.addmm_(g_t, x)
+        return
+    if not main_grad.is_cuda:
+        # CPU (tests): the same accumulation with fp32 operands; bf16 GEMMs on CPU are slow
+        # and round differently, and the mixed-dtype GEMM has no CPU kernel.
+        main_grad.addmm_(g_t.to(main_grad.dtype), x.to(main_grad.dtype))
+        return
+    if main_grad.dtype != torch.float32 or not _mixed_dtype_addmm_available():
+        # DESIGN rule 6: no silent fallback to an fp32 GEMM on the GPU (many times slower).
+        raise RuntimeError(
+            f"gradient-accumulation fusion of {x.dtype} weights into a {main_grad.dtype} main_grad needs "
+            "torch.ops.aten.addmm.dtype_out (torch >= 2.8) and an fp32 main_grad; pass "
+            "--no-gradient-accumulation-fusion")
+    # bf16/fp16 x bf16/fp16 -> fp32 with C = main_grad, beta = 1: Apex's wgrad_gemm_accum_fp32.
+    torch.ops.aten.addmm.dtype_out(main_grad, g_t, x, torch.float32, out=main_grad)
+
+
+def reference(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
+    """The unfused path: the GEMM in the operands' dtype, then an add into `main_grad`."""
+    main_grad.add_(grad_out.t().matmul(x))  # [out, T] @ [T, in] -> [out, in]
