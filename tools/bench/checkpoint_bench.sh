@@ -3,7 +3,7 @@
 # weights, fp32 main params and Adam moments), synchronous vs --async-save. Reports the time
 # the step was blocked (save-checkpoint timer), the background write time, the iteration time
 # around the saves, the size on disk and the load time; the resumed run's losses follow the
-# uninterrupted one. Usage: bash tests/gpu/checkpoint_bench.sh OUTDIR [CKPTDIR]
+# uninterrupted one. Usage: bash tools/bench/checkpoint_bench.sh OUTDIR [CKPTDIR]
 set -uo pipefail
 out=${1:-/tmp/ckpt_bench}
 ckpt=${2:-/tmp/ckpt_bench_ckpt}

@@ -2,7 +2,7 @@
 # Manual GPU check of pipeline parallelism (2 GPUs, nccl): (1) a tiny fp32 GPT on 1 GPU and
 # with PP=2 x VPP=2 prints matching lm loss lines; (2) measured pipeline bubble of 1F1B and
 # interleaved 1F1B from --pipeline-trace-file next to the theoretical (PP-1)/(VPP*M).
-# Usage: bash tests/gpu/pipeline_bubble.sh WORKDIR > summary.txt   (logs and traces stay in
+# Usage: bash tools/bench/pipeline_bubble.sh WORKDIR > summary.txt   (logs and traces stay in
 # WORKDIR; the summary has every number). Compare "measured" with "schedule with these times"
 # (the schedule's bubble given the measured, possibly unbalanced, per-stage compute times).
 set -uo pipefail
