@@ -15,6 +15,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from megatron_lite.config.accepted_as_is import ACCEPTED_AS_IS
 from megatron_lite.config.arguments_io import (
     _add_checkpointing_args,
     _add_data_args,
@@ -31,6 +32,8 @@ ExtraArgsProvider = Callable[[argparse.ArgumentParser], "argparse.ArgumentParser
 def _add_network_size_args(parser):
     group = parser.add_argument_group(title="network size")
     group.add_argument("--num-layers", type=int, default=None, help="Number of transformer layers L.")
+    group.add_argument("--decoder-num-layers", type=int, default=None,
+                       help="Number of decoder layers: for a GPT the same as --num-layers.")
     group.add_argument("--hidden-size", type=int, default=None, help="Transformer hidden size h.")
     group.add_argument("--ffn-hidden-size", type=int, default=None,
                        help="MLP hidden width. Default 4*h, or int(8h/3/64)*64 with --swiglu.")
@@ -71,14 +74,15 @@ def _add_network_size_args(parser):
                        help="Zero-centred LayerNorm gamma (weight stored as gamma - 1).")
     group.add_argument("--apply-residual-connection-post-layernorm", action="store_true",
                        help="Take the residual after the LayerNorm (original BERT ordering).")
-    group.add_argument("--openai-gelu", action="store_true", help="Use OpenAI's GeLU formula.")
+    group.add_argument("--openai-gelu", action="store_true", help=ACCEPTED_AS_IS["openai_gelu"])
     group.add_argument("--squared-relu", action="store_true", help="Use squared ReLU instead of GeLU.")
     group.add_argument("--swiglu", action="store_true", help="Gated SiLU MLP (SwiGLU); fc1 is doubled.")
     group.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                        help="Use a separate output layer instead of the input embedding.")
     group.add_argument("--qk-layernorm", action="store_true", help="Normalize queries and keys per head.")
     group.add_argument("--spec", type=str, nargs="*", default=None,
-                       help="Module and function returning a layer spec (accepted for compatibility).")
+                       help="Module and function returning a Megatron-LM layer spec (refused: megatron_lite "
+                       "builds its layers from the model flags).")
     return parser
 
 
@@ -144,7 +148,8 @@ def _add_training_args(parser):
     group.add_argument("--empty-unused-memory-level", type=int, default=0, choices=[0, 1, 2],
                        help="Call torch.cuda.empty_cache() each iteration: 0 never, 1 moderate, 2 often.")
     group.add_argument("--use-cpu-initialization", action="store_true", default=None,
-                       help="Initialize weights on the CPU.")
+                       help="Draw the initial weights on the CPU, then copy them to the device: the same "
+                       "--seed then gives bit-identical weights on CPU and GPU.")
     group.add_argument("--deterministic-mode", action="store_true",
                        help="Prefer deterministic kernels (slower).")
     group.add_argument("--manual-gc", action="store_true",
@@ -160,13 +165,13 @@ def _add_training_args(parser):
     group.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="Global ranks to profile.")
     # Fusion switches (spec §10): on by default, each with a --no-* flag.
     group.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
-                       help="Disable the fused scale-mask-softmax kernel.")
+                       help=ACCEPTED_AS_IS["masked_softmax_fusion"])
     group.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
                        help="Disable the fused bias+GeLU kernel.")
     group.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion",
                        help="Disable the fused bias+SwiGLU kernel.")
     group.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion",
-                       help="Disable the fused bias+dropout+add kernel.")
+                       help=ACCEPTED_AS_IS["bias_dropout_fusion"])
     group.add_argument("--no-rope-fusion", action="store_false", dest="apply_rope_fusion",
                        help="Disable the fused RoPE kernel.")
     group.add_argument("--no-gradient-accumulation-fusion", action="store_false",
@@ -178,17 +183,47 @@ def _add_training_args(parser):
                        help="Use the fused (vocab-parallel) cross-entropy kernel.")
     group.add_argument("--cross-entropy-fusion-impl", type=str, default="native", choices=["native", "te"],
                        help="Implementation of the fused cross entropy.")
-    group.add_argument("--use-flash-attn", action="store_true",
-                       help="Legacy flag: use FlashAttention (see --attention-backend).")
+    group.add_argument("--use-flash-attn", action="store_true", help=ACCEPTED_AS_IS["use_flash_attn"])
     group.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
                        help="No biases in linear layers.")
     group.add_argument("--add-qkv-bias", action="store_true", help="Bias only on the QKV projection.")
     group.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"], help="Optimizer.")
+    group.add_argument("--optimizer-cpu-offload", action="store_true",
+                       help="Keep part of the fp32 main params and optimizer state in host memory and step "
+                       "it on the CPU (optimizer/cpu_offload.py).")
+    group.add_argument("--optimizer-offload-fraction", type=float, default=1.0,
+                       help="Share of the main-param elements --optimizer-cpu-offload keeps on the host.")
+    group.add_argument("--use-torch-optimizer-for-cpu-offload", action="store_true",
+                       help="torch.optim on both sides of the offloaded step (megatron_lite always does).")
+    group.add_argument("--overlap-cpu-optimizer-d2h-h2d", action="store_true",
+                       help="Overlap the offloaded step's device-host copies with the CPU step.")
     group.add_argument("--dataloader-type", type=str, default="single",
                        choices=["single", "cyclic", "external"], help="Data sampler type.")
     group.add_argument("--transformer-impl", type=str, default="transformer_engine",
                        choices=["local", "transformer_engine"],
-                       help="Transformer implementation (accepted for compatibility).")
+                       help="Megatron-LM's layer implementation: transformer_engine attends with the kernel "
+                       "of --attention-backend; local attends unfused (--attention-backend auto becomes "
+                       "local).")
+    # Megatron-LM's training and rerun-state-machine groups (spec §10 lists neither; HEAD has both).
+    group.add_argument("--step-batch-size-schedule", type=str, default=None,
+                       help="Step-wise batch-size schedule \"THRESHOLD:BS ...\" (refused: use "
+                       "--rampup-batch-size).")
+    group.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int, default=None,
+                       help="Every N iterations (and before training) check that the weights of all "
+                       "data-parallel replicas hash equal; stop with an error if not.")
+    group.add_argument("--rerun-mode", type=str, default="disabled",
+                       choices=["disabled", "validate_results", "report_stats"],
+                       help="Megatron-LM's re-run engine: only disabled is supported (Megatron-LM's default "
+                       "is validate_results); a NaN loss stops the run with an error, without re-running "
+                       "the step.")
+    return parser
+
+
+def _add_inference_args(parser):
+    group = parser.add_argument_group(title="inference")
+    group.add_argument("--max-tokens-to-oom", type=int, default=12000,
+                       help="Megatron-LM's inference server token limit (refused unless left at its default: "
+                       "megatron_lite has no inference server).")
     return parser
 
 
@@ -197,7 +232,7 @@ def _add_initialization_args(parser):
     # Deprecated in Megatron-LM itself ("Now ignored and mcore models are the default"); used by
     # most of its launch scripts, so accepted exactly as Megatron accepts it.
     group.add_argument("--use-mcore-models", action="store_true", dest="deprecated_use_mcore_models",
-                       help="DEPRECATED in Megatron-LM and ignored there too: mcore models are the default.")
+                       help=ACCEPTED_AS_IS["deprecated_use_mcore_models"])
     group.add_argument("--seed", type=int, default=1234,
                        help="Random seed for python, numpy, torch and CUDA.")
     group.add_argument("--data-parallel-random-init", action="store_true",
@@ -292,6 +327,7 @@ _GROUPS = (
     _add_moe_args,
     _add_logging_args,
     _add_tensorboard_args,
+    _add_inference_args,
 )
 
 

@@ -5,6 +5,8 @@ Names and defaults are Megatron-LM's (spec §10; data §2, checkpoints §4, log 
 """
 from __future__ import annotations
 
+from megatron_lite.config.accepted_as_is import ACCEPTED_AS_IS
+
 TOKENIZER_TYPES = (
     "BertWordPieceLowerCase",
     "BertWordPieceCase",
@@ -57,41 +59,51 @@ def _add_checkpointing_args(parser):
                        help="Resume at this iteration with consumed samples = iteration * B.")
     group.add_argument("--use-checkpoint-args", action="store_true",
                        help="Take model-shape arguments from the checkpoint.")
+    group.add_argument("--no-use-tokenizer-model-from-checkpoint-args", action="store_false",
+                       dest="use_tokenizer_model_from_checkpoint_args",
+                       help="With --use-checkpoint-args, keep the command line's --tokenizer-type and "
+                       "--tokenizer-model instead of the checkpoint's.")
     group.add_argument("--exit-on-missing-checkpoint", action="store_true",
                        help="Exit instead of initializing randomly when --load has no checkpoint.")
     group.add_argument("--ckpt-format", type=str, default="torch_dist",
                        choices=["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"],
-                       help="Checkpoint format.")
+                       help="Checkpoint format: torch_dist (the others are refused).")
     group.add_argument("--auto-detect-ckpt-format", action="store_true",
-                       help="Detect the format of the checkpoint being loaded.")
+                       help=ACCEPTED_AS_IS["auto_detect_ckpt_format"])
     group.add_argument("--ckpt-convert-format", type=str, default=None, choices=["torch", "torch_dist"],
-                       help="Re-save the loaded checkpoint in this format.")
+                       help="Re-save the loaded checkpoint in this format (refused: not supported).")
     group.add_argument("--ckpt-convert-save", type=str, default=None,
-                       help="Directory for the converted checkpoint.")
+                       help="Directory for the converted checkpoint (refused: not supported).")
     group.add_argument("--async-save", action="store_true", default=None,
                        help="Write checkpoints in a background thread; the step waits only for the copy to "
                        "host memory.")
     group.add_argument("--no-ckpt-fully-parallel-save", action="store_false", dest="ckpt_fully_parallel_save",
                        help="Do not spread checkpoint writing over the data-parallel group.")
-    group.add_argument("--ckpt-fully-parallel-save", action="store_true", dest="ckpt_fully_parallel_save",
-                       default=True, help="Spread checkpoint writing over the data-parallel group (the "
-                       "default, as in Megatron-LM where this flag is deprecated).")
+    # Megatron-LM's dest and notice: deprecated, parallel saving is the default.
+    group.add_argument("--ckpt-fully-parallel-save", action="store_true",
+                       dest="ckpt_fully_parallel_save_deprecated",
+                       help="Deprecated (as in Megatron-LM): parallel saving is the default; see "
+                       "--no-ckpt-fully-parallel-save.")
     group.add_argument("--use-persistent-ckpt-worker", action="store_true",
-                       help="Keep one background worker for --async-save: megatron_lite's async saver "
-                       "always is one (a thread that lives for the run, with reused host buffers).")
+                       help=ACCEPTED_AS_IS["use_persistent_ckpt_worker"])
     group.add_argument("--ckpt-fully-parallel-load", action="store_true",
-                       help="Accepted for compatibility: every rank already reads only the slices it holds.")
+                       help=ACCEPTED_AS_IS["ckpt_fully_parallel_load"])
+    group.add_argument("--ckpt-assume-constant-structure", action="store_true",
+                       help=ACCEPTED_AS_IS["ckpt_assume_constant_structure"])
     group.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
-                       help="Save optimizer state reshardable across TP/PP as well as DP.")
+                       help=ACCEPTED_AS_IS["dist_ckpt_optim_fully_reshardable"])
     group.add_argument("--dist-ckpt-strictness", type=str, default="assume_ok_unexpected",
                        choices=list(DIST_CKPT_STRICTNESS),
-                       help="Handling of key mismatches when loading a distributed checkpoint.")
+                       help="Handling of key mismatches when loading a distributed checkpoint: a model "
+                       "tensor missing from the checkpoint stops the load (under log_unexpected, log_all and "
+                       "ignore_all too: no partial loads), a checkpoint tensor the model lacks is skipped; "
+                       "raise_all and return_* are refused.")
     group.add_argument("--non-persistent-save-interval", type=int, default=None,
-                       help="Iterations between rolling non-persistent saves.")
+                       help="Iterations between rolling non-persistent saves (refused: not supported).")
     group.add_argument("--non-persistent-ckpt-type", type=str, default=None, choices=["global", "local"],
-                       help="Kind of non-persistent checkpoint.")
+                       help="Kind of non-persistent checkpoint (refused: not supported).")
     group.add_argument("--non-persistent-global-ckpt-dir", type=str, default=None,
-                       help="Directory of global non-persistent checkpoints (default <save>/non_persistent).")
+                       help="Directory of global non-persistent checkpoints (refused: not supported).")
     return parser
 
 
@@ -179,6 +191,8 @@ def _add_tokenizer_args(parser):
 def _add_logging_args(parser):
     group = parser.add_argument_group(title="logging")
     group.add_argument("--log-interval", type=int, default=100, help="Iterations between log lines.")
+    group.add_argument("--logging-level", type=int, default=None,
+                       help="Level of the root Python logger (e.g. 10 debug, 20 info, 40 error).")
     group.add_argument("--log-params-norm", action="store_true", help="Log the parameter norm.")
     group.add_argument("--log-num-zeros-in-grad", action="store_true",
                        help="Log the number of zero gradient entries.")

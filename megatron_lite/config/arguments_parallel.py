@@ -16,6 +16,9 @@ def _add_distributed_args(parser):
                        help="Transformer layers on the first pipeline stage (default: even split).")
     group.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                        help="Transformer layers on the last pipeline stage (default: even split).")
+    group.add_argument("--pipeline-model-parallel-layout", type=str, default=None,
+                       help="Megatron-LM's custom layer-to-stage layout string, e.g. \"E|(t|)*3,m|m||L\" "
+                       "(refused: use --decoder-first/last-pipeline-num-layers).")
     group.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
                        help="Count the input embedding as one layer when splitting layers over stages.")
     group.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
@@ -47,9 +50,11 @@ def _add_distributed_args(parser):
     group.add_argument("--overlap-param-gather", action="store_true",
                        help="All-gather updated parameters asynchronously during the next forward.")
     group.add_argument("--no-align-grad-reduce", action="store_false", dest="align_grad_reduce",
-                       help="Let each pipeline stage launch its gradient reduction independently.")
+                       help="Let each pipeline stage launch its gradient reduction independently "
+                       "(refused: not supported).")
     group.add_argument("--no-align-param-gather", action="store_false", dest="align_param_gather",
-                       help="Let each pipeline stage launch its parameter all-gathers independently.")
+                       help="Let each pipeline stage launch its parameter all-gathers independently "
+                       "(refused with virtual pipeline stages; without them alignment is off anyway).")
     group.add_argument("--ddp-bucket-size", type=int, default=None,
                        help="Gradient bucket size in elements.")
     group.add_argument("--ddp-num-buckets", type=int, default=None,
@@ -71,7 +76,9 @@ def _add_distributed_args(parser):
     group.add_argument("--use-tp-pp-dp-mapping", action="store_true",
                        help="Order ranks tp-cp-pp-dp instead of tp-cp-dp-pp.")
     group.add_argument("--use-megatron-fsdp", action="store_true", help="Megatron FSDP (not supported).")
-    group.add_argument("--use-torch-fsdp2", action="store_true", help="PyTorch FSDP2 (not supported).")
+    group.add_argument("--use-torch-fsdp2", action="store_true",
+                       help="Shard parameters, gradients and optimizer state over the data-parallel ranks "
+                       "with PyTorch's FSDP2 (ZeRO-3; data_parallel/fsdp.py).")
     return parser
 
 

@@ -32,6 +32,7 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     apply_layernorm_1p: bool = False
     swiglu: bool = False
+    squared_relu: bool = False  # relu(x)^2 instead of GeLU (--squared-relu)
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
     untie_embeddings_and_output_weights: bool = False
@@ -56,6 +57,7 @@ class ModelConfig:
     # Fusions (Megatron's flag names; spec §10 "Fusion switches"). On CUDA the first three
     # compile their PyTorch reference (fused/elementwise.py); the last is a Triton kernel.
     bias_swiglu_fusion: bool = True
+    bias_gelu_fusion: bool = True  # compiled tanh-GeLU on CUDA (off without biases, as in Megatron)
     apply_rope_fusion: bool = True
     no_persist_layer_norm: bool = False  # True: RMSNorm unfused
     cross_entropy_loss_fusion: bool = False

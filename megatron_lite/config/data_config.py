@@ -94,4 +94,4 @@ def data_config_from_args(args) -> DataConfig:
         eod_mask_loss=args.eod_mask_loss, create_attention_mask=args.create_attention_mask_in_dataloader,
         mid_level_dataset_surplus=args.mid_level_dataset_surplus,
         allow_ambiguous_pad_tokens=args.allow_ambiguous_pad_tokens, dataloader_type=args.dataloader_type,
-        num_workers=args.num_workers)
+        num_workers=args.num_workers, num_dataset_builder_threads=args.num_dataset_builder_threads)

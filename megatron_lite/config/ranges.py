@@ -48,6 +48,7 @@ POSITIVE_REAL = _above(0)
 # (dest, domain). Frozen: a tuple of frozen dataclasses, read by `check_ranges`.
 RANGES: tuple[tuple[str, Domain], ...] = (
     # network size (--num-layers, --hidden-size, ... are required and checked in validation.py)
+    ("decoder_num_layers", POSITIVE),
     ("ffn_hidden_size", POSITIVE),
     ("kv_channels", POSITIVE),
     ("num_query_groups", POSITIVE),
@@ -69,6 +70,7 @@ RANGES: tuple[tuple[str, Domain], ...] = (
     ("adam_beta2", _unit_interval()),
     ("adam_eps", POSITIVE_REAL),
     ("sgd_momentum", _unit_interval()),
+    ("optimizer_offload_fraction", Domain("in [0, 1]", lambda v: 0 <= v <= 1)),
     ("label_smoothing", _unit_interval()),
     # training length, exits, housekeeping
     ("global_batch_size", POSITIVE),
@@ -80,6 +82,7 @@ RANGES: tuple[tuple[str, Domain], ...] = (
     ("profile_step_start", NON_NEGATIVE),
     ("profile_step_end", NON_NEGATIVE),
     ("profile_ranks", NON_NEGATIVE),
+    ("check_weight_hash_across_dp_replicas_interval", POSITIVE),
     # initialization: numpy's RandomState (dataset shuffling, spec §2.5) takes [0, 2^32).
     ("seed", Domain("in [0, 4294967295]", lambda v: 0 <= v < 2**32)),
     ("init_method_std", POSITIVE_REAL),
@@ -133,6 +136,7 @@ RANGES: tuple[tuple[str, Domain], ...] = (
     ("tiktoken_num_special_tokens", NON_NEGATIVE),
     # logging: each interval is a modulus of the iteration number
     ("log_interval", POSITIVE),
+    ("logging_level", NON_NEGATIVE),
     ("log_memory_interval", POSITIVE),
     ("tensorboard_log_interval", POSITIVE),
     ("tensorboard_queue_size", POSITIVE),
@@ -155,6 +159,7 @@ CHECKED_ELSEWHERE = frozenset({
     "num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
     "rampup_batch_size", "recompute_num_layers", "save_retain_interval", "num_experts",
     "expert_model_parallel_size", "empty_unused_memory_level", "timing_log_level",
+    "max_tokens_to_oom",  # refused unless left at Megatron's default (megatron_flags.py)
 })
 
 

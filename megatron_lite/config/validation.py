@@ -17,6 +17,8 @@ import torch
 
 from megatron_lite.config.errors import ConfigError
 from megatron_lite.config.errors import flag as _flag
+from megatron_lite.config.megatron_flags import check_megatron_flags_early, check_megatron_flags_late
+from megatron_lite.config.memory_flags import check_memory_flags
 from megatron_lite.config.ranges import check_ranges, check_rotary_dims
 from megatron_lite.pipeline_parallel.layout import build_layout
 
@@ -58,6 +60,7 @@ def validate_args(
     """
     warn = warn or logging.getLogger(__name__).warning
     _require(isinstance(world_size, int) and world_size >= 1, f"world size must be >= 1 (got {world_size})")
+    check_megatron_flags_early(args, warn)
     _check_required(args)
     check_ranges(args)  # one flag at a time, before any rule that combines flags
     _derive_parallel_sizes(args, world_size)
@@ -73,6 +76,8 @@ def validate_args(
     _check_data_parallel(args, torch.cuda.is_available() if cuda_available is None else cuda_available)
     _check_data_and_tokenizer(args, warn)
     _check_checkpointing(args)
+    check_memory_flags(args)
+    check_megatron_flags_late(args)
     # Progress counters start at zero; a checkpoint load overwrites them (spec §4.5).
     args.consumed_train_samples = 0
     args.consumed_valid_samples = 0
@@ -166,8 +171,8 @@ def _check_model_shape(args) -> None:
 
 def _reject_unsupported(args) -> None:
     # Asking for a feature we do not implement is an error, never a silent fallback (DESIGN rule 6).
-    for dest in ("use_megatron_fsdp", "use_torch_fsdp2"):
-        _require(not getattr(args, dest), f"{_flag(dest)} is not supported by megatron_lite")
+    _require(not args.use_megatron_fsdp, "--use-megatron-fsdp is not supported by megatron_lite "
+             "(--use-torch-fsdp2 is)")
     if args.num_experts == 0:
         args.num_experts = None
     _require(args.num_experts is None, "--num-experts (mixture of experts) is not supported by megatron_lite")
@@ -365,7 +370,6 @@ def _derive_precision(args) -> None:
         args.check_for_nan_in_loss_and_grad = False
     if args.bf16:
         args.accumulate_allreduce_grads_in_fp32 = not args.grad_reduce_in_bf16
-    _require(not args.fp16_lm_cross_entropy or args.fp16, "--fp16-lm-cross-entropy needs --fp16")
     _require(not args.fp32_residual_connection or args.fp16 or args.bf16,
              "--fp32-residual-connection needs --fp16 or --bf16")
 
@@ -422,10 +426,6 @@ def _check_recompute(args) -> None:
         _require(n is None, f"--recompute-num-layers needs --recompute-granularity full (it is {shown})")
     if args.recompute_modules is None:
         args.recompute_modules = ["core_attn"]  # spec §10 default
-    if args.distribute_saved_activations:
-        _require(args.tensor_model_parallel_size > 1, "--distribute-saved-activations needs "
-                 "--tensor-model-parallel-size > 1")
-        _require(granularity == "full", "--distribute-saved-activations needs --recompute-granularity full")
 
 
 def _check_data_parallel(args, cuda_available: bool) -> None:

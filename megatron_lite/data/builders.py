@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class DataConfig:
     allow_ambiguous_pad_tokens: bool = False
     dataloader_type: str = "single"
     num_workers: int = 2
+    num_dataset_builder_threads: int = 1  # datasets of one blend built concurrently
 
 
 @dataclass
@@ -134,7 +136,7 @@ class _Builder:
             targets = [[math.ceil((s or 0) * w) for s in sizes] for w in weights]
             surplus = self.cfg.mid_level_dataset_surplus
             per_dataset = [[math.ceil(t * (1 + surplus)) for t in row] for row in targets]
-        mids = [self.splits_of(p, matrix, row) for p, row in zip(blend.prefixes, per_dataset)]
+        mids = self._build_parallel(blend.prefixes, matrix, per_dataset)
         out = []
         for i, name in enumerate(SPLIT_NAMES):
             parts = [m[i] for m in mids]
@@ -148,6 +150,21 @@ class _Builder:
                 size = None if sizes[i] is None else min(sizes[i], sum(w))
             out.append(BlendedDataset(parts, w, size, name, self.cfg.data_cache_path, self.log))
         return out
+
+    def _build_parallel(self, prefixes, matrix, per_dataset) -> list:
+        """`splits_of` for every dataset of a blend, on --num-dataset-builder-threads threads
+        (Megatron-LM's `_build_megatron_datasets_parallel`). With threads, each low-level dataset
+        is opened first, once, and a dataset listed twice with the same sizes is built once (two
+        threads must not write the same index cache file)."""
+        if self.cfg.num_dataset_builder_threads <= 1:
+            return [self.splits_of(p, matrix, row) for p, row in zip(prefixes, per_dataset)]
+        for prefix in prefixes:
+            self.low_level(prefix)
+        jobs = list(dict.fromkeys((p, tuple(row)) for p, row in zip(prefixes, per_dataset)))
+        with ThreadPoolExecutor(max_workers=min(self.cfg.num_dataset_builder_threads, len(jobs))) as pool:
+            built = list(pool.map(lambda job: self.splits_of(job[0], matrix, list(job[1])), jobs))
+        by_job = dict(zip(jobs, built))
+        return [by_job[(p, tuple(row))] for p, row in zip(prefixes, per_dataset)]
 
     def build(self) -> TrainValidTest:
         cfg, sizes = self.cfg, list(self.cfg.num_samples)

@@ -1,5 +1,5 @@
-"""Fused elementwise ops of the transformer layer (Megatron's bias-SwiGLU, RoPE and RMSNorm
-fusions, spec §11), each defined once as its PyTorch reference and compiled on CUDA by
+"""Fused elementwise ops of the transformer layer (Megatron's bias-SwiGLU, bias-GeLU, RoPE and
+RMSNorm fusions, spec §11), each defined once as its PyTorch reference and compiled on CUDA by
 `jit_fuser`. The model calls the unfused reference when a `--no-*-fusion` flag asks."""
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     """`[.., 2f]` -> `[.., f]`: silu(gate) * up, with h = [gate | up] on the last dim."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+@jit_fuser
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    """tanh-approximate GeLU: what Megatron's fused bias-GeLU computes (spec §11); the bias is
+    already added by the column-parallel linear."""
+    return F.gelu(h, approximate="tanh")
 
 
 @jit_fuser

@@ -148,7 +148,7 @@ def _check_representable(cfg: ModelConfig, family: str) -> None:
                  "HF Llama cannot hold a QKV bias without the other linear biases")
     else:
         _require(cfg.position_embedding_type == "learned_absolute" and cfg.normalization == "LayerNorm"
-                 and not cfg.swiglu and cfg.add_bias_linear,
+                 and not cfg.swiglu and not cfg.squared_relu and cfg.add_bias_linear,
                  "a GPT-2 checkpoint needs learned positions + LayerNorm + GeLU + biases")
         _require(cfg.num_query_groups == cfg.num_attention_heads
                  and cfg.query_projection_size == cfg.hidden_size,

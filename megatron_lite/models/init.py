@@ -41,20 +41,24 @@ def _initial_value(name: str, shape, std: float, num_layers: int, generator, dev
 
 @torch.no_grad()
 def init_model_parameters(model, seed: int, std: float, num_layers: int, tp_rank: int, tp_size: int,
-                          embedding_std: float | None = None):
+                          embedding_std: float | None = None, cpu_init: bool = False):
     """Initialize `model` (a GPTModel chunk) in place from global tensors. `embedding_std`
-    (`--embedding-init-method-std`) replaces `std` for the word and position embeddings."""
+    (`--embedding-init-method-std`) replaces `std` for the word and position embeddings.
+    `cpu_init` (`--use-cpu-initialization`) draws every value with a CPU generator and copies it
+    to the parameter's device: CPU and CUDA generators give different numbers for one seed, so
+    this makes a GPU run start from exactly the weights of a CPU run."""
     for name, param in model.named_parameters():
         gname = model.global_name(name)
         if "layernorm" in gname:
             continue  # norms own their init (gamma 1, or 0 when stored zero-centred)
-        generator = torch.Generator(device=param.device)
+        draw_on = torch.device("cpu") if cpu_init else param.device
+        generator = torch.Generator(device=draw_on)
         generator.manual_seed(_param_seed(seed, gname))
         own_std = std
         if embedding_std is not None and gname.startswith("embedding."):
             own_std = embedding_std
         value = _initial_value(gname, global_shape(param, tp_size), own_std, num_layers, generator,
-                               param.device)
+                               draw_on).to(param.device)
         if getattr(param, "tensor_model_parallel", False):
             value = shard(value, param.partition_dim, tp_rank, tp_size, getattr(param, "partition_stride", 1))
         param.copy_(value.to(param.dtype))

@@ -1,4 +1,5 @@
-"""Feed-forward block: GeLU MLP (GPT) or SwiGLU (Llama), column- then row-parallel."""
+"""Feed-forward block: GeLU MLP (GPT), squared-ReLU MLP or SwiGLU (Llama), column- then
+row-parallel."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.config.configs import ModelConfig
-from megatron_lite.fused.elementwise import swiglu
+from megatron_lite.fused.elementwise import gelu, swiglu
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -14,6 +15,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, ps, device=None):
         super().__init__()
         self.swiglu, self.swiglu_fusion = config.swiglu, config.bias_swiglu_fusion
+        self.squared_relu, self.gelu_fusion = config.squared_relu, config.bias_gelu_fusion
         ffn = config.ffn_hidden_size
         # SwiGLU: fc1 holds [gate; up] globally; stride 2 gives each TP rank [gate_i; up_i].
         self.linear_fc1 = ColumnParallelLinear(
@@ -31,7 +33,9 @@ class MLP(nn.Module):
         h = self.linear_fc1(x)  # [s, b, ffn/tp] (x2 for SwiGLU)
         if self.swiglu:
             h = swiglu(h) if self.swiglu_fusion else swiglu.reference(h)  # [s, b, ffn/tp]
+        elif self.squared_relu:
+            h = F.relu(h).pow(2)  # Megatron-LM's squared_relu (--squared-relu)
         else:
             # tanh-approximate GeLU: what Megatron's fused bias-GeLU computes (spec §11).
-            h = F.gelu(h, approximate="tanh")
+            h = gelu(h) if self.gelu_fusion else gelu.reference(h)
         return self.linear_fc2(h)  # [s, b, h] (or [s/tp, b, h] with SP)

@@ -12,7 +12,8 @@ from megatron_lite.pipeline_parallel.layout import PipelineLayout
 
 
 def build_model_chunks(config: ModelConfig, ps, layout: PipelineLayout, seed: int, rng_tracker=None,
-                       device=None) -> list[GPTModel]:
+                       device=None, cpu_init: bool = False) -> list[GPTModel]:
+    """`cpu_init`: --use-cpu-initialization (models/init.py)."""
     if layout.pp_size != ps.pp_size:
         raise ValueError(f"layout for PP {layout.pp_size} used with a pipeline of {ps.pp_size} ranks")
     chunks = []
@@ -21,6 +22,6 @@ def build_model_chunks(config: ModelConfig, ps, layout: PipelineLayout, seed: in
         model = GPTModel(config, ps, layer_numbers=layout.layers(r, c), pre_process=layout.is_first(r, c),
                          post_process=layout.is_last(r, c), rng_tracker=rng_tracker, device=device)
         init_model_parameters(model, seed, config.init_method_std, config.num_layers, ps.tp_rank, ps.tp_size,
-                              embedding_std=config.embedding_init_method_std)
+                              embedding_std=config.embedding_init_method_std, cpu_init=cpu_init)
         chunks.append(model)
     return chunks

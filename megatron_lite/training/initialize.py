@@ -59,14 +59,17 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def init_distributed(backend: str | None = None, timeout_minutes: float = 10) -> DistributedEnv:
+def init_distributed(backend: str | None = None, timeout_minutes: float = 10,
+                     local_rank: int | None = None) -> DistributedEnv:
     """Initialize the default process group. Without torchrun variables this is a world of one
-    (so `python pretrain_gpt.py ...` works too)."""
+    (so `python pretrain_gpt.py ...` works too). `local_rank` (`--local-rank`, passed by older
+    launchers such as torch.distributed.launch) wins over torchrun's LOCAL_RANK."""
     die_with_launcher()
     backend = resolve_backend(backend)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if backend == "nccl":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

@@ -43,8 +43,28 @@ class RankLogger:
 
     def datetime_line(self, label: str) -> None:
         # spec §3.7: trailing space is part of the template.
-        now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
-        self.rank0(f"[{label}] datetime: {now} ")
+        self.rank0(f"[{label}] datetime: {timestamp()} ")
+
+
+def timestamp(now: datetime.datetime | None = None) -> str:
+    """Megatron-LM's log timestamp (spec §3.2, §3.7: microseconds since core_v0.16)."""
+    return (now or datetime.datetime.now()).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def saving_checkpoint_line(iteration: int, save_dir: str, ckpt_format: str = "torch_dist",
+                           now: datetime.datetime | None = None) -> str:
+    """spec §3.7 (HEAD): printed by rank 0 when a save starts."""
+    return (f"[{timestamp(now)}] saving checkpoint at iteration {iteration:7d} to {save_dir} "
+            f"in {ckpt_format} format")
+
+
+def saved_checkpoint_line(iteration: int, save_dir: str, tp: tuple[int, int], pp: tuple[int, int],
+                          now: datetime.datetime | None = None) -> str:
+    """spec §3.7 (HEAD): printed by rank 0 once the checkpoint is published. `tp`/`pp` are
+    (rank, size); HEAD lists its GTP weight-rematerialization group between them, of size 1 here
+    (megatron_lite has no such group)."""
+    return (f"  [{timestamp(now)}] successfully saved checkpoint from iteration {iteration:7d} to {save_dir} "
+            f"[ t {tp[0] + 1}/{tp[1]}, gtp_remat 1/1, p {pp[0] + 1}/{pp[1]} ]")
 
 
 @dataclass
@@ -71,8 +91,7 @@ class IterationStats:
 
 
 def format_iteration_line(st: IterationStats) -> str:
-    now = st.now or datetime.datetime.now()
-    s = f" [{now.strftime('%Y-%m-%d %H:%M:%S.%f')}]"
+    s = f" [{timestamp(st.now)}]"
     s += f" iteration {st.iteration:8d}/{st.train_iters:8d} |"
     s += f" consumed samples: {st.consumed_samples:12d} |"
     if st.skipped_samples > 0:

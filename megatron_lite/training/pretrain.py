@@ -4,17 +4,14 @@ and runs the loop."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 
 import torch
 import torch.distributed as dist
 
-from megatron_lite.checkpoint.async_save import AsyncSaver, HostStaging
-from megatron_lite.checkpoint.checkpoint_args import apply_checkpoint_args, saved_args
-from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
 from megatron_lite.checkpoint.layout import CheckpointError
-from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.configs import model_config_from_args
 from megatron_lite.config.data_config import data_config_from_args, tokenizer_config_from_args
@@ -30,7 +27,10 @@ from megatron_lite.context_parallel.split import ContextParallelBatches
 from megatron_lite.data.builders import build_data_iterators
 from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel, default_bucket_size
+from megatron_lite.data_parallel.fsdp import FSDPConfig, FullyShardedChunk
+from megatron_lite.optimizer.cpu_offload import OffloadConfig
 from megatron_lite.optimizer.distributed import DistributedOptimizer
+from megatron_lite.optimizer.fsdp import FullyShardedOptimizer
 from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
@@ -44,6 +44,7 @@ from megatron_lite.pipeline_parallel.trace import (
     gather_events,
     write_chrome_trace,
 )
+from megatron_lite.training.checkpointing import RunCheckpointing, use_checkpoint_args
 from megatron_lite.training.failures import report_failures
 from megatron_lite.training.flops import num_floating_point_operations
 from megatron_lite.training.housekeeping import Housekeeping, HousekeepingConfig
@@ -51,16 +52,24 @@ from megatron_lite.training.initialize import build_parallel_state, init_distrib
 from megatron_lite.training.logging import RankLogger
 from megatron_lite.training.memory import memory_report_line
 from megatron_lite.training.microbatches import MicroBatchCalculator
+from megatron_lite.training.nonfinite import NonFiniteCheck
 from megatron_lite.training.signals import SignalHandler
 from megatron_lite.training.tensorboard import TensorboardConfig, TensorboardLogger
 from megatron_lite.training.theoretical_memory import LayoutInfo, theoretical_memory_lines
 from megatron_lite.training.timers import Timers
 from megatron_lite.training.train_loop import LoopConfig, LoopHooks, LoopState, Trainer
 from megatron_lite.training.train_step import evaluation_step, train_step
+from megatron_lite.training.weight_hash import check_weight_hashes
 
 
-def _wrap_ddp(args, module, ps, chunk_index: int = 0) -> DistributedDataParallel:
-    """Contiguous buffers, bucketed DP reduction and (optionally) sharded params (spec §8)."""
+def _wrap_ddp(args, module, ps, chunk_index: int = 0):
+    """Contiguous buffers, bucketed DP reduction and (optionally) sharded params (spec §8); or
+    with --use-torch-fsdp2, FSDP2's ZeRO-3 sharding (data_parallel/fsdp.py)."""
+    if args.use_torch_fsdp2:
+        return FullyShardedChunk(module, ps, FSDPConfig(
+            compute_dtype=module.config.params_dtype, grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
+            calculate_per_token_loss=args.calculate_per_token_loss,
+            check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad))
     num_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     cfg = DDPConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
@@ -92,10 +101,14 @@ def _build_optimizer(args, chunks, ps):
             args.initial_loss_scale, args.min_loss_scale, args.loss_scale_window, args.hysteresis))
     elif args.loss_scale:
         scaler = ConstantLossScaler(args.loss_scale)
+    if args.use_torch_fsdp2:
+        return FullyShardedOptimizer(chunks, cfg, ps, scaler)
+    offload = OffloadConfig(args.optimizer_offload_fraction, args.overlap_cpu_optimizer_d2h_h2d) \
+        if args.optimizer_cpu_offload else None
     if args.use_distributed_optimizer:
-        return DistributedOptimizer(chunks, cfg, ps, scaler)
+        return DistributedOptimizer(chunks, cfg, ps, scaler, offload=offload)
     named = [(name, p) for chunk in chunks for name, p in chunk.module.named_parameters()]
-    return MixedPrecisionOptimizer(named, cfg, ps, scaler)
+    return MixedPrecisionOptimizer(named, cfg, ps, scaler, offload=offload)
 
 
 def _context_parallel_batches(args, data, ps, device):
@@ -153,123 +166,6 @@ def _finish_trace(args, trace, logger) -> None:
     logger.rank0(line)
 
 
-class _Checkpointing:
-    """`--save` / `--load` for this run: the edge between args and checkpoint/io.py."""
-
-    def __init__(self, args, ps, env, chunks, optimizer, scheduler, rng_tracker, timers, logger):
-        self.args, self.ps, self.chunks = args, ps, chunks
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.timers, self.logger = timers, logger
-        self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker)
-        self.saver = AsyncSaver(env.device, ps.timeout) if (args.async_save and args.save) else None
-        # Synchronous saves from a GPU also go through pinned host buffers (see HostStaging).
-        self.staging = HostStaging(env.device) if (env.device.type == "cuda" and self.saver is None) else None
-        self.last_saved, self.restore_rng = None, None
-
-    def load(self) -> LoopState:
-        a = self.args
-        kw = dict(grad_scaler=self.optimizer.scaler, load_rng=not a.no_load_rng,
-                  override_scheduler=a.override_opt_param_scheduler,
-                  use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
-        self.timers("load-checkpoint", 0).start(barrier=True)
-        try:
-            loaded = None
-            if a.load:
-                loaded = load_checkpoint(a.load, self.chunks, self.optimizer, self.scheduler, vars(a),
-                                         self.ctx, self.logger, ckpt_step=a.ckpt_step, finetune=a.finetune,
-                                         load_optim=not a.no_load_optim, **kw)
-            if loaded is None and a.pretrained_checkpoint:  # spec §4.5: finetune semantics
-                loaded = load_checkpoint(a.pretrained_checkpoint, self.chunks, self.optimizer, self.scheduler,
-                                         vars(a), self.ctx, self.logger, finetune=True, **kw)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-        self.timers("load-checkpoint", 0).stop(barrier=True)
-        if loaded is not None:
-            block = self.timers.log_string(["load-checkpoint"])
-            if block:
-                self.logger.rank0(block)
-        if loaded is None:
-            if a.load and a.exit_on_missing_checkpoint:
-                raise SystemExit(f"error: --exit-on-missing-checkpoint: no checkpoint in --load {a.load}")
-            return LoopState()
-        self.restore_rng = loaded.restore_rng
-        state = LoopState(loaded.iteration, loaded.consumed_train_samples, loaded.consumed_valid_samples,
-                          loaded.skipped_train_samples, loaded.floating_point_operations_so_far)
-        if a.override_ckpt_iteration is not None:  # spec §4.5
-            n = a.override_ckpt_iteration
-            self.logger.rank0(f" overriding the checkpoint iteration {state.iteration} with {n} "
-                              f"(consumed samples {n * a.global_batch_size})")
-            state.iteration, state.consumed_train_samples = n, n * a.global_batch_size
-        return state
-
-    def save(self, state: LoopState) -> None:
-        a, ps, timers = self.args, self.ps, self.timers
-        for chunk in self.chunks:  # overlapped param all-gathers must have landed
-            chunk.finish_param_sync()
-        timers("save-checkpoint", 0).start(barrier=True)
-        self.logger.rank0(f"saving checkpoint at iteration {state.iteration:7d} to {a.save} "
-                          "in torch_dist format")
-        iteration = state.iteration
-        if self.saver is not None:  # the previous background save must be published first
-            self._report(self.saver.wait)
-
-        def published():
-            self.logger.rank0(f"  successfully saved checkpoint from iteration {iteration:7d} to {a.save} "
-                              f"[ t {ps.tp_rank + 1}/{ps.tp_size}, p {ps.pp_rank + 1}/{ps.pp_size} ]")
-
-        try:
-            save_checkpoint(a.save, iteration, self.chunks, self.optimizer, self.scheduler, state, vars(a),
-                            self.ctx, save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
-                            grad_scaler=self.optimizer.scaler, fully_parallel=a.ckpt_fully_parallel_save,
-                            staging=self.staging, saver=self.saver, on_published=published,
-                            retain_interval=a.save_retain_interval)
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-        # With --async-save this is the time the step was blocked: the copy to host memory.
-        timers("save-checkpoint", 0).stop(barrier=True)
-        if self.saver is not None:
-            size, seconds = self.saver.last_staging
-            self.logger.rank0(f"  scheduled an async checkpoint save at iteration {iteration:7d} to {a.save}")
-            self.logger.rank0(f"  copied {size / 2**30:.2f} GiB to host memory in {seconds:.2f} s")
-        block = timers.log_string(["save-checkpoint"])
-        if block:
-            self.logger.rank0(block)
-        self.last_saved = iteration
-
-    def poll(self) -> None:
-        """Publish a finished background save (`--async-save`); called after every step."""
-        if self.saver is not None:
-            self._report(self.saver.poll)
-
-    def close(self) -> None:
-        """Wait for the save in flight, then release the staging buffers and the save group."""
-        if self.saver is not None:
-            self._report(self.saver.close)
-
-    def _report(self, finish) -> None:
-        try:
-            result = finish()
-        except CheckpointError as e:
-            raise SystemExit(f"error: {e}") from None
-        if result is not None:
-            self.logger.rank0(f"  async checkpoint save of iteration {result.iteration:7d} took "
-                              f"{result.seconds:.2f} s in the background")
-
-
-def _use_checkpoint_args(args, logger) -> None:
-    """`--use-checkpoint-args` (spec §4.5): the model shape of the checkpoint `--load` names."""
-    if not args.load:
-        raise ConfigError("--use-checkpoint-args needs --load")
-    saved = saved_args(args.load, args.ckpt_step)
-    if saved is None:
-        if args.exit_on_missing_checkpoint:
-            raise ConfigError(f"--use-checkpoint-args: no checkpoint in --load {args.load}")
-        logger.rank0("Checkpoint not found to provide arguments, using provided arguments.")
-        return
-    changed = apply_checkpoint_args(args, saved)
-    logger.rank0(f" using the checkpoint's arguments: {', '.join(changed) or 'none differ'}")
-
-
 def _build_scheduler(args, optimizer):
     """Schedule lengths in samples (spec §10): from iterations x global batch, or from the
     `*-samples` flags when training is given in samples."""
@@ -308,11 +204,14 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
         check_ranges(args)
     except ConfigError as e:  # no process group yet: torchrun's RANK picks the rank that prints
         raise SystemExit(f"error: {e}" if os.environ.get("RANK", "0") == "0" else 2) from None
-    env = init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+    if args.logging_level is not None:
+        # As Megatron-LM's initialize.py: the root logger, so every module's messages follow it.
+        logging.getLogger().setLevel(args.logging_level)
+    env = init_distributed(args.distributed_backend, args.distributed_timeout_minutes, args.local_rank)
     logger = RankLogger(env.rank, env.world_size)
     try:
         if args.use_checkpoint_args:
-            _use_checkpoint_args(args, logger)
+            use_checkpoint_args(args, logger)
         validate_args(args, env.world_size)
     except (ConfigError, CheckpointError) as e:
         if env.rank == 0:
@@ -323,13 +222,6 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
                                    tuple(args.rampup_batch_size) if args.rampup_batch_size else None)
     if args.train_samples:
         args.train_iters = batches.iterations_for_samples(args.train_samples)
-    if args.ckpt_format != "torch_dist":
-        raise SystemExit(f"error: --ckpt-format {args.ckpt_format} is not available in this version yet "
-                         "(torch_dist is)")
-    missing = [flag for flag, on in (("--non-persistent-save-interval", args.non_persistent_save_interval),
-                                     ("--ckpt-convert-format", args.ckpt_convert_format)) if on]
-    if missing:
-        raise SystemExit(f"error: {', '.join(missing)} not available in this version yet")
     logger.rank0(f"> building {args.tokenizer_type} tokenizer ...")
     try:
         tokenizer = build_tokenizer(tokenizer_config_from_args(args))
@@ -353,10 +245,12 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
     logger.datetime_line("after megatron is initialized")
     logger.rank0(f"time to initialize megatron (seconds): {time.time() - start:.3f}")
 
-    timers = Timers(args.timing_log_level, args.timing_log_option, sync_cuda=env.device.type == "cuda")
+    timers = Timers(args.timing_log_level, args.timing_log_option, sync_cuda=env.device.type == "cuda",
+                    barrier_with_l1=args.barrier_with_L1_time)
     config = model_config_from_args(args)
     # One model chunk per virtual pipeline stage of this rank (spec §5.4).
-    chunks = build_model_chunks(config, ps, _pipeline_layout(args), args.seed, tracker, env.device)
+    chunks = build_model_chunks(config, ps, _pipeline_layout(args), args.seed, tracker, env.device,
+                                cpu_init=bool(args.use_cpu_initialization))
     if ps.dp_rank == 0 and ps.cp_rank == 0:
         n = sum(p.numel() for chunk in chunks for p in chunk.parameters())
         logger.all(f" > number of parameters on (tensor, pipeline) model parallel rank "
@@ -365,7 +259,7 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
     model, trace = _build_executor(args, chunks, ps, env)
     optimizer = _build_optimizer(args, chunks, ps)
     scheduler = _build_scheduler(args, optimizer)
-    ckpt = _Checkpointing(args, ps, env, chunks, optimizer, scheduler, tracker, timers, logger) \
+    ckpt = RunCheckpointing(args, ps, env, chunks, optimizer, scheduler, tracker, timers, logger) \
         if (args.save or args.load or args.pretrained_checkpoint) else None
     state = ckpt.load() if ckpt is not None else LoopState()
     args.consumed_train_samples, args.consumed_valid_samples = (state.consumed_train_samples,
@@ -396,9 +290,12 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
         is_last_rank=logger.is_last)
     tensorboard.text("arguments", "<pre>" + format_args_dump(args) + "</pre>")
 
+    # --check-for-nan-in-loss-and-grad read by the loop where it syncs anyway, not in the step.
+    nan_check = NonFiniteCheck()
+
     def step(num_microbatches):
         result = train_step(model, optimizer, data_iter, num_microbatches, ps, env.device, timers,
-                            empty_unused_memory_level=args.empty_unused_memory_level)
+                            empty_unused_memory_level=args.empty_unused_memory_level, nan_check=nan_check)
         if args.pipeline_trace and trace.steps:
             logger.all(trace.step_line())
         return result
@@ -430,14 +327,18 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
         profile_step_end=args.profile_step_end, profile_ranks=tuple(args.profile_ranks),
         trace_dir=args.tensorboard_dir), env.rank, env.device)
 
+    hash_interval = args.check_weight_hash_across_dp_replicas_interval
+
     def after_step(iteration):
         chores.after_step(iteration)
         if ckpt is not None:
             ckpt.poll()
+        if hash_interval and iteration % hash_interval == 0:
+            check_weight_hashes(chunks, ps, env.device, iteration, logger)
 
     hooks = LoopHooks(step, eval_step, valid_iter, save=save, memory_report=memory_report,
                       before_step=chores.before_step, after_step=after_step, before_eval=chores.before_eval,
-                      after_eval=chores.after_eval)
+                      after_eval=chores.after_eval, check_nonfinite=nan_check.raise_if_found)
     trainer = Trainer(loop, hooks,
                       optimizer=optimizer, scheduler=scheduler,
                       batches=batches, timers=timers, logger=logger, tensorboard=tensorboard,
@@ -448,6 +349,8 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
     if not args.skip_train:
         logger.rank0("training ...")
         logger.datetime_line("before the start of training step")
+        if hash_interval:  # Megatron-LM checks once before the first step too
+            check_weight_hashes(chunks, ps, env.device, state.iteration, logger)
         with SignalHandler() if args.exit_signal_handler else contextlib.nullcontext() as handler:
             trainer.hooks.signal_handler = handler
             chores.start(state.iteration + 1)

@@ -2,6 +2,8 @@
 
 A timer only runs if its level is <= `--timing-log-level`; on CUDA it synchronizes the
 device at start/stop (that is what makes the numbers meaningful, and why levels exist).
+`--no-barrier-with-level-1-timing` drops the barriers level-1 timers ask for (Megatron-LM passes
+`barrier=args.barrier_with_L1_time` to its forward-backward and optimizer timers).
 """
 from __future__ import annotations
 
@@ -12,14 +14,14 @@ import torch.distributed as dist
 
 
 class _Timer:
-    def __init__(self, name: str, sync_cuda: bool):
-        self.name, self._sync = name, sync_cuda
+    def __init__(self, name: str, sync_cuda: bool, allow_barrier: bool = True):
+        self.name, self._sync, self._allow_barrier = name, sync_cuda, allow_barrier
         self._elapsed, self._start, self.running = 0.0, 0.0, False
 
     def start(self, barrier_group=None, barrier: bool = False) -> None:
         if self.running:
             raise RuntimeError(f"timer {self.name!r} started twice")
-        if barrier and dist.is_initialized():
+        if barrier and self._allow_barrier and dist.is_initialized():
             dist.barrier(group=barrier_group)
         if self._sync:
             torch.cuda.synchronize()
@@ -28,7 +30,7 @@ class _Timer:
     def stop(self, barrier_group=None, barrier: bool = False) -> None:
         if not self.running:
             raise RuntimeError(f"timer {self.name!r} stopped while not running")
-        if barrier and dist.is_initialized():
+        if barrier and self._allow_barrier and dist.is_initialized():
             dist.barrier(group=barrier_group)
         if self._sync:
             torch.cuda.synchronize()
@@ -62,10 +64,12 @@ class _NullTimer:
 
 
 class Timers:
-    def __init__(self, log_level: int = 0, log_option: str = "minmax", sync_cuda: bool = False):
+    def __init__(self, log_level: int = 0, log_option: str = "minmax", sync_cuda: bool = False,
+                 barrier_with_l1: bool = True):
         if log_option not in ("minmax", "max", "all"):
             raise ValueError(f"--timing-log-option {log_option!r} must be minmax, max or all")
         self.log_level, self.log_option, self.sync_cuda = log_level, log_option, sync_cuda
+        self.barrier_with_l1 = barrier_with_l1
         self._timers: dict[str, _Timer] = {}
         self._null = _NullTimer()
 
@@ -73,7 +77,8 @@ class Timers:
         if log_level > self.log_level:
             return self._null
         if name not in self._timers:
-            self._timers[name] = _Timer(name, self.sync_cuda)
+            allow_barrier = log_level != 1 or self.barrier_with_l1
+            self._timers[name] = _Timer(name, self.sync_cuda, allow_barrier)
         return self._timers[name]
 
     def _gather_ms(self, names: list[str], reset: bool) -> torch.Tensor:

@@ -67,6 +67,9 @@ class LoopHooks:
     after_step: Callable | None = None  # (iteration just run) -> None; e.g. publishes background saves
     before_eval: Callable | None = None  # () -> None
     after_eval: Callable | None = None  # () -> None
+    # () -> None: raises NonFiniteError for a NaN/Inf that a step recorded on the device
+    # (training/nonfinite.py); called where the host syncs anyway and before every save.
+    check_nonfinite: Callable | None = None
 
 
 class LogWindow:
@@ -106,10 +109,13 @@ class Trainer:
         self.start_time = start_time if start_time is not None else time.time()
 
     # ---- logging ------------------------------------------------------------------------
-    def _log(self, state: LoopState, window: LogWindow, result, regular: bool, batch: int,
+    def _log(self, state: LoopState, window: LogWindow, result, first: bool, batch: int,
              params_norm: float | None) -> None:
+        """One iteration line. `first`: the first line of this run, whose window and timers stay
+        running so that the next line averages over it too (spec §3.2 'Cadence')."""
+        self._check_nonfinite()  # a non-finite step is never logged by the rank that found it
         cfg, timers = self.cfg, self.timers
-        elapsed = timers("interval-time", 0).elapsed(reset=regular)
+        elapsed = timers("interval-time", 0).elapsed(reset=not first)
         sec_per_iter = elapsed / max(window.iters, 1)
         tflops = None
         if cfg.log_throughput:
@@ -127,11 +133,13 @@ class Trainer:
         self.logger.last(format_iteration_line(stats))
         self.logger.last(_eta_line(sec_per_iter, cfg, state, batch))
         if cfg.timing_log_level > 0:
-            block = timers.log_string(list(TIMER_NAMES), normalizer=max(window.iters, 1))
+            # spec §3.3: normalized by --log-interval, whatever the window's length.
+            block = timers.log_string(list(TIMER_NAMES), normalizer=cfg.log_interval, reset=not first)
             if block:
                 self.logger.last(block)
         if self.tb.enabled and self.tb.cfg.log_timers:
-            self.tb.scalar("iteration-time", sec_per_iter, state.iteration)
+            if not first:  # Megatron-LM writes the first line's time (setup included) to stdout only
+                self.tb.scalar("iteration-time", sec_per_iter, state.iteration)
             if tflops is not None:
                 self.tb.scalar("throughput", tflops, state.iteration)
 
@@ -146,6 +154,7 @@ class Trainer:
         tb, it, samples = self.tb, state.iteration, state.consumed_train_samples
         if not tb.enabled or it % self.cfg.tensorboard_log_interval:
             return
+        self._check_nonfinite()
         tb.scalar("learning-rate", self.optimizer.param_groups[0]["lr"], it, samples)
         decoupled = self._decoupled_lr()
         if decoupled is not None:
@@ -170,6 +179,7 @@ class Trainer:
         return bool(n) and state.iteration % n == 0
 
     def run_evaluation(self, state: LoopState, data_iter, prefix: str, count_samples: bool = True) -> float:
+        self._check_nonfinite()
         timers = self.timers
         timers("evaluate", 0).start(barrier=True)
         loss = evaluate(self.hooks.eval_step, data_iter, self.cfg.eval_iters, self.cfg.eval_num_microbatches)
@@ -183,6 +193,15 @@ class Trainer:
                 ppl = math.exp(min(20.0, loss))
                 self.tb.scalar("lm loss validation ppl", ppl, state.iteration, state.consumed_train_samples)
         return loss
+
+    # ---- non-finite check and saves ------------------------------------------------------
+    def _check_nonfinite(self) -> None:
+        if self.hooks.check_nonfinite is not None:
+            self.hooks.check_nonfinite()
+
+    def _save(self, state: LoopState) -> None:
+        self._check_nonfinite()  # a checkpoint never holds an unchecked NaN/Inf step
+        self.hooks.save(state)
 
     # ---- exits --------------------------------------------------------------------------
     def _exit_reason(self, state: LoopState) -> str | None:
@@ -228,17 +247,18 @@ class Trainer:
             params_norm = self.optimizer.params_norm().item() if cfg.log_params_norm else None
             self._tensorboard_step(state, loss, result, batch, params_norm)
             # spec §3.2 (core_v0.16+): the first iteration of a run is always printed, and its
-            # window is not reset.
-            regular = state.iteration % cfg.log_interval == 0
+            # window and timers are not reset (even when it is also a multiple of
+            # --log-interval): the next line averages over both.
+            first = not first_logged
             # spec §3.4 (core_v0.16+): memory lines after the first two printed iterations,
             # and every --log-memory-interval iterations.
             report_memory = self._memory_interval(state)
-            if regular or not first_logged:
-                self._log(state, window, result, regular, batch, params_norm)
+            if first or state.iteration % cfg.log_interval == 0:
+                self._log(state, window, result, first, batch, params_norm)
                 report_memory |= memory_reports < 2
                 memory_reports += 1
                 first_logged = True
-                if regular:
+                if not first:
                     window = LogWindow()
             if hooks.memory_report is not None and report_memory:
                 hooks.memory_report(state.iteration)
@@ -253,14 +273,16 @@ class Trainer:
                     hooks.after_eval()
             saved = False
             if hooks.save is not None and cfg.save_interval and state.iteration % cfg.save_interval == 0:
-                hooks.save(state)
+                self._save(state)
                 saved = True
             reason = self._exit_reason(state)
             if reason is not None:
                 if hooks.save is not None and not saved:
-                    hooks.save(state)
+                    self._save(state)
+                self._check_nonfinite()
                 timers("interval-time", 0).stop()
                 self.logger.rank0(reason)
                 return reason
+        self._check_nonfinite()  # the run does not end well after an unchecked NaN/Inf
         timers("interval-time", 0).stop()
         return None

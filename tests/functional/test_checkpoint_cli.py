@@ -2,6 +2,7 @@
 resume after SIGKILL from the last complete checkpoint, and resharding across layouts."""
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.functional.test_pretrain_cli import ROOT, iteration_lines, torchrun
+from tests.functional.test_pretrain_cli import ROOT, iteration_lines, resumed_loss, torchrun
 
 # A GPT with dropout on, so the RNG state is part of what has to be restored exactly.
 TINY_GPT = [
@@ -30,6 +31,19 @@ def _rows(stdout):
     return {int(r[0]): (r[3], r[5], r[6]) for r in iteration_lines(stdout)}
 
 
+def _assert_resumed(resumed, uninterrupted):
+    """The lines of a resumed run equal the uninterrupted run's, except that the loss of its
+    second line averages its first two iterations (spec §3.2 'Cadence'; `resumed_loss`)."""
+    first = min(resumed)
+    losses = {it: row[1] for it, row in uninterrupted.items()}
+    for it, (lr, loss, norm) in resumed.items():
+        assert (lr, norm) == uninterrupted[it][::2], it
+        if it == first + 1:
+            assert float(loss) == pytest.approx(resumed_loss(losses, first, it), rel=2e-6), it
+        else:
+            assert loss == uninterrupted[it][1], it
+
+
 @pytest.fixture(scope="module")
 def uninterrupted():
     return _rows(torchrun(1, "pretrain_gpt.py", *TINY_GPT).stdout)
@@ -39,15 +53,18 @@ def test_resume_prints_the_same_lines(tmp_path, uninterrupted):
     ckpt = str(tmp_path / "ckpt")
     first = torchrun(1, "pretrain_gpt.py", *TINY_GPT, "--save", ckpt, "--save-interval", "4",
                      "--exit-interval", "4").stdout
-    assert "saving checkpoint at iteration       4 to" in first
-    assert "  successfully saved checkpoint from iteration       4 to" in first
+    # spec §3.7 (HEAD): both lines carry the timestamp; the saved line lists t, gtp_remat, p.
+    stamp = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}\]"
+    assert re.search(rf"^{stamp} saving checkpoint at iteration       4 to {re.escape(ckpt)} in torch_dist "
+                     "format$", first, re.M)
+    assert re.search(rf"^  {stamp} successfully saved checkpoint from iteration       4 to {re.escape(ckpt)} "
+                     r"\[ t 1/1, gtp_remat 1/1, p 1/1 \]$", first, re.M)
     second = torchrun(1, "pretrain_gpt.py", *TINY_GPT, "--save", ckpt, "--save-interval", "4",
                       "--load", ckpt).stdout
     assert " loading distributed checkpoint from" in second and "at iteration 4" in second
     resumed = _rows(second)
     assert sorted(resumed) == [5, 6, 7, 8]
-    for it in resumed:
-        assert resumed[it] == uninterrupted[it], it
+    _assert_resumed(resumed, uninterrupted)
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
 
 
@@ -86,15 +103,15 @@ def test_sigkill_resumes_from_last_complete_checkpoint(tmp_path, uninterrupted, 
     resumed = _rows(torchrun(1, "pretrain_gpt.py", *flags, "--load", ckpt, "--exit-interval",
                              str(tracker + 2)).stdout)
     assert sorted(resumed) == [tracker + 1, tracker + 2]
-    for it in resumed:
-        assert resumed[it] == uninterrupted[it], it
+    _assert_resumed(resumed, uninterrupted)
 
 
 def _assert_rows_close(rows, ref_rows, iterations):
     assert sorted(rows) == iterations
+    losses = {it: row[1] for it, row in ref_rows.items()}
     for it, (lr, loss, norm) in rows.items():
         assert lr == ref_rows[it][0], it
-        assert float(loss) == pytest.approx(float(ref_rows[it][1]), rel=1e-5), it
+        assert float(loss) == pytest.approx(resumed_loss(losses, iterations[0], it), rel=1e-5), it
         assert float(norm) == pytest.approx(float(ref_rows[it][2]), rel=1e-3), it
 
 
@@ -145,7 +162,7 @@ def test_async_save_and_checkpoint_args(tmp_path, uninterrupted):
     assert _rows(first) == uninterrupted
     for it in (2, 4, 6, 8):
         assert f"  scheduled an async checkpoint save at iteration {it:7d} to {ckpt}" in first
-        assert f"  successfully saved checkpoint from iteration {it:7d} to {ckpt}" in first
+        assert f"] successfully saved checkpoint from iteration {it:7d} to {ckpt}" in first
     assert sorted(os.listdir(ckpt)) == ["iter_0000004", "iter_0000008", "latest_checkpointed_iteration.txt"]
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read() == "8"
     shape = {"--num-layers", "--hidden-size", "--num-attention-heads", "--seq-length",
@@ -156,8 +173,7 @@ def test_async_save_and_checkpoint_args(tmp_path, uninterrupted):
     assert " using the checkpoint's arguments: " in second
     resumed = _rows(second)
     assert sorted(resumed) == [5, 6, 7, 8]
-    for it in resumed:
-        assert resumed[it] == uninterrupted[it], it
+    _assert_resumed(resumed, uninterrupted)
 
 
 def test_override_ckpt_iteration(tmp_path):

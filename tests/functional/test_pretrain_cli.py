@@ -30,6 +30,16 @@ ITERATION_LINE = re.compile(
     r"number of skipped iterations: +0 \| number of nan iterations: +0 \|$")
 
 
+def resumed_loss(reference: dict, first: int, it: int) -> float:
+    """The lm loss that a run whose first iteration is `first` prints at iteration `it` with
+    --log-interval 1, from the per-iteration losses of an uninterrupted run (`reference`: it ->
+    loss, iterations >= 3 printed alone there). spec §3.2 'Cadence': the first line of a run
+    resets nothing, so the line after it averages both iterations."""
+    if it == first + 1:
+        return (float(reference[first]) + float(reference[it])) / 2
+    return float(reference[it])
+
+
 def torchrun(nproc: int, script: str, *flags: str, check: bool = True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

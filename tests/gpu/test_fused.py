@@ -59,3 +59,35 @@ def test_fused_cross_entropy_matches_reference(dtype, smoothing):
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=tol, atol=tol)
     assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_compiled_gelu_matches_reference(dtype, tol):
+    """The fused bias-GeLU (--no-bias-gelu-fusion turns it off) against its eager reference."""
+    from megatron_lite.fused.elementwise import gelu
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 2, 256, device="cuda", dtype=dtype)
+    out, grads = _fwd_bwd(gelu, h)
+    ref, ref_grads = _fwd_bwd(gelu.reference, h)
+    _close(out, ref, tol)
+    _close(grads[0], ref_grads[0], tol)
+
+
+def test_cpu_initialization_gives_the_cpu_runs_weights():
+    """--use-cpu-initialization: a model on the GPU starts from exactly the CPU run's weights."""
+    from megatron_lite.distributed.parallel_state import ParallelState
+    from megatron_lite.models.gpt import GPTModel
+    from megatron_lite.models.init import init_model_parameters
+    from tests.model_utils import tiny_config
+
+    cfg, ps = tiny_config("llama"), ParallelState.create()
+    models = {}
+    for device, cpu_init in (("cpu", False), ("cuda", True), ("cuda", False)):
+        model = GPTModel(cfg, ps, device=device)
+        init_model_parameters(model, 1234, cfg.init_method_std, cfg.num_layers, 0, 1, cpu_init=cpu_init)
+        models[(device, cpu_init)] = dict(model.named_parameters())
+    cpu, gpu_cpu_init, gpu = models[("cpu", False)], models[("cuda", True)], models[("cuda", False)]
+    for name, param in cpu.items():
+        assert torch.equal(gpu_cpu_init[name].cpu(), param), name
+    assert any(not torch.equal(gpu[n].cpu(), p) for n, p in cpu.items() if "layernorm" not in n)

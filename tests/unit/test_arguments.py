@@ -283,8 +283,6 @@ ERROR_CASES = [
     ("--lr-decay-samples 100", 1, ["--lr-decay-samples", "--train-samples"]),
     ("--lr-warmup-fraction 0.1 --lr-warmup-iters 2", 1, ["--lr-warmup-fraction", "--lr-warmup-iters"]),
     ("--tensor-model-parallel-size 2 --tp-comm-overlap", 2, ["--tp-comm-overlap", "--sequence-parallel"]),
-    ("--distribute-saved-activations", 1, ["--distribute-saved-activations", "--tensor-model-parallel-size"]),
-    ("--fp16-lm-cross-entropy", 1, ["--fp16-lm-cross-entropy", "--fp16"]),
 ]
 
 

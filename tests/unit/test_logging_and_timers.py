@@ -4,7 +4,13 @@ import io
 
 import pytest
 
-from megatron_lite.training.logging import IterationStats, RankLogger, format_iteration_line
+from megatron_lite.training.logging import (
+    IterationStats,
+    RankLogger,
+    format_iteration_line,
+    saved_checkpoint_line,
+    saving_checkpoint_line,
+)
 from megatron_lite.training.timers import Timers
 
 
@@ -76,3 +82,13 @@ def test_rank_logger_routes_by_rank():
         logger.rank0("setup")
         logger.last("iteration")
     assert first.getvalue() == "setup\n" and last.getvalue() == "iteration\n"
+
+
+def test_checkpoint_lines_match_spec_with_timestamps():
+    """spec §3.7 (HEAD): both lines carry the timestamp; the saved line lists t, gtp_remat, p."""
+    now = datetime.datetime(2026, 1, 1, 10, 0, 0, 123456)
+    assert saving_checkpoint_line(100, "/ckpt", "torch_dist", now=now) == (
+        "[2026-01-01 10:00:00.123456] saving checkpoint at iteration     100 to /ckpt in torch_dist format")
+    assert saved_checkpoint_line(100, "/ckpt", (1, 2), (0, 4), now=now) == (
+        "  [2026-01-01 10:00:00.123456] successfully saved checkpoint from iteration     100 to /ckpt "
+        "[ t 2/2, gtp_remat 1/1, p 1/4 ]")

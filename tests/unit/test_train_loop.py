@@ -2,6 +2,7 @@
 (spec §3.2), first-iteration printing, batch-size ramp-up, exits and running out of data."""
 import io
 import re
+import time
 
 import pytest
 import torch
@@ -70,6 +71,38 @@ def test_window_average_excludes_skipped_and_first_line_is_not_reset():
     assert rows[3] == (6, 5.0, 1, 1)  # iteration 6 skipped with a nan loss
     assert state.consumed_train_samples == 48  # skipped iterations still consume samples
     assert sched.steps == 32  # the scheduler only steps on successful iterations
+
+
+def test_log_interval_one_second_line_averages_the_first_two_iterations():
+    """spec §3.2 'Cadence': iteration 1 is a multiple of --log-interval 1 too, yet as the first
+    line of the run it resets nothing, so iteration 2's line averages iterations 1 and 2."""
+    text, _, _, _, _ = _run([1.0, 2.0, 4.0, 8.0], log_interval=1)
+    assert [(it, loss) for it, loss, _, _ in _printed(text)] == [(1, 1.0), (2, 1.5), (3, 4.0), (4, 8.0)]
+
+
+def test_first_line_keeps_the_timers_running():
+    """The elapsed time of the second line is the mean over both iterations (its interval timer
+    was not reset by the first line), and the timers block divides by --log-interval."""
+    out = io.StringIO()
+    timers = Timers(log_level=1)
+    durations = iter([0.0, 0.2])
+
+    def step(num_microbatches):
+        timers("forward-backward", 1).start()
+        time.sleep(next(durations))
+        timers("forward-backward", 1).stop()
+        return StepResult(torch.tensor([1.0, 1.0]), True, torch.tensor(1.0))
+
+    opt = _Opt()
+    cfg = LoopConfig(train_iters=2, log_interval=1, seq_length=8, world_size=1, flops_per_sample=1.0,
+                     timing_log_level=1)
+    Trainer(cfg, LoopHooks(step), optimizer=opt, scheduler=_Sched(opt),
+            batches=MicroBatchCalculator(8, 1, 1), timers=timers, logger=RankLogger(0, 1, out),
+            tensorboard=TensorboardLogger(TensorboardConfig(None), True), device="cpu").train(LoopState())
+    elapsed = [float(m) for m in re.findall(r"elapsed time per iteration \(ms\): (\S+) \|", out.getvalue())]
+    blocks = [float(m) for m in re.findall(r"forward-backward \.+: \(([\d.]+),", out.getvalue())]
+    assert len(elapsed) == 2 and elapsed[1] >= 100.0  # (~0 + 200 ms) / 2 iterations
+    assert len(blocks) == 2 and blocks[1] >= 200.0  # both iterations' time, / --log-interval (1)
 
 
 def test_ramp_up_batch_sizes_and_train_samples():

@@ -178,6 +178,22 @@ def test_weighted_blend_hits_its_weights(tmp_path):
     assert not any(line.startswith("Build") for line in lines)  # every index came from the cache
 
 
+def test_builder_threads_build_the_same_blend(tmp_path):
+    """--num-dataset-builder-threads builds the datasets of a blend concurrently; the result is
+    the sequential one (a dataset listed twice is built once, no two threads share a cache file)."""
+    a, b = make_dataset(tmp_path / "a"), make_dataset(tmp_path / "b", n_docs=80, seed=3)
+    blend = Blend((a, b, a), (0.3, 0.5, 0.2))
+    one = build_datasets(data_config(blend=blend, split="90,10,0", data_cache_path=str(tmp_path / "c1")),
+                         null_tokenizer())
+    four = build_datasets(data_config(blend=blend, split="90,10,0", data_cache_path=str(tmp_path / "c4"),
+                                      num_dataset_builder_threads=4), null_tokenizer())
+    np.testing.assert_array_equal(one.train.dataset_index, four.train.dataset_index)
+    for i in (0, 10, 99):
+        np.testing.assert_array_equal(one.train[i]["tokens"], four.train[i]["tokens"])
+        np.testing.assert_array_equal(one.valid[i % len(one.valid)]["tokens"],
+                                      four.valid[i % len(four.valid)]["tokens"])
+
+
 def test_unweighted_blend_and_oversampling(tmp_path):
     a, b = make_dataset(tmp_path / "a", n_docs=10), make_dataset(tmp_path / "b", n_docs=30, seed=2)
     ds = build_datasets(data_config(blend=Blend((a, b)), split="1,0,0", num_samples=(10**6, 0, 0)),
