@@ -34,6 +34,7 @@ from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.init import init_model_parameters
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
 from megatron_lite.training.flops import num_floating_point_operations
+from megatron_lite.training.nonfinite import NonFiniteCheck
 from megatron_lite.training.train_step import train_step
 
 PRESETS = {
@@ -92,12 +93,15 @@ def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile
     # Every rank draws the same batch and keeps its zig-zag share (what the CP data path does).
     data = (split_batch(b, ps.cp_size, ps.cp_rank) for b in _batches(cfg, mbs, seq, device))
     losses = []
+    nan_check = NonFiniteCheck()  # as pretrain(): recorded on the device, read after the timing
 
     def step():
-        r = train_step(model, opt, data, num_micro_batches, ps, device)
+        r = train_step(model, opt, data, num_micro_batches, ps, device, nan_check=nan_check)
         losses.append(r.loss_sum_count)
 
-    return _time(step, steps, warmup, profile), losses
+    sec = _time(step, steps, warmup, profile)
+    nan_check.raise_if_found()
+    return sec, losses
 
 
 def run_hf_baseline(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False):

@@ -201,17 +201,20 @@ class DistributedDataParallel(torch.nn.Module):
             if s.grad_work is not None:
                 s.grad_work.wait()
                 s.grad_work = None
-        if self.config.check_for_nan_in_grad:
-            self._check_local_norms()
 
-    def _check_local_norms(self) -> None:
-        norms = torch.stack([s.local_norm for s in self._syncs])
-        if bool(torch.isfinite(norms).all()):  # one host sync per iteration, after all launches
-            return
-        bad = next(i for i, ok in enumerate(torch.isfinite(norms).tolist()) if not ok)
-        raise NonFiniteError(f"Rank {dist.get_rank() if dist.is_initialized() else 0}: found NaN in local "
-                           f"grad norm for bucket #{bad} in backward pass before data-parallel "
-                           "communication collective")
+    def nonfinite_grad_flags(self) -> torch.Tensor | None:
+        """`[buckets]` bool on the device, True where a bucket's local grad norm (taken before
+        the DP reduction, so it names the rank the NaN/Inf came from) is not finite; None
+        without `check_for_nan_in_grad`. After `finish_grad_sync`; read by the caller when it
+        chooses (training/nonfinite.py), so the check costs no host sync here."""
+        if not self.config.check_for_nan_in_grad:
+            return None
+        return ~torch.isfinite(torch.stack([s.local_norm for s in self._syncs]))  # [buckets]
+
+    def nonfinite_grad_message(self, bucket: int) -> str:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return (f"Rank {rank}: found NaN in local grad norm for bucket #{bucket} in backward pass before "
+                "data-parallel communication collective")
 
     def scale_gradients(self, factor: float | torch.Tensor) -> None:
         for buf in self.param_buffers:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_lite.data_parallel.ddp import NonFiniteError
 from megatron_lite.data_parallel.finalize import finalize_grads
 from megatron_lite.pipeline_parallel.executor import (
     ForwardBackwardResult,
@@ -16,6 +15,7 @@ from megatron_lite.pipeline_parallel.executor import (
     PipelineConfig,
     PipelineExecutor,
 )
+from megatron_lite.training.nonfinite import NonFiniteCheck
 from megatron_lite.training.timers import Timers
 
 
@@ -48,13 +48,41 @@ def forward_backward(model, data_iter, num_microbatches: int, ps, *, loss_scale:
                                      forward_only=forward_only, grad_sync=hooks)
 
 
+def _record_nonfinite(check: NonFiniteCheck, loss_sum: torch.Tensor, chunks, ps) -> None:
+    """--check-for-nan-in-loss-and-grad: this rank's loss, then each chunk's buckets, as
+    device flags (no host sync; `check` is read later)."""
+    flags = [~torch.isfinite(loss_sum).reshape(1)]  # [1]
+    owners = []  # (chunk, its number of buckets) in flag order
+    for chunk in chunks:
+        # A chunk type without per-bucket flags checks in its own finish_grad_sync.
+        f = chunk.nonfinite_grad_flags() if hasattr(chunk, "nonfinite_grad_flags") else None
+        if f is not None:
+            flags.append(f)
+            owners.append((chunk, f.numel()))
+
+    def describe(i: int) -> str:
+        if i == 0:
+            return f"Rank {ps.rank}: found NaN or Inf in local forward loss calculation"
+        i -= 1
+        for chunk, n in owners:
+            if i < n:
+                return chunk.nonfinite_grad_message(i)
+            i -= n
+        raise IndexError(i)
+
+    check.record(torch.cat(flags), describe)
+
+
 def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, timers=None,
-               empty_unused_memory_level: int = 0) -> StepResult:
+               empty_unused_memory_level: int = 0, nan_check: NonFiniteCheck | None = None) -> StepResult:
     """`model`: see `as_executor`. The loss exists on the last pipeline stage only; other
     stages report zeros (the iteration line is printed by the last rank, spec §3.2).
     `timers`: training/timers.py Timers for the level-1 names of spec §3.3 (None: untimed).
     `empty_unused_memory_level` >= 1 (`--empty-unused-memory-level`) returns the activations'
-    cached blocks to the driver before the optimizer allocates its temporaries."""
+    cached blocks to the driver before the optimizer allocates its temporaries.
+    `nan_check` (with the chunks' `check_for_nan_in_grad`): None checks loss and grads at once,
+    before the optimizer step (one host sync, NonFiniteError); a NonFiniteCheck only records
+    them on the device for its owner to read at a point that syncs anyway (the training loop)."""
     timers = timers if timers is not None else Timers(log_level=-1)
     executor = as_executor(model, ps)
     chunks = executor.chunks
@@ -68,11 +96,15 @@ def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, t
         torch.cuda.empty_cache()
     totals = result.totals
     cfg = chunks[0].config
-    if cfg.check_for_nan_in_grad and not bool(torch.isfinite(totals[0])):
-        raise NonFiniteError(f"Rank {ps.rank}: found NaN or Inf in local forward loss calculation")
     timers("all-grads-sync", 1).start()
     finalize_grads(chunks, ps, num_tokens=totals[1] if cfg.calculate_per_token_loss else None)
     timers("all-grads-sync", 1).stop()
+    if cfg.check_for_nan_in_grad:
+        check = nan_check if nan_check is not None else NonFiniteCheck()
+        # Before the DP all-reduce of `totals` below: the local loss names this rank.
+        _record_nonfinite(check, totals[0], chunks, ps)
+        if nan_check is None:
+            check.raise_if_found()
     timers("optimizer", 1).start(barrier=True)
     success, grad_norm, num_zeros = optimizer.step()
     timers("optimizer", 1).stop()
