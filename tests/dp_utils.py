@@ -36,24 +36,24 @@ def num_microbatches(ps) -> int:
 
 
 def build_trainable(ps, ddp_kw: dict, model_kw: dict | None = None, opt_kw: dict | None = None,
-                    scaler=None, family: str = "gpt"):
+                    scaler=None, family: str = "gpt", offload=None):
     """(model, ddp, optimizer) for this rank: the optimizer is the distributed one when
-    `ddp_kw` asks for it."""
+    `ddp_kw` asks for it; `offload`: an optimizer.cpu_offload.OffloadConfig."""
     cfg = tiny_config(family, sequence_parallel=ps.tp_size > 1, **(model_kw or {}))
     model = build(cfg, ps)
     ddp = DistributedDataParallel(model, ps, DDPConfig(**ddp_kw))
     ocfg = OptimizerConfig(**{"lr": 1e-3, "clip_grad": 1.0, **(opt_kw or {})})
     if ddp_kw.get("use_distributed_optimizer"):
-        opt = DistributedOptimizer([ddp], ocfg, ps, scaler)
+        opt = DistributedOptimizer([ddp], ocfg, ps, scaler, offload=offload)
     else:
-        opt = MixedPrecisionOptimizer(model.named_parameters(), ocfg, ps, scaler)
+        opt = MixedPrecisionOptimizer(model.named_parameters(), ocfg, ps, scaler, offload=offload)
     return model, ddp, opt
 
 
 def train(ps, ddp_kw: dict, model_kw: dict | None = None, opt_kw: dict | None = None, steps: int = 3,
-          family: str = "gpt"):
+          family: str = "gpt", offload=None):
     """`steps` optimizer steps; returns (losses, grad norms, global params in fp32)."""
-    model, ddp, opt = build_trainable(ps, ddp_kw, model_kw, opt_kw, family=family)
+    model, ddp, opt = build_trainable(ps, ddp_kw, model_kw, opt_kw, family=family, offload=offload)
     data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
     losses, norms = [], []
     for _ in range(steps):

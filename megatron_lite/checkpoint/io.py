@@ -43,7 +43,7 @@ from megatron_lite.checkpoint.safe_load import (
     SafeLoadPlanner,
     UnsafeCheckpointError,
 )
-from megatron_lite.checkpoint.sharded import model_state
+from megatron_lite.checkpoint.sharded import local_params, model_state
 
 CHECKPOINT_VERSION = 3.0
 # spec §4.5: model-shape arguments a resumed run must agree on.
@@ -112,7 +112,7 @@ def _barrier() -> None:
 def _check_finite(models, ps, iteration: int) -> None:
     """Refuse to publish weights with NaN/Inf (a run with --no-check-for-nan-in-loss-and-grad
     can get there): the previous checkpoint stays the one --load finds. Collective."""
-    params = [p for m in models for p in m.parameters()]
+    params = local_params(models)  # FSDP2 shards included
     if not params:
         return
     bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).any().float().reshape(1)
@@ -376,7 +376,7 @@ def load_checkpoint(
         and common["pipeline_model_parallel_size"] == ctx.ps.pp_size
     )
     load_rng = load_rng and not weights_only and common["has_rng"] and same_layout
-    state = model_state(models, ctx.mesh)
+    state = model_state(models, ctx.mesh, for_load=True)
     opt_ckpt = OptimizerCheckpoint(optimizer, models, ctx.mesh) if optimizer is not None else None
     if load_optim:
         state.update(opt_ckpt.entries(for_load=True))

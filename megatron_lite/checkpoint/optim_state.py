@@ -1,7 +1,7 @@
 """Optimizer state as global, layout-free checkpoint entries: for every parameter (by global
 name) its fp32 main copy and its moments, TP-sharded like the parameter itself (spec §4.3
-"fully reshardable"). So a checkpoint saved with or without the distributed optimizer, at any
-DP size, loads into either.
+"fully reshardable"). So a checkpoint saved with or without the distributed optimizer or
+FSDP2 (fsdp_state.py), at any DP size, loads into any of them.
 
 The distributed optimizer holds only a flat shard of each bucket; at save time each bucket's
 state is assembled over the DP group (one all-reduce of disjoint shards) and at load time each
@@ -12,12 +12,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lite.checkpoint.fsdp_state import FSDPOptimizerState
 from megatron_lite.checkpoint.sharded import model_items, wrap
+from megatron_lite.optimizer.core import is_adam
 from megatron_lite.optimizer.distributed import DistributedOptimizer
+from megatron_lite.optimizer.fsdp import FullyShardedOptimizer
 
 
 def _moment_keys(inner) -> tuple[str, ...]:
-    return ("exp_avg", "exp_avg_sq") if isinstance(inner, torch.optim.AdamW) else ("momentum_buffer",)
+    return ("exp_avg", "exp_avg_sq") if is_adam(inner) else ("momentum_buffer",)
 
 
 def _ensure_state(inner, main: torch.Tensor, keys) -> dict:
@@ -26,8 +29,10 @@ def _ensure_state(inner, main: torch.Tensor, keys) -> dict:
     for k in keys:
         if k not in state:
             state[k] = torch.zeros_like(main)
-    if isinstance(inner, torch.optim.AdamW) and "step" not in state:
-        on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    if is_adam(inner) and "step" not in state:
+        # Fused/capturable device kernels keep `step` beside the param; the CPU kernels (and
+        # offloaded mains, stepped by the host optimizer) on the CPU.
+        on_device = main.is_cuda and (inner.defaults.get("fused") or inner.defaults.get("capturable"))
         state["step"] = torch.zeros((), dtype=torch.float32, device=main.device if on_device else "cpu")
     return state
 
@@ -48,6 +53,8 @@ class OptimizerCheckpoint:
         self.keys = _moment_keys(optimizer.inner)
         self.names = {id(p): key for key, p in model_items(self.chunks)}
         self._pending = []  # (bucket shard, full [1+K, n] tensor) to scatter back after a load
+        self._fsdp = (FSDPOptimizerState(optimizer, self.keys, self.names, _ensure_state)
+                      if isinstance(optimizer, FullyShardedOptimizer) else None)
 
     # ---- per-parameter optimizer ---------------------------------------------------------
     def _plain(self, for_load: bool) -> dict:
@@ -67,29 +74,34 @@ class OptimizerCheckpoint:
 
     # ---- distributed optimizer -----------------------------------------------------------
     def _bucket_shards(self):
-        shards = iter(self.opt.shards)
+        """(chunk, buffer, bucket, its shard parts: one, or two with --optimizer-cpu-offload)."""
+        parts = {}
+        for shard in self.opt.shards:
+            parts.setdefault(id(shard.bucket), []).append(shard)
         for chunk in self.opt.chunks:
             for buf in chunk.param_buffers:
                 for bucket in buf.buckets:
-                    yield chunk, buf, bucket, next(shards)
+                    yield chunk, buf, bucket, parts.get(id(bucket), [])
 
     def _distributed(self, for_load: bool) -> dict:
         out, inner = {}, self.opt.inner
-        for chunk, buf, bucket, shard in self._bucket_shards():
+        for chunk, buf, bucket, shards in self._bucket_shards():
+            # On the buffer's device even when the state is offloaded: NCCL reduces device tensors.
             full = torch.zeros(1 + len(self.keys), bucket.numel, dtype=torch.float32,
-                               device=shard.main.device)  # [main + moments, bucket]
-            lo = shard.lo - bucket.offset  # this rank's shard inside the bucket
-            if for_load:
-                self._pending.append((shard, full, lo))
-            else:
+                               device=buf.param_data.device)  # [main + moments, bucket]
+            for shard in shards:
+                lo = shard.lo - bucket.offset  # this part of the rank's shard inside the bucket
+                if for_load:
+                    self._pending.append((shard, full, lo))
+                    continue
                 full[0, lo:lo + shard.main.numel()] = shard.main
                 for piece, a, b in shard.slices:
                     state = inner.state.get(piece, {})
                     for j, k in enumerate(self.keys):
                         if k in state:
                             full[1 + j, lo + a:lo + b] = state[k]
-                if chunk.shard_world > 1:
-                    dist.all_reduce(full, group=chunk.group)  # shards are disjoint: SUM assembles
+            if not for_load and chunk.shard_world > 1:
+                dist.all_reduce(full, group=chunk.group)  # shards are disjoint: SUM assembles
             for p in bucket.params:
                 key = self.names.get(id(p))
                 start, end = buf.param_range[p]
@@ -102,7 +114,10 @@ class OptimizerCheckpoint:
     # ---- public --------------------------------------------------------------------------
     def entries(self, for_load: bool) -> dict:
         distributed = isinstance(self.opt, DistributedOptimizer)
-        out = self._distributed(for_load) if distributed else self._plain(for_load)
+        if self._fsdp is not None:
+            out = self._fsdp.entries(for_load)
+        else:
+            out = self._distributed(for_load) if distributed else self._plain(for_load)
         if for_load and distributed:
             for shard in self.opt.shards:
                 for piece, _, _ in shard.slices:
@@ -127,14 +142,19 @@ class OptimizerCheckpoint:
             if shard.owns_main:
                 shard.buffer.param_data[shard.lo:shard.hi].copy_(shard.main)
         self._pending.clear()
-        if not isinstance(self.opt, DistributedOptimizer):
+        if self._fsdp is not None:
+            self._fsdp.finish_load()
+        elif not isinstance(self.opt, DistributedOptimizer):
             for p, main in zip(self.opt.model_params, self.opt.main_params):
                 if main is not p:
                     p.copy_(main)
 
     @torch.no_grad()
     def refresh_main_from_model(self) -> None:
-        """Without optimizer state, fp32 main params are re-derived from the loaded weights."""
+        """Without optimizer state, fp32 main params are re-derived from the loaded weights
+        (FSDP2: the weights were loaded into the fp32 shards, nothing to do)."""
+        if self._fsdp is not None:
+            return
         if isinstance(self.opt, DistributedOptimizer):
             for shard in self.opt.shards:
                 if shard.owns_main:

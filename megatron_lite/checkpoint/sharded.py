@@ -14,6 +14,8 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megatron_lite.checkpoint.fsdp_state import fsdp_model_state
+
 
 def build_tp_mesh(ps, device_type: str) -> DeviceMesh:
     """A (rest, tp) mesh whose `tp` rows are exactly this layout's TP groups. Collective."""
@@ -46,5 +48,18 @@ def model_items(models) -> list[tuple[str, torch.nn.Parameter]]:
     return out
 
 
-def model_state(models, mesh: DeviceMesh) -> dict[str, DTensor]:
-    return {f"model.{key}": wrap(p.data, p, mesh) for key, p in model_items(models)}
+def model_state(models, mesh: DeviceMesh, for_load: bool = False) -> dict[str, DTensor]:
+    """`model.<global name>` entries of every chunk; an FSDP2 chunk (`--use-torch-fsdp2`)
+    describes its own 2-D shards (fsdp_state.py)."""
+    sharded = [m for m in models if getattr(m, "fully_sharded", False)]
+    out = {}
+    for chunk in sharded:
+        out.update(fsdp_model_state(chunk, for_load))
+    plain = [m for m in models if not getattr(m, "fully_sharded", False)]
+    out.update({f"model.{key}": wrap(p.data, p, mesh) for key, p in model_items(plain)})
+    return out
+
+
+def local_params(models) -> list[torch.Tensor]:
+    """Every parameter's local tensor: a DTensor (FSDP2 shard) gives this rank's part."""
+    return [p.to_local() if isinstance(p, DTensor) else p for m in models for p in m.parameters()]

@@ -16,10 +16,12 @@ def counts_toward_norm(param, tp_rank: int, is_first_pp_stage: bool) -> bool:
 def global_l2_norm(tensors: list[torch.Tensor], group, device) -> torch.Tensor:
     """L2 norm of `tensors` (grads or params) summed over `group` (a 0-dim fp32 tensor, no
     host sync)."""
-    if tensors:
-        sq = torch.stack(torch._foreach_norm(tensors, 2.0)).float().pow(2).sum()
-    else:
-        sq = torch.zeros((), dtype=torch.float32, device=device)
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    by_device = {}
+    for t in tensors:  # offloaded fp32 mains live on the host (optimizer/cpu_offload.py)
+        by_device.setdefault(t.device, []).append(t)
+    for same in by_device.values():
+        sq = sq + torch.stack(torch._foreach_norm(same, 2.0)).float().pow(2).sum().to(device)
     if group is not None:
         dist.all_reduce(sq, group=group)
     return sq.sqrt()

@@ -18,73 +18,113 @@ from megatron_lite.optimizer.core import (
     state_bytes,
     unscale_clip_and_step,
 )
+from megatron_lite.optimizer.cpu_offload import (
+    HostUnit,
+    HybridOptimizer,
+    OffloadConfig,
+    host_copy,
+    offloaded_prefix,
+)
 
 
 @dataclass
 class _BucketShard:
-    """This rank's shard of one bucket: buffer elements `[lo, hi)` and the main-param slices
-    cut from it, one per param overlapping the shard (a param may straddle two shards)."""
+    """This rank's shard of one bucket, or one part of it: buffer elements `[lo, hi)` and the
+    main-param slices cut from it, one per param overlapping it (a param may straddle two
+    shards). With `--optimizer-cpu-offload` a bucket's shard may be split in two parts, one
+    whose main lives on the host (`on_host`) and one on the device."""
 
     buffer: object  # data_parallel.buffers.ParamAndGradBuffer
+    bucket: object  # data_parallel.buffers.Bucket
     lo: int
     hi: int
     main: torch.Tensor  # [hi - lo] fp32: a view of the param buffer for fp32 params, else a copy
     slices: list[tuple[torch.Tensor, int, int]]  # (main slice, start, end) relative to lo
+    on_host: bool = False
 
     @property
     def owns_main(self) -> bool:
-        return self.buffer.param_dtype != torch.float32
+        return self.on_host or self.buffer.param_dtype != torch.float32
 
 
 class DistributedOptimizer(InnerOptimizerView):
-    def __init__(self, chunks, cfg: OptimizerConfig, ps, grad_scaler=None):
+    def __init__(self, chunks, cfg: OptimizerConfig, ps, grad_scaler=None,
+                 offload: OffloadConfig | None = None):
         """`chunks`: this rank's DistributedDataParallel chunks, built with
-        `use_distributed_optimizer=True` (so they own param buffers)."""
+        `use_distributed_optimizer=True` (so they own param buffers). `offload`: the leading
+        `offload.fraction` of this rank's shard elements is stepped on the host."""
         self.cfg, self.ps, self.scaler, self.chunks = cfg, ps, grad_scaler, list(chunks)
-        self.shards: list[_BucketShard] = []
-        groups = {}
-        self._norm_mask: list[bool] = []
+        plan = []  # (chunk, buffer, bucket, lo, hi, [(param, a, b) absolute]) per bucket
         for chunk in self.chunks:
             if not chunk.config.use_distributed_optimizer:
                 raise ValueError("DistributedOptimizer needs DDP chunks built with use_distributed_optimizer")
-            names = {p: n for n, p in chunk.module.named_parameters()}
             for buf in chunk.param_buffers:
                 for bucket in buf.buckets:
-                    shard = self._shard_of(buf, bucket, chunk.shard_rank, chunk.shard_world, names, groups)
+                    plan.append(self._bucket_plan(chunk, buf, bucket))
+        sizes = [b - a for *_, pieces in plan for _, a, b in pieces]
+        host_left = offloaded_prefix(sizes, offload.fraction) if offload else 0
+        self.shards: list[_BucketShard] = []
+        self._norm_mask: list[bool] = []
+        groups, host_units = {}, []
+        for chunk, buf, bucket, lo, hi, pieces in plan:
+            names = {p: n for n, p in chunk.module.named_parameters()}
+            # The host part first: [lo, cut) holds the pieces still within the offload budget.
+            n_host = min(host_left, len(pieces))
+            host_left -= n_host
+            cut = lo if n_host == 0 else hi if n_host == len(pieces) else pieces[n_host][1]
+            for a, b, part, on_host in ((lo, cut, pieces[:n_host], True), (cut, hi, pieces[n_host:], False)):
+                if a < b:
+                    shard = self._shard(buf, bucket, a, b, part, on_host, names, groups, host_units)
                     self.shards.append(shard)
         self.device = self.chunks[0].param_buffers[0].grad_data.device
-        self.inner = build_inner_optimizer(groups, cfg, self.device)
+        self.inner = (HybridOptimizer(groups, host_units, cfg, offload, self.device) if host_units
+                      else build_inner_optimizer(groups, cfg, self.device))
         # spec §7.4: every rank owns a disjoint shard, so norm and inf flag are reduced over
         # all ranks (TP duplicates are masked, DP shards are disjoint).
         self._group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
-    def _shard_of(self, buf, bucket, rank, world, names, groups) -> _BucketShard:
-        lo, hi = bucket.shard_range(rank, world)
+    @staticmethod
+    def _bucket_plan(chunk, buf, bucket):
+        lo, hi = bucket.shard_range(chunk.shard_rank, chunk.shard_world)
         lo, hi = bucket.offset + lo, bucket.offset + hi
-        local = buf.param_data[lo:hi]  # [n/D]
-        main = local if buf.param_dtype == torch.float32 else local.float()
-        slices = []
+        pieces = []
         for p in bucket.params:
             start, end = buf.param_range[p]
             a, b = max(start, lo), min(end, hi)
-            if a >= b:
-                continue
+            if a < b:
+                pieces.append((p, a, b))
+        return chunk, buf, bucket, lo, hi, pieces
+
+    def _shard(self, buf, bucket, lo, hi, pieces, on_host, names, groups, host_units) -> _BucketShard:
+        local = buf.param_data[lo:hi]  # [hi - lo]
+        main = host_copy(local) if on_host else local if buf.param_dtype == torch.float32 else local.float()
+        slices = []
+        for p, a, b in pieces:
             piece = main[a - lo:b - lo]
             slices.append((piece, a - lo, b - lo))
-            groups.setdefault(group_key(names[p], p, self.cfg), []).append(piece)
+            key = group_key(names[p], p, self.cfg)
+            if on_host:
+                host_units.append((key, HostUnit(piece, buf.param_data[a:b])))
+            else:
+                groups.setdefault(key, []).append(piece)
             self._norm_mask.append(counts_toward_norm(p, self.ps.tp_rank, self.ps.is_pipeline_first_stage))
-        return _BucketShard(buf, lo, hi, main, slices)
+        return _BucketShard(buf, bucket, lo, hi, main, slices, on_host)
 
     @torch.no_grad()
     def step(self):
         """Returns (update_successful: bool, grad_norm, num_zeros: 0-dim tensors or None)."""
-        grads = []
+        grads, host_grads = [], []
         for shard in self.shards:
             g = shard.buffer.grad_data[shard.lo:shard.hi]  # reduce-scattered shard [n/D]
             g = g if g.dtype == torch.float32 else g.float()
             for piece, a, b in shard.slices:
-                piece.grad = g[a:b]
-                grads.append(piece.grad)
+                grads.append(g[a:b])
+                if shard.on_host:  # unscaled and clipped on the device, then copied over
+                    host_grads.append(grads[-1])
+                else:
+                    piece.grad = grads[-1]
+        if host_grads:
+            self.inner.host_grads = host_grads
         try:
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
             ok, grad_norm, num_zeros = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
@@ -95,7 +135,7 @@ class DistributedOptimizer(InnerOptimizerView):
                     piece.grad = None
         if ok:
             for shard in self.shards:
-                if shard.owns_main:
+                if shard.owns_main and not shard.on_host:  # the hybrid step wrote the host parts
                     shard.buffer.param_data[shard.lo:shard.hi].copy_(shard.main)  # fp32 -> bf16/fp16
             for chunk in self.chunks:
                 chunk.start_param_sync()
@@ -109,7 +149,9 @@ class DistributedOptimizer(InnerOptimizerView):
         counted = [p for p, keep in zip(pieces, self._norm_mask) if keep]
         return global_l2_norm(counted, self._group, self.device)
 
-    def state_bytes(self) -> int:
-        """Optimizer-owned memory of this rank: inner state plus fp32 main shards."""
-        copies = sum(s.main.numel() * s.main.element_size() for s in self.shards if s.owns_main)
-        return state_bytes(self.inner) + copies
+    def state_bytes(self, on_host: bool = False) -> int:
+        """Optimizer-owned memory of this rank on the device (or, `on_host`, offloaded to the
+        host): inner state plus fp32 main shards."""
+        copies = sum(s.main.numel() * s.main.element_size() for s in self.shards
+                     if s.owns_main and s.on_host == on_host)
+        return state_bytes(self.inner, on_host) + copies
