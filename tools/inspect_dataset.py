@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=3, help="How many leading sequences to show.")
     parser.add_argument("--max-chars", type=int, default=300, help="Cut each shown sequence to this length.")
     parser.add_argument("--multimodal", action="store_true", help="The dataset carries a modes array.")
-    add_tokenizer_args(parser, required=False)
+    add_tokenizer_args(parser)
     args = parser.parse_args(argv)
     try:
         ds = IndexedDataset(args.data_path, multimodal=args.multimodal)

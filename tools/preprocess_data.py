@@ -9,6 +9,9 @@ with Megatron's flags (spec §1.7):
 With `--partitions N` (N > 1), `--input` is a glob; its lines are dealt round-robin (or in
 contiguous blocks with --keep-sequential-samples) into `<input-stem>_<i><ext>` files, encoded in
 N processes of workers/N workers each, and merged in partition order.
+
+`--find-optimal-num-workers` encodes the first `--max-documents` documents with each worker count
+of `--workers-to-check` and prints the fastest (spec §1.7); it writes no dataset.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import math
 import multiprocessing as mp
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=1000, help="Documents between progress lines.")
     g.add_argument("--keep-sequential-samples", action="store_true",
                    help="Partition into contiguous blocks instead of round-robin.")
+    g.add_argument("--find-optimal-num-workers", action="store_true",
+                   help="Encode the first --max-documents documents with each count of --workers-to-check "
+                   "(temporary outputs, removed) and print the fastest; no dataset is written.")
+    g.add_argument("--workers-to-check", nargs="+", type=int, default=list(_WORKERS_TO_CHECK),
+                   help="Worker counts tried by --find-optimal-num-workers.")
+    g.add_argument("--max-documents", type=int, default=_MAX_DOCUMENTS,
+                   help="Documents encoded per try of --find-optimal-num-workers.")
     return p
+
+
+# Megatron-LM's defaults of --workers-to-check and --max-documents (spec §1.7).
+_WORKERS_TO_CHECK = (16, 32, 64)
+_MAX_DOCUMENTS = 100_000
 
 
 def _partition_name(pattern: str, i: int) -> str:
@@ -128,7 +144,8 @@ def _sample_texts(path: str, keys: list[str], max_chars: int = 5_000_000):
 
 def _encode_partition(args, tok_cfg, options, path, prefix, workers, level, result_queue):
     try:
-        stats = encode_file(path, prefix, tok_cfg, options, workers, args.log_interval, level)
+        stats = encode_file(path, prefix, tok_cfg, options, workers, args.log_interval, level,
+                            _benchmark_documents(args))
         result_queue.put(("ok", stats))
     except BadLine as e:
         result_queue.put(("bad", (e.path, e.lineno, e.reason)))
@@ -161,8 +178,59 @@ def run(args) -> EncodeStats:
                             args.skip_bad_lines, params)
     if args.partitions == 1:
         return encode_file(args.input, args.output_prefix, tok_cfg, options, args.workers, args.log_interval,
-                           level)
+                           level, _benchmark_documents(args))
     return _run_partitions(args, tok_cfg, options, inputs, level)
+
+
+def _benchmark_documents(args) -> int | None:
+    return args.max_documents if args.find_optimal_num_workers else None
+
+
+def _check_benchmark_flags(args) -> list[int]:
+    """The worker counts to run: --workers, or with --find-optimal-num-workers those of
+    --workers-to-check that --partitions divides (Megatron-LM drops the others, saying so)."""
+    if not args.find_optimal_num_workers:
+        for flag, given in (("--workers-to-check", tuple(args.workers_to_check) != _WORKERS_TO_CHECK),
+                            ("--max-documents", args.max_documents != _MAX_DOCUMENTS)):
+            if given:
+                raise SystemExit(f"error: {flag} needs --find-optimal-num-workers")
+        return [args.workers]
+    if args.max_documents < 1 or min(args.workers_to_check) < 1:
+        raise SystemExit("error: --max-documents and --workers-to-check must be positive")
+    counts = []
+    for n in args.workers_to_check:
+        if n % args.partitions:
+            print(f"Removing num_workers ({n}) from workers list because it's not divisible by "
+                  f"num_partitions ({args.partitions})")
+        else:
+            counts.append(n)
+    if not counts:
+        raise SystemExit(f"error: no --workers-to-check value is a multiple of --partitions "
+                         f"({args.partitions})")
+    return counts
+
+
+def find_optimal_num_workers(args) -> list[tuple[int, float]]:
+    """Encode the first --max-documents documents with each worker count into a temporary
+    directory (removed); print Megatron-LM's ranking and return (workers, docs/s), fastest first."""
+    results = []
+    for workers in _check_benchmark_flags(args):
+        print(f"Processing data with {workers} workers.")
+        with tempfile.TemporaryDirectory(prefix="find_optimal_num_workers_") as tmp:
+            trial = argparse.Namespace(**{**vars(args), "workers": workers,
+                                          "output_prefix": os.path.join(tmp, "trial")})
+            stats = run(trial)
+        results.append((workers, stats.documents / max(stats.seconds, 1e-9)))
+    results.sort(key=lambda r: r[1], reverse=True)
+    print("\n-----------------------------------")
+    print("Performance results (fastest → slowest):")
+    for i, (workers, docs_per_s) in enumerate(results):
+        print(f"{i + 1}. {workers} workers → avg. docs/s: {docs_per_s:.4f}")
+    best, best_rate = results[0]
+    print("\n-----------------------------------")
+    print(f"The most optimal num of workers is {best} with avg. preprocessed docs/s: {best_rate:.4f}.")
+    print("-----------------------------------")
+    return results
 
 
 def _run_partitions(args, tok_cfg, options, inputs, level) -> EncodeStats:
@@ -201,6 +269,10 @@ def _run_partitions(args, tok_cfg, options, inputs, level) -> EncodeStats:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.find_optimal_num_workers:
+            find_optimal_num_workers(args)
+            return 0
+        _check_benchmark_flags(args)
         stats = run(args)
     except BadLine as e:
         print(f"error: {e} (pass --skip-bad-lines to skip and count such lines)", file=sys.stderr)

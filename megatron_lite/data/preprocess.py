@@ -149,14 +149,18 @@ def _worker(tok_cfg: TokenizerConfig, options: EncodeOptions, dtype, path: str, 
         results.put((_WORKER_FAILED, ("crash", message)))
 
 
-def _read_chunks(path: str, tasks, num_workers: int, state: dict, results) -> None:
+def _read_chunks(path: str, tasks, num_workers: int, state: dict, results,
+                 max_lines: int | None = None) -> None:
     """Reader thread: numbered chunks of lines into `tasks`, then one stop marker per worker, and
-    a wake-up marker into `results` so the main loop sees the final count (or error) at once."""
+    a wake-up marker into `results` so the main loop sees the final count (or error) at once.
+    `max_lines`: stop after that many lines (documents; --max-documents)."""
     seq = 0
     try:
         with open_binary(path) as f:
             lines, size, first = [], 0, 1
             for n, line in numbered_lines(f, path):
+                if max_lines is not None and n > max_lines:
+                    break
                 lines.append(line.rstrip(b"\r\n"))
                 size += len(line)
                 if len(lines) >= CHUNK_LINES or size >= CHUNK_BYTES:
@@ -272,8 +276,10 @@ def _check_workers(procs, results, state, next_seq: int) -> None:
 
 
 def encode_file(path: str, output_prefix: str, tok_cfg: TokenizerConfig, options: EncodeOptions,
-                workers: int = 1, log_interval: int = 1000, level: str = "document") -> EncodeStats:
-    """Tokenize `path` into `{output_prefix}_{key}_{level}.bin/.idx` for every JSON key."""
+                workers: int = 1, log_interval: int = 1000, level: str = "document",
+                max_documents: int | None = None) -> EncodeStats:
+    """Tokenize `path` into `{output_prefix}_{key}_{level}.bin/.idx` for every JSON key; only its
+    first `max_documents` lines if given (the worker-count benchmark, --find-optimal-num-workers)."""
     start = time.time()
     tokenizer = build_tokenizer(tok_cfg)  # fails early, in this process, on bad tokenizer flags
     dtype = optimal_dtype(tokenizer.vocab_size)
@@ -288,8 +294,8 @@ def encode_file(path: str, output_prefix: str, tok_cfg: TokenizerConfig, options
     for p in procs:
         p.start()
     state: dict = {}
-    reader = threading.Thread(target=_read_chunks, args=(path, tasks, len(procs), state, results),
-                              daemon=True)
+    reader = threading.Thread(target=_read_chunks, args=(path, tasks, len(procs), state, results,
+                                                         max_documents), daemon=True)
     reader.start()
     print(f"Time to startup: {time.time() - start}", file=sys.stderr, flush=True)
     progress = Progress(log_interval, _size_or_none(path))

@@ -186,6 +186,19 @@ def _build_scheduler(args, optimizer):
         wsd_decay_steps=wsd, lr_wsd_decay_style=args.lr_wsd_decay_style)
 
 
+def _resolve_padded_vocab_size(args, orig_vocab: int, logger, rank: int) -> None:
+    """--padded-vocab-size as given (Megatron-LM then prints no padding line), else the padded size
+    of spec §3.7. A given size must hold every token id and split evenly over the TP ranks."""
+    given, tp = args.padded_vocab_size, args.tensor_model_parallel_size
+    if given is None:
+        args.padded_vocab_size = pad_vocab_size(orig_vocab, args.make_vocab_size_divisible_by, tp)
+        logger.rank0(padded_vocab_line(orig_vocab, args.padded_vocab_size))
+    elif given < orig_vocab or given % tp:
+        raise SystemExit(f"error: --padded-vocab-size ({given}) must be >= the tokenizer's vocabulary size "
+                         f"({orig_vocab}) and divisible by --tensor-model-parallel-size ({tp})"
+                         if rank == 0 else 2)
+
+
 def pretrain(argv=None, defaults: dict | None = None) -> int:
     """Train as the command line says; failures of the run become one `error:` line
     (training/failures.py)."""
@@ -231,9 +244,7 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
             raise SystemExit(f"error: {e}") from None
         raise SystemExit(2) from None
     orig_vocab = tokenizer.vocab_size
-    args.padded_vocab_size = pad_vocab_size(orig_vocab, args.make_vocab_size_divisible_by,
-                                            args.tensor_model_parallel_size)
-    logger.rank0(padded_vocab_line(orig_vocab, args.padded_vocab_size))
+    _resolve_padded_vocab_size(args, orig_vocab, logger, env.rank)
     logger.rank0(format_args_dump(args))
 
     ps = build_parallel_state(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,

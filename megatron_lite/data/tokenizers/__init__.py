@@ -24,7 +24,8 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
                             cfg.tiktoken_num_special_tokens, cfg.tokenizer_special_tokens)
     if t == "HuggingFaceTokenizer":
         from megatron_lite.data.tokenizers.huggingface import HuggingFaceTokenizer
-        return HuggingFaceTokenizer(cfg.tokenizer_model, cfg.trust_remote_code)
+        return HuggingFaceTokenizer(cfg.tokenizer_model, cfg.trust_remote_code, use_fast=cfg.hf_use_fast,
+                                    include_special_tokens=cfg.hf_include_special_tokens)
     if t == "NullTokenizer":
         from megatron_lite.data.tokenizers.null import NullTokenizer
         return NullTokenizer(cfg.vocab_size, cfg.null_tokenizer_eod_id)

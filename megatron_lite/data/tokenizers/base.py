@@ -25,6 +25,9 @@ class TokenizerConfig:
     tiktoken_num_special_tokens: int = 1000
     tokenizer_special_tokens: tuple[str, ...] | None = None
     trust_remote_code: bool = False
+    # HuggingFaceTokenizer only (Megatron's --tokenizer-hf-no-use-fast / -no-include-special-tokens).
+    hf_use_fast: bool = True
+    hf_include_special_tokens: bool = True
 
 
 @runtime_checkable
