@@ -130,6 +130,7 @@ class FullyShardedChunk(torch.nn.Module):
             # The model casts its own activations (e.g. an fp32 residual stream stays fp32).
             cast_forward_inputs=False)
         layers = list(module.decoder.layers)
+        self._units = [*layers, module]
         for i, layer in enumerate(layers):
             fully_shard(layer, mesh=self.mesh, mp_policy=policy, shard_placement_fn=_placement,
                         reshard_after_forward=i < len(layers) - 1)
@@ -142,6 +143,17 @@ class FullyShardedChunk(torch.nn.Module):
                 unit.set_gradient_divide_factor(1.0)
                 # A plain SUM, not PREMUL_SUM(1.0), which gloo lacks (FSDP2's choice for fp32).
                 unit.set_force_sum_reduction_for_comms(True)
+
+    def train(self, mode: bool = True):
+        """Also frees every gathered unit: a forward-only pass (evaluation) leaves the units that
+        keep their parameters between forward and backward (the last layer, the root) gathered,
+        and the next training forward would then skip their all-gather and, with it, the hooks
+        that reduce-scatter their gradients correctly (measured: a wrong gradient norm on the
+        step after an evaluation). Called at the start of every step; a no-op when sharded."""
+        super().train(mode)
+        for unit in getattr(self, "_units", ()):
+            unit.reshard()
+        return self
 
     def forward(self, *args, **kwargs):
         with warnings.catch_warnings():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_lite.distributed.parallel_state import ParallelState
-from megatron_lite.training.train_step import train_step
+from megatron_lite.training.train_step import evaluation_step, train_step
 from tests.distributed.test_data_parallel import _reference, _run_variants, assert_same_training
 from tests.dp_utils import CPU, micro_batches, num_microbatches
 from tests.fsdp_utils import build_fsdp, train_fsdp
@@ -90,3 +90,25 @@ def test_each_rank_holds_its_share(run_dist):
         assert tp_local / 4 <= local <= 1.02 * tp_local / 4, f"rank {rank}: {local} of {tp_local}"
         assert state == 8 * local  # two fp32 Adam moments per local element
         assert dtypes == {torch.float32}
+
+
+def _norms_around_evaluation(rank, world, fsdp_eval):
+    ps = ParallelState.create()
+    try:
+        model, chunk, opt = build_fsdp(ps, family="llama")
+        data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
+        held_out = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size, seed=99)
+        norms = []
+        for i in range(3):
+            norms.append(train_step(chunk, opt, data, num_microbatches(ps), ps, CPU).grad_norm.item())
+            if fsdp_eval and i == 0:
+                evaluation_step(chunk, held_out, 1, ps, CPU)
+        return norms
+    finally:
+        ps.destroy()
+
+
+def test_an_evaluation_between_steps_changes_nothing(run_dist):
+    """A forward-only pass leaves the last layer and the root gathered; the next step must
+    gather and reduce-scatter them as usual (FullyShardedChunk.train reshards them)."""
+    assert run_dist(2, _norms_around_evaluation, False) == run_dist(2, _norms_around_evaluation, True)
