@@ -45,6 +45,9 @@ def _check_fsdp2(args) -> None:
     # of the global [2, ffn] checkpoint tensor (the weights shard on their input dim instead).
     _require(not (args.swiglu and args.add_bias_linear), f"{name} does not support --swiglu with linear "
              "biases: add --disable-bias-linear")
+    _require(not getattr(args, "check_weight_hash_across_dp_replicas_interval", None),
+             f"--check-weight-hash-across-dp-replicas-interval does not apply to {name}: the data-parallel "
+             "ranks hold different shards, not replicas")
     for flag, on in (("--ddp-bucket-size", args.ddp_bucket_size is not None),
                      ("--ddp-num-buckets", args.ddp_num_buckets is not None),
                      ("--ddp-pad-buckets-for-high-nccl-busbw", args.ddp_pad_buckets_for_high_nccl_busbw)):
