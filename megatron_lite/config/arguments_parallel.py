@@ -79,6 +79,23 @@ def _add_distributed_args(parser):
     group.add_argument("--use-torch-fsdp2", action="store_true",
                        help="Shard parameters, gradients and optimizer state over the data-parallel ranks "
                        "with PyTorch's FSDP2 (ZeRO-3; data_parallel/fsdp.py).")
+    # MegatronDPP's dynamic pipeline (issue 18, pipeline_parallel/dynamic*.py), in the group
+    # where MegatronDPP declares its flags; config/dpp_flags.py checks them.
+    group.add_argument("--use-dpp", action="store_true",
+                       help="MegatronDPP's dynamic pipeline: each training step runs whichever forward or "
+                       "backward has its input ready (same losses and gradients as the static schedule).")
+    group.add_argument("--dpp-order", type=str, default=None, choices=["breadth-first", "depth-first"],
+                       help="Priorities of --use-dpp (default breadth-first, MegatronDPP's): breadth-first "
+                       "runs many micro-batches through one chunk and holds the activations of the static "
+                       "schedule with one group of all micro-batches; depth-first follows "
+                       "--microbatch-group-size-per-virtual-pipeline-stage and holds fewer.")
+    transport = "MegatronDPP's shared-memory/RDMA transport (no meaning here: accepted with a warning)"
+    group.add_argument("--workload", type=int, default=None,
+                       help=f"Bytes each copy thread moves in {transport}; MegatronDPP's default 1048576.")
+    group.add_argument("--num-gpus", type=int, default=None, help=f"GPUs per node for {transport}.")
+    group.add_argument("--node-ips", type=str, default=None,
+                       help=f"Comma-separated InfiniBand IPs of the nodes for {transport}.")
+    group.add_argument("--multi-node", action="store_true", help=f"Multi-node RDMA mode of {transport}.")
     return parser
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_lite.config.dpp_flags import check_dpp_flags
 from megatron_lite.config.errors import ConfigError
 from megatron_lite.config.errors import flag as _flag
 from megatron_lite.config.megatron_flags import check_megatron_flags_early, check_megatron_flags_late
@@ -61,6 +62,7 @@ def validate_args(
     warn = warn or logging.getLogger(__name__).warning
     _require(isinstance(world_size, int) and world_size >= 1, f"world size must be >= 1 (got {world_size})")
     check_megatron_flags_early(args, warn)
+    check_dpp_flags(args, warn)
     _check_required(args)
     check_ranges(args)  # one flag at a time, before any rule that combines flags
     _derive_parallel_sizes(args, world_size)

@@ -38,6 +38,8 @@ class ParallelState:
     # --distributed-timeout-minutes for every group this layout makes: torch's new_group does
     # not inherit the world's timeout (it would keep its 30-minute default).
     timeout: timedelta | None = None
+    # token -> gloo twin of this rank's group (create_cpu_groups), for host-side agreement
+    cpu_groups: dict = field(default_factory=dict)
     _owned: list = field(default_factory=list, repr=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -95,12 +97,23 @@ class ParallelState:
             raise AssertionError(f"rank {self.rank} is in no group of {all_groups}")
         return mine, mine_ranks
 
+    def create_cpu_groups(self, token: str):
+        """Gloo twins of the `token` groups (None for a size-1 group); returns this rank's.
+        For small host-side agreements (the dynamic pipeline's lock-step, see
+        pipeline_parallel/dynamic_executor.py): on an NCCL group the result of even a tiny
+        collective reaches the host only after the compute queued before it. Collective: all
+        ranks of the world call it; a second call returns the existing group."""
+        if token not in self.cpu_groups:
+            self.cpu_groups[token], _ = self._new_groups(self.grid.groups(token), "gloo")
+        return self.cpu_groups[token]
+
     def destroy(self) -> None:
         """Free this layout's groups (the default group stays)."""
         for group in self._owned:
             dist.destroy_process_group(group)
         self._owned.clear()
         self.groups.clear()
+        self.cpu_groups.clear()
 
     # ---- coordinates --------------------------------------------------------------------
     def _coord(self, axis: str) -> int:

@@ -3,7 +3,9 @@
 (spec §6.4), the per-chunk gradient-reduction hooks, and optional timing (trace.py).
 
 One executor serves every layout: PP = 1 runs the no-pipelining schedule (gradient
-accumulation) without any communication; `forward_only=True` is evaluation.
+accumulation) without any communication; `forward_only=True` is evaluation. With `--use-dpp`
+(`PipelineConfig.dynamic`) a training step has no fixed action list: dynamic_executor.py picks
+each compute as its input arrives and calls back into `_compute` / `_post_send`.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from torch.autograd import Variable
 
 from megatron_lite.context_parallel.split import TOKENS_KEY
 from megatron_lite.pipeline_parallel import schedules
+from megatron_lite.pipeline_parallel.dynamic import BREADTH_FIRST
+from megatron_lite.pipeline_parallel.dynamic_executor import run_dynamic_step
 from megatron_lite.pipeline_parallel.schedules import ACT, Action, Op
 
 
@@ -27,6 +31,10 @@ class PipelineConfig:
     # graph is needed, so its data is freed and held activations stay at the schedule's bound.
     deallocate_outputs: bool = True
     calculate_per_token_loss: bool = False  # back-propagate raw loss sums (spec §6.4)
+    # --use-dpp: training steps in MegatronDPP's readiness-driven order (dynamic_executor.py),
+    # with priorities `dynamic_order` (dynamic.py); evaluation keeps the static order.
+    dynamic: bool = False
+    dynamic_order: str = BREADTH_FIRST
 
 
 @dataclass
@@ -101,6 +109,10 @@ class PipelineExecutor:
         self.channels, self.trace = channels, trace
         if ps.pp_size > 1 and channels is None:
             raise ValueError("pipeline parallelism needs p2p channels (PipelineChannels.create)")
+        if self.config.dynamic and ps.pp_size > 1 and ps.tp_size * ps.cp_size > 1:
+            # The ranks of a stage that share its forward/backward collectives pick their
+            # tasks together, over a host-side group (collective: every rank builds its executor).
+            ps.create_cpu_groups("tp-cp")
         model_cfg = _unwrap(self.chunks[0]).config
         self._sequence_parallel = model_cfg.sequence_parallel
         self._hidden = model_cfg.hidden_size
@@ -132,7 +144,6 @@ class PipelineExecutor:
         """Run every micro-batch through this rank's part of the model. Every stage reads the
         same micro-batches from `data_iter` (dicts of `[b, s]` tensors), so the iterators of a
         pipeline stay in step."""
-        actions = self.schedule(num_microbatches, forward_only)
         st = _StepState(data_iter, num_microbatches, loss_scale, forward_only)
         hooks = grad_sync or GradSyncHooks()
         if hooks.disable and not forward_only:
@@ -145,8 +156,11 @@ class PipelineExecutor:
         if tracing:
             self.trace.start_step()
         with torch.no_grad() if forward_only else torch.enable_grad():
-            for action in actions:
-                self._run(action, st, hooks)
+            if self.config.dynamic and not forward_only and self.ps.pp_size > 1:
+                run_dynamic_step(self, st, hooks)
+            else:
+                for action in self.schedule(num_microbatches, forward_only):
+                    self._run(action, st, hooks)
         if tracing:
             self.trace.finish_step()
         losses = [st.losses[mb] for mb in sorted(st.losses)]
@@ -167,21 +181,26 @@ class PipelineExecutor:
                 work.wait()
             st.sends.clear()
         else:
-            self._release_finished_sends(st)
-            st.peak_in_flight = max(st.peak_in_flight, len(st.outputs))
-            held = sum(o.untyped_storage().nbytes() for o in st.outputs.values())
-            st.peak_output_bytes = max(st.peak_output_bytes, held)
-            received = self._input(a, st)  # waited before the timed span: idle time is a gap
-            if a.op is Op.FORWARD:
-                with self._timed(a, st):
-                    self._forward(a.microbatch, a.chunk, st, received)
-            else:
-                if a.last and hooks.before_last_backward:
-                    hooks.before_last_backward(a.chunk)
-                with self._timed(a, st):
-                    self._backward(a.microbatch, a.chunk, st, received)
-                if a.last and hooks.on_chunk_backward_done:
-                    hooks.on_chunk_backward_done(a.chunk)
+            self._compute(a, st, hooks, self._input(a, st))
+
+    def _compute(self, a: Action, st: _StepState, hooks: GradSyncHooks, received) -> None:
+        """Forward or backward `a` on its input `received` (already waited for, so idle time
+        shows as a gap before the timed span), with the memory accounting and, around the
+        last backward of a chunk, the gradient-sync hooks."""
+        self._release_finished_sends(st)
+        st.peak_in_flight = max(st.peak_in_flight, len(st.outputs))
+        held = sum(o.untyped_storage().nbytes() for o in st.outputs.values())
+        st.peak_output_bytes = max(st.peak_output_bytes, held)
+        if a.op is Op.FORWARD:
+            with self._timed(a, st):
+                self._forward(a.microbatch, a.chunk, st, received)
+            return
+        if a.last and hooks.before_last_backward:
+            hooks.before_last_backward(a.chunk)
+        with self._timed(a, st):
+            self._backward(a.microbatch, a.chunk, st, received)
+        if a.last and hooks.on_chunk_backward_done:
+            hooks.on_chunk_backward_done(a.chunk)
 
     def _timed(self, a: Action, st: _StepState):
         if self.trace is None or st.forward_only:

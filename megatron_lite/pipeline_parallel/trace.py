@@ -1,7 +1,8 @@
 """Pipeline timeline (`--pipeline-trace`, `--pipeline-trace-file`): start and end of every
 forward and backward with its (micro-batch, chunk), per rank, as log lines, as a Chrome trace
 (chrome://tracing, Perfetto) and as measured bubble fractions to set beside the theoretical
-`(PP - 1) / (VPP * M)` (spec §6).
+`(PP - 1) / (VPP * M)` (spec §6) and beside the simulated static and dynamic (`--use-dpp`)
+schedules with the measured compute times.
 
 On CUDA the times come from events recorded on the compute stream, so a stage's idle time
 (waiting for its input) shows as a gap without the trace adding host synchronisation inside
@@ -18,7 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_lite.pipeline_parallel.schedules import Op, compute_order
+from megatron_lite.pipeline_parallel.dynamic import BREADTH_FIRST
+from megatron_lite.pipeline_parallel.schedules import compute_order
+from megatron_lite.pipeline_parallel.simulate import simulate, stage_durations
 
 
 @dataclass(frozen=True)
@@ -167,35 +170,30 @@ def bubble_stats(events: list[TraceEvent], skip_steps: int = 1) -> BubbleStats:
     return BubbleStats(len(steps), mean(busy_all) / 1e3, mean(spans) / 1e3, mean(fractions))
 
 
-def simulated_bubble(pp: int, vpp: int, m: int, durations: dict, group_size: int | None = None) -> float:
+def simulated_bubble(pp: int, vpp: int, m: int, durations: dict, group_size: int | None = None,
+                     dynamic_order: str | None = None) -> float:
     """The bubble (idle / compute, averaged over pipeline ranks) the schedule would have if
     every compute took `durations[(pp_rank, "F" | "B")]` and transfers were free: the
     theoretical `(PP-1)/(VPP*M)` for equal stages, and what to expect from a measured,
-    possibly unbalanced, per-stage cost."""
-    orders = [compute_order(pp, vpp, m, r, group_size) for r in range(pp)]
-    done, free, pcs = {}, [0.0] * pp, [0] * pp
-    while any(pcs[r] < len(orders[r]) for r in range(pp)):
-        progressed = False
-        for r in range(pp):
-            while pcs[r] < len(orders[r]):
-                op, mb, c = orders[r][pcs[r]]
-                v, kind = c * pp + r, "F" if op is Op.FORWARD else "B"
-                producer = None
-                if kind == "F" and v > 0:
-                    producer = ((v - 1) % pp, "F", mb, (v - 1) // pp)
-                elif kind == "B" and v < pp * vpp - 1:
-                    producer = ((v + 1) % pp, "B", mb, (v + 1) // pp)
-                if producer is not None and producer not in done:
-                    break
-                start = max(free[r], done[producer] if producer else 0.0)
-                free[r] = done[(r, kind, mb, c)] = start + durations[(r, kind)]
-                pcs[r] += 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError("schedule deadlocks")
-    span = max(free)
-    busy = [m * vpp * (durations[(r, "F")] + durations[(r, "B")]) for r in range(pp)]
-    return sum((span - b) / b for b in busy) / pp
+    possibly unbalanced, per-stage cost. `dynamic_order`: the `--use-dpp` schedule with that
+    order instead of the static one (simulate.py)."""
+    return simulate(pp, vpp, m, stage_durations(durations), dynamic=dynamic_order is not None,
+                    order=dynamic_order or BREADTH_FIRST, group_size=group_size).bubble
+
+
+def static_order_mismatches(events: list[TraceEvent], group_size: int | None = None,
+                            skip_steps: int = 1) -> tuple[int, int]:
+    """(rank-steps whose compute order differs from the static schedule's, rank-steps): how
+    often a `--use-dpp` run departed from the fixed order."""
+    pp = max(e.pp_rank for e in events) + 1
+    vpp, m = max(e.chunk for e in events) + 1, max(e.microbatch for e in events) + 1
+    runs: dict = {}
+    for e in sorted(events, key=lambda e: e.start_us):
+        if e.step >= skip_steps:
+            runs.setdefault((e.rank, e.step), (e.pp_rank, []))[1].append((e.op, e.microbatch, e.chunk))
+    static = {r: [(op.value, mb, c) for op, mb, c in compute_order(pp, vpp, m, r, group_size)]
+              for r in range(pp)}
+    return sum(order != static[r] for r, order in runs.values()), len(runs)
 
 
 def mean_durations(events: list[TraceEvent], skip_steps: int = 1) -> dict:

@@ -35,6 +35,7 @@ from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossS
 from megatron_lite.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
+from megatron_lite.pipeline_parallel.dynamic import BREADTH_FIRST
 from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
 from megatron_lite.pipeline_parallel.layout import PipelineLayout, build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
@@ -143,7 +144,8 @@ def _build_executor(args, chunks, ps, env):
         trace = PipelineTrace(env.rank, ps.pp_rank, env.device)
     cfg = PipelineConfig(microbatch_group_size=args.microbatch_group_size_per_vp_stage,
                          overlap_p2p_comm=args.overlap_p2p_comm,
-                         calculate_per_token_loss=args.calculate_per_token_loss)
+                         calculate_per_token_loss=args.calculate_per_token_loss,
+                         dynamic=args.use_dpp, dynamic_order=args.dpp_order or BREADTH_FIRST)
     return PipelineExecutor(chunks, ps, cfg, channels, trace), trace
 
 
