@@ -10,6 +10,9 @@ a measured bf16 matmul peak, and peak memory.
     # without the gradient-accumulation fusion (compare with the same line without the flag):
     torchrun --nproc_per_node 2 tools/benchmark.py --preset gpt-1.3b --tensor-model-parallel-size 2 \
         --sequence-parallel --num-micro-batches 4 --no-gradient-accumulation-fusion
+    # ... and with the SP collectives as ring collective matmuls:
+    torchrun --nproc_per_node 2 tools/benchmark.py --preset gpt-1.3b --tensor-model-parallel-size 2 \
+        --sequence-parallel --num-micro-batches 4 --tp-comm-overlap
 
 The megatron_lite path is the training path of `pretrain()` (model, main-grad buffer,
 mixed-precision optimizer, train_step) on mock tokens; the baseline trains the same shape
@@ -169,6 +172,8 @@ def _args():
     p.add_argument("--tensor-model-parallel-size", type=int, default=1,
                    help="launch with torchrun, one GPU each (not together with CP)")
     p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--tp-comm-overlap", action="store_true",
+                   help="SP all-gather/reduce-scatter as ring collective matmuls (with --sequence-parallel)")
     p.add_argument("--num-micro-batches", type=int, default=1, help="gradient accumulation steps per step")
     p.add_argument("--no-gradient-accumulation-fusion", action="store_true",
                    help="weight gradients as separate GEMMs added to main_grad by the DDP hook")
@@ -191,7 +196,7 @@ def _config(a) -> ModelConfig:
                        cp_comm_type=(a.cp_comm_type,),
                        attention_backend=a.attention_backend, recompute_granularity=a.recompute_granularity,
                        cross_entropy_loss_fusion=a.cross_entropy_loss_fusion,
-                       sequence_parallel=a.sequence_parallel,
+                       sequence_parallel=a.sequence_parallel, tp_comm_overlap=a.tp_comm_overlap,
                        gradient_accumulation_fusion=not a.no_gradient_accumulation_fusion,
                        bias_swiglu_fusion=not a.no_fusion, apply_rope_fusion=not a.no_fusion,
                        no_persist_layer_norm=a.no_fusion)
@@ -211,6 +216,7 @@ def _result(a, cfg, sec, losses, device) -> dict:
         "context_parallel": a.context_parallel_size,
         "cp_comm_type": a.cp_comm_type if a.context_parallel_size > 1 else None,
         "tensor_parallel": a.tensor_model_parallel_size, "sequence_parallel": a.sequence_parallel,
+        "tp_comm_overlap": a.tp_comm_overlap,
         "micro_batches": a.num_micro_batches,
         "grad_accumulation_fusion": not a.no_gradient_accumulation_fusion,
         "nan_check": a.check_for_nan_in_loss_and_grad,

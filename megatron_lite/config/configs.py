@@ -64,6 +64,9 @@ class ModelConfig:
     # --no-gradient-accumulation-fusion turns off: linear-layer weight gradients accumulate
     # straight into the DDP main_grad buffer (fused/wgrad.py); on by default as in Megatron.
     gradient_accumulation_fusion: bool = True
+    # --tp-comm-overlap (needs sequence parallelism): the SP all-gather and reduce-scatter of
+    # the linear layers as ring collective matmuls (tensor_parallel/overlap.py).
+    tp_comm_overlap: bool = False
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):

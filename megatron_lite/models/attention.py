@@ -106,12 +106,14 @@ class SelfAttention(nn.Module):
             config.hidden_size, config.query_projection_size + 2 * config.kv_projection_size,
             tp_group=ps.tp_group, bias=config.add_bias_linear or config.add_qkv_bias,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device,
-            gradient_accumulation_fusion=config.gradient_accumulation_fusion)
+            gradient_accumulation_fusion=config.gradient_accumulation_fusion,
+            tp_comm_overlap=config.tp_comm_overlap)
         self.linear_proj = RowParallelLinear(
             config.query_projection_size, config.hidden_size, tp_group=ps.tp_group,
             bias=config.add_bias_linear, input_is_parallel=True,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device,
-            gradient_accumulation_fusion=config.gradient_accumulation_fusion)
+            gradient_accumulation_fusion=config.gradient_accumulation_fusion,
+            tp_comm_overlap=config.tp_comm_overlap)
         self.head_dim = d
         self.context_parallel = context_parallel_attention(config, ps, layer_number)
         # Set to record / replay by the transformer block around full-recompute checkpoints.

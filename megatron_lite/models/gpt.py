@@ -67,7 +67,8 @@ class GPTModel(nn.Module):
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, config.vocab_size, tp_group=ps.tp_group, bias=False,
                 sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device,
-                gradient_accumulation_fusion=config.gradient_accumulation_fusion)
+                gradient_accumulation_fusion=config.gradient_accumulation_fusion,
+                tp_comm_overlap=config.tp_comm_overlap)
             if not config.untie_embeddings_and_output_weights:
                 self.output_layer.weight.shared_embedding = True
         if pre_process and not post_process and not config.untie_embeddings_and_output_weights:

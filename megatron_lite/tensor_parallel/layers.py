@@ -14,7 +14,9 @@ re-gather it, (b) overlap both the re-gather and the input-gradient reduction wi
 fusion, on by default as in Megatron), as Megatron's
 `LinearWithGradAccumulationAndAsyncCommunication` does. The row-parallel GEMM uses the same
 Function without a group for (c). For the overlap to be ordered as written on GPU, Megatron
-runs with CUDA_DEVICE_MAX_CONNECTIONS=1.
+runs with CUDA_DEVICE_MAX_CONNECTIONS=1. With `tp_comm_overlap` (--tp-comm-overlap, SP only)
+the forward all-gather, the row-parallel reduce-scatter and its backward all-gather become
+ring collective matmuls (overlap.py), so none of them is exposed.
 """
 from __future__ import annotations
 
@@ -37,6 +39,11 @@ from megatron_lite.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tp_region,
 )
+from megatron_lite.tensor_parallel.overlap import (
+    all_gather_linear,
+    all_gather_matmul,
+    linear_reduce_scatter,
+)
 from megatron_lite.tensor_parallel.sharding import mark_parallel, mark_sequence_parallel, shard
 
 
@@ -56,7 +63,7 @@ class _LinearWithTP(torch.autograd.Function):
     uninitialized placeholder instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad):
+    def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad, overlap=False):
         # Save the local input only: under SP it is 1/tp of the gathered one (the memory
         # saving that motivates SP); backward gathers it again.
         ctx.save_for_backward(x, weight)
@@ -65,6 +72,8 @@ class _LinearWithTP(torch.autograd.Function):
         # `main_grad` (non-reentrant activation checkpointing recomputes saved tensors).
         # (`fuse_wgrad` is decided by the caller: grad mode is off inside forward.)
         ctx.main_grad_param = weight if fuse_wgrad else None
+        if sequence_parallel and overlap:
+            return all_gather_linear(x, weight, bias, group)  # [s/tp, b, in] -> [s, b, out/tp]
         if sequence_parallel:
             x = all_gather(x, 0, group)  # [s/tp, b, in] -> [s, b, in]
         return F.linear(x, weight, bias)  # [s, b, out/tp]
@@ -94,7 +103,31 @@ class _LinearWithTP(torch.autograd.Function):
             grad_b = g2d.sum(0)  # [out/tp]
         if reducing is not None:
             grad_x = reducing.wait()
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """Row-parallel `reduce_scatter(x W^T)` to `[s/tp, b, out]` as one ring collective matmul
+    (--tp-comm-overlap, overlap.py); backward all-gathers the gradient in the same ring while
+    multiplying the chunks that have arrived."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group, fuse_wgrad):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.main_grad_param = group, weight if fuse_wgrad else None
+        return linear_reduce_scatter(x, weight, group)  # [s, b, in/tp] -> [s/tp, b, out]
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [s/tp, b, out]
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        # [s/tp, b, out] -> gathered [s, b, out], and its product with W [s, b, in/tp]
+        full, grad_x = all_gather_matmul(grad_out, weight if need_x else None, ctx.group)
+        grad_w = None
+        if need_w:
+            grad_w = _weight_grad(ctx.main_grad_param, full.reshape(-1, full.size(-1)),
+                                  x.reshape(-1, x.size(-1)))  # [out, in/tp]
+        return grad_x, grad_w, None, None
 
 
 def _weight_grad(param, g2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -118,6 +151,7 @@ def linear_with_tp(
     sequence_parallel: bool,
     gather_output: bool = False,
     fuse_wgrad: bool = False,
+    overlap: bool = False,
 ) -> torch.Tensor:
     """Column-parallel `x W^T + b` for a weight owned elsewhere (e.g. the tied output layer,
     weight `[V/tp, h]`).
@@ -127,6 +161,7 @@ def linear_with_tp(
     vocab-parallel loss consumes the split output). `fuse_wgrad`: gradient-accumulation
     fusion, only for a weight this GEMM is the sole user of (the tied embedding also gets
     the lookup's gradient, which the placeholder would corrupt: it stays unfused).
+    `overlap`: the sequence-parallel all-gather as a ring collective matmul (overlap.py).
     """
     if gather_output and sequence_parallel:
         raise ValueError("gather_output is not supported together with sequence_parallel")
@@ -134,7 +169,8 @@ def linear_with_tp(
     if group_size(tp_group) == 1 and not fuse_wgrad:
         y = F.linear(x, weight, bias)  # [s, b, out]
     else:
-        y = _LinearWithTP.apply(x, weight, bias, tp_group, sequence_parallel, fuse_wgrad)  # [s, b, out/tp]
+        y = _LinearWithTP.apply(x, weight, bias, tp_group, sequence_parallel, fuse_wgrad,
+                                overlap)  # [s, b, out/tp]
     if gather_output:
         y = gather_from_tp_region(y, tp_group)  # [s, b, out/tp] -> [s, b, out]
     return y
@@ -145,7 +181,7 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """`x W^T + b` without communication (TP=1, or the row-parallel partial GEMM); through
     `_LinearWithTP` only when the weight gradient goes into `main_grad`, else plain autograd."""
     if fuse_wgrad and accumulates_in_main_grad(weight):
-        return _LinearWithTP.apply(x, weight, bias, None, False, True)
+        return _LinearWithTP.apply(x, weight, bias, None, False, True, False)
     return F.linear(x, weight, bias)
 
 
@@ -172,16 +208,18 @@ class ColumnParallelLinear(torch.nn.Module):
     or `[s, b, out]` with gather_output. `partition_stride` > 1 marks a weight made of that
     many stacked parts (SwiGLU `[gate; up]`: 2), so each rank gets its chunk of every part.
     `gradient_accumulation_fusion`: the weight gradient accumulates into `weight.main_grad`
-    when the weight has one (fused/wgrad.py).
+    when the weight has one (fused/wgrad.py). `tp_comm_overlap` (with sequence_parallel): the
+    input all-gather as a ring collective matmul (overlap.py).
     Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  partition_stride: int = 1, params_dtype: torch.dtype = torch.float32, device=None,
-                 gradient_accumulation_fusion: bool = False):
+                 gradient_accumulation_fusion: bool = False, tp_comm_overlap: bool = False):
         super().__init__()
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
+        self.tp_comm_overlap = tp_comm_overlap
         if gather_output and sequence_parallel:
             raise ValueError("gather_output is not supported together with sequence_parallel")
         self.input_size, self.output_size = input_size, output_size
@@ -216,7 +254,7 @@ class ColumnParallelLinear(torch.nn.Module):
         if consume_weight is not None:
             return consume_weight(x, self.weight, self.bias)
         return linear_with_tp(x, self.weight, self.bias, self.tp_group, self.sequence_parallel,
-                              self.gather_output, self.gradient_accumulation_fusion)
+                              self.gather_output, self.gradient_accumulation_fusion, self.tp_comm_overlap)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, tp={group_size(self.tp_group)}, "
@@ -229,16 +267,18 @@ class RowParallelLinear(torch.nn.Module):
 
     forward(x `[s, b, in/tp]`, or `[s, b, in]` when not input_is_parallel) -> `[s, b, out]`
     summed over TP, or `[s/tp, b, out]` (reduce-scattered) with sequence_parallel.
-    `gradient_accumulation_fusion`: as in ColumnParallelLinear.
+    `gradient_accumulation_fusion`: as in ColumnParallelLinear. `tp_comm_overlap` (with
+    sequence_parallel): GEMM and reduce-scatter as one ring collective matmul (overlap.py).
     Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
                  params_dtype: torch.dtype = torch.float32, device=None,
-                 gradient_accumulation_fusion: bool = False):
+                 gradient_accumulation_fusion: bool = False, tp_comm_overlap: bool = False):
         super().__init__()
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
+        self.tp_comm_overlap = tp_comm_overlap
         if sequence_parallel and not input_is_parallel:
             # The SP reduce-scatter assumes the column-parallel layer before it split the input.
             raise ValueError("sequence_parallel requires input_is_parallel=True")
@@ -271,11 +311,15 @@ class RowParallelLinear(torch.nn.Module):
             return local_linear(x, self.weight, self.bias, fuse)  # [s, b, out]
         if not self.input_is_parallel:
             x = scatter_to_tp_region(x, group)  # [s, b, in] -> [s, b, in/tp]
-        y = local_linear(x, self.weight, None, fuse)  # [s, b, out], partial sum over tp
-        if self.sequence_parallel:
-            y = reduce_scatter_to_sequence_parallel_region(y, group)  # -> [s/tp, b, out]
+        if self.sequence_parallel and self.tp_comm_overlap:
+            fuse = fuse and accumulates_in_main_grad(self.weight)
+            y = _LinearReduceScatter.apply(x, self.weight, group, fuse)  # [s, b, in/tp] -> [s/tp, b, out]
         else:
-            y = reduce_from_tp_region(y, group)  # [s, b, out] summed over tp (in place)
+            y = local_linear(x, self.weight, None, fuse)  # [s, b, out], partial sum over tp
+            if self.sequence_parallel:
+                y = reduce_scatter_to_sequence_parallel_region(y, group)  # -> [s/tp, b, out]
+            else:
+                y = reduce_from_tp_region(y, group)  # [s, b, out] summed over tp (in place)
         if self.bias is not None:
             # After the reduction, so the bias is counted once; in place because `y` is the
             # reduction's own fresh buffer that nothing saved for backward.
@@ -284,4 +328,4 @@ class RowParallelLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, tp={group_size(self.tp_group)}, "
-                f"sequence_parallel={self.sequence_parallel}")
+                f"sequence_parallel={self.sequence_parallel}, tp_comm_overlap={self.tp_comm_overlap}")

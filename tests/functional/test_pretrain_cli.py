@@ -71,10 +71,12 @@ def test_iteration_lines_follow_the_template(tp1_lines):
 
 @pytest.mark.parametrize("extra", [["--tensor-model-parallel-size", "2"],
                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                   ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                    "--tp-comm-overlap"],
                                    ["--tensor-model-parallel-size", "1"],  # DP = 2
                                    ["--use-distributed-optimizer", "--overlap-grad-reduce",
                                     "--overlap-param-gather", "--ddp-bucket-size", "10000"]],
-                         ids=["tp2", "tp2-sp", "dp2", "dp2-distopt-overlap"])
+                         ids=["tp2", "tp2-sp", "tp2-sp-overlap", "dp2", "dp2-distopt-overlap"])
 def test_two_processes_print_the_same_losses(tp1_lines, extra):
     lines = iteration_lines(torchrun(2, "pretrain_llama.py", *TINY_LLAMA, *extra).stdout)
     # lm loss and learning rate identical to the printed precision; grad norm to 3 decimals.

@@ -1,0 +1,134 @@
+"""`--tp-comm-overlap` without Transformer Engine: the sequence-parallel all-gather before a
+column-parallel GEMM and the reduce-scatter after a row-parallel GEMM, decomposed into a ring
+of tp point-to-point steps whose transfers run while the GEMM of the previous (or next) chunk
+computes (collective matmul; Wang et al. 2023, "Overlap Communication with Dependent
+Computation via Decomposition in Large Deep Learning Models"). TE's userbuffers do the same
+with copy engines.
+
+Each step sends one `[s/tp, b, .]` sequence chunk to a ring neighbour of the TP group while
+a GEMM on another chunk runs; on NCCL the transfers run on the group's communication stream,
+on gloo in its threads, so the CPU tests run the very same algorithm. Without overlap the
+collective is exposed: nothing independent of its result is left to compute.
+
+    column forward   Y[c] = X_c W^T       X_c arrives around the ring (all-gather)
+    row forward      Y_r = sum_j X^j_r W^jT   partial sums travel the ring (reduce-scatter)
+    row backward     dX[c] = G_c W         G_c arrives around the ring (all-gather)
+
+The column-parallel backward already overlaps its re-gather and its input-gradient
+reduce-scatter with independent GEMMs (layers.py) and is unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_lite.tensor_parallel.collectives import group_rank, group_size
+
+
+class _Ring:
+    """The TP group as a ring: this rank's index and its neighbours' global ranks."""
+
+    def __init__(self, group):
+        self.group, self.size, self.rank = group, group_size(group), group_rank(group)
+        ranks = dist.get_process_group_ranks(group)
+        self.right, self.left = ranks[(self.rank + 1) % self.size], ranks[(self.rank - 1) % self.size]
+
+    def shift(self, send: torch.Tensor, recv: torch.Tensor, leftwards: bool) -> list:
+        """Send `send` to one neighbour and receive the other's into `recv`, asynchronously.
+        Both in one batch: with NCCL, blocking sends around a ring would deadlock."""
+        to, frm = (self.left, self.right) if leftwards else (self.right, self.left)
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, to, self.group),
+                                       dist.P2POp(dist.irecv, recv, frm, self.group)])
+
+
+def _wait(works: list) -> None:
+    for w in works:
+        w.wait()
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out `[c, b, n]` = a `[c, b, k]` @ b_t `[k, n]` (+ bias), written in place (no temporary)."""
+    a2d, out2d = a.reshape(-1, a.size(-1)), out.view(-1, out.size(-1))  # [c*b, k], [c*b, n]
+    if bias is None:
+        torch.mm(a2d, b_t, out=out2d)
+    else:
+        torch.addmm(bias, a2d, b_t, out=out2d)
+
+
+def all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      group) -> torch.Tensor:
+    """Column-parallel forward: `all_gather(x) W^T + b` for x `[s/tp, b, in]`, weight
+    `[out/tp, in]` -> `[s, b, out/tp]`, with each chunk's GEMM hiding the next chunk's transfer.
+
+    Chunks travel leftwards: at step i this rank holds rank (r + i)'s chunk."""
+    ring = _Ring(group)
+    x = x.contiguous()
+    chunk = x.size(0)
+    y = x.new_empty((chunk * ring.size,) + tuple(x.shape[1:-1]) + (weight.size(0),))  # [s, b, out/tp]
+    w_t = weight.t()  # [in, out/tp]
+    cur = x  # [s/tp, b, in]
+    for i in range(ring.size):
+        owner = (ring.rank + i) % ring.size
+        works, nxt = [], None
+        if i < ring.size - 1:
+            nxt = torch.empty_like(x)  # [s/tp, b, in]; fresh: `cur` may still be in flight
+            works = ring.shift(cur, nxt, leftwards=True)
+        _mm_into(y[owner * chunk:(owner + 1) * chunk], cur, w_t, bias)  # [s/tp, b, out/tp]
+        _wait(works)
+        cur = nxt
+    return y
+
+
+def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+    """Row-parallel forward: `reduce_scatter(x W^T)` for x `[s, b, in/tp]`, weight
+    `[out, in/tp]` -> `[s/tp, b, out]` summed over TP, each partial GEMM hiding a transfer.
+
+    The partial sum of sequence chunk c starts on rank c+1 and travels rightwards, each rank
+    adding its own part, until rank c adds the last one; so at step i rank r works on chunk
+    r - 1 - i."""
+    ring = _Ring(group)
+    x = x.contiguous()
+    chunk = x.size(0) // ring.size
+    w_t = weight.t()  # [in/tp, out]
+    shape = (chunk,) + tuple(x.shape[1:-1]) + (weight.size(0),)  # [s/tp, b, out]
+    works, incoming, sending = [], None, None
+    for i in range(ring.size):
+        c = (ring.rank - 1 - i) % ring.size
+        part = x.new_empty(shape)
+        _mm_into(part, x[c * chunk:(c + 1) * chunk], w_t, None)  # this rank's share of chunk c
+        _wait(works)  # the running sum of chunk c arrived (and our previous send left)
+        if incoming is not None:
+            part.add_(incoming)
+        if i == ring.size - 1:
+            return part
+        incoming, sending = torch.empty_like(part), part  # keep `sending` alive while in flight
+        works = ring.shift(sending, incoming, leftwards=False)
+    raise AssertionError("unreachable")
+
+
+def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None,
+                      group) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Row-parallel backward: gather the output gradient g `[s/tp, b, out]` to `[s, b, out]`
+    and, when `weight` `[out, in/tp]` is given, compute `G W` `[s, b, in/tp]` chunk by chunk as
+    the chunks arrive. Returns (gathered G, G W or None); G feeds the weight gradient."""
+    ring = _Ring(group)
+    g = g.contiguous()
+    chunk = g.size(0)
+    full = g.new_empty((chunk * ring.size,) + tuple(g.shape[1:]))  # [s, b, out]
+    dx = None
+    if weight is not None:
+        dx = g.new_empty(tuple(full.shape[:-1]) + (weight.size(1),))  # [s, b, in/tp]
+
+    def rows(t, c):
+        return t[c * chunk:(c + 1) * chunk]  # contiguous: the sequence dim is leading
+
+    rows(full, ring.rank).copy_(g)
+    for i in range(ring.size):
+        c = (ring.rank + i) % ring.size
+        works = []
+        if i < ring.size - 1:  # receive chunk c+1 into its place while chunk c is multiplied
+            works = ring.shift(rows(full, c), rows(full, (c + 1) % ring.size), leftwards=True)
+        if dx is not None:
+            _mm_into(rows(dx, c), rows(full, c), weight, None)  # [s/tp, b, in/tp]
+        _wait(works)
+    return full, dx
