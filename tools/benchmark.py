@@ -86,7 +86,8 @@ def _parallel_state(cp: int, tp: int, hierarchical):
 
 
 def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False, cp=1,
-                      hierarchical=None, tp=1, num_micro_batches=1, check_for_nan=False):
+                      hierarchical=None, tp=1, num_micro_batches=1, check_for_nan=False,
+                      sync_nan_check=False):
     ps = _parallel_state(cp, tp, hierarchical)
     tracker = build_rng_tracker(1234, ps.tp_rank, 0, device)
     model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
@@ -99,7 +100,8 @@ def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile
     nan_check = NonFiniteCheck()  # as pretrain(): recorded on the device, read after the timing
 
     def step():
-        r = train_step(model, opt, data, num_micro_batches, ps, device, nan_check=nan_check)
+        r = train_step(model, opt, data, num_micro_batches, ps, device,
+                       nan_check=None if sync_nan_check else nan_check)
         losses.append(r.loss_sum_count)
 
     sec = _time(step, steps, warmup, profile)
@@ -179,6 +181,9 @@ def _args():
                    help="weight gradients as separate GEMMs added to main_grad by the DDP hook")
     p.add_argument("--check-for-nan-in-loss-and-grad", action="store_true",
                    help="the NaN/Inf check of the loss and the per-bucket grad norms (pretrain's default)")
+    p.add_argument("--sync-nan-check", action="store_true",
+                   help="with --check-for-nan-in-loss-and-grad: read it inside every step (one host sync) "
+                        "instead of after the timing, as pretrain() does at log lines")
     p.add_argument("--cross-entropy-loss-fusion", action="store_true")
     p.add_argument("--no-fusion", action="store_true", help="eager SwiGLU, RoPE and RMSNorm")
     p.add_argument("--hf-baseline", action="store_true", help="time transformers instead")
@@ -219,7 +224,8 @@ def _result(a, cfg, sec, losses, device) -> dict:
         "tp_comm_overlap": a.tp_comm_overlap,
         "micro_batches": a.num_micro_batches,
         "grad_accumulation_fusion": not a.no_gradient_accumulation_fusion,
-        "nan_check": a.check_for_nan_in_loss_and_grad,
+        "nan_check": (("sync" if a.sync_nan_check else "deferred") if a.check_for_nan_in_loss_and_grad
+                      else None),
         "recompute": a.recompute_granularity, "recompute_keeps_attention": not a.no_recompute_keeps_attention,
         "tokens_per_s": round(tokens * gpus / sec), "tokens_per_s_per_gpu": round(tokens / sec),
         "tflops_per_gpu": round(flops / sec / 1e12, 1),
@@ -249,7 +255,8 @@ def main() -> None:
         sec, losses = run_hf_baseline(*shape)
     else:
         sec, losses = run_megatron_lite(*shape, cp, a.hierarchical_context_parallel_sizes, tp,
-                                        a.num_micro_batches, a.check_for_nan_in_loss_and_grad)
+                                        a.num_micro_batches, a.check_for_nan_in_loss_and_grad,
+                                        a.sync_nan_check)
     result = _result(a, cfg, sec, losses, device)
     first = (cp == 1 and tp == 1) or dist.get_rank() == 0
     if cp > 1 or tp > 1:
