@@ -52,6 +52,7 @@ from megatron_lite.training.housekeeping import Housekeeping, HousekeepingConfig
 from megatron_lite.training.initialize import build_parallel_state, init_distributed, seed_rank
 from megatron_lite.training.logging import RankLogger
 from megatron_lite.training.memory import memory_report_line
+from megatron_lite.training.memory_estimate import MemoryLayout, check_fits, describe, estimate, host_memory
 from megatron_lite.training.microbatches import MicroBatchCalculator
 from megatron_lite.training.nonfinite import NonFiniteCheck
 from megatron_lite.training.signals import SignalHandler
@@ -110,6 +111,26 @@ def _build_optimizer(args, chunks, ps):
         return DistributedOptimizer(chunks, cfg, ps, scaler, offload=offload)
     named = [(name, p) for chunk in chunks for name, p in chunk.module.named_parameters()]
     return MixedPrecisionOptimizer(named, cfg, ps, scaler, offload=offload)
+
+
+def _check_memory(args, config, ps, env, logger) -> None:
+    """Print what this layout needs per GPU and refuse, before allocating anything, one that
+    cannot fit the GPU (training/memory_estimate.py)."""
+    layout = MemoryLayout(
+        tp=ps.tp_size, pp=ps.pp_size, dp=ps.dp_size, cp=ps.cp_size,
+        vpp=args.virtual_pipeline_model_parallel_size, micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length, num_microbatches=args.num_micro_batches,
+        grad_fp32=args.accumulate_allreduce_grads_in_fp32, optimizer=args.optimizer,
+        distributed_optimizer=args.use_distributed_optimizer, fsdp2=args.use_torch_fsdp2,
+        offload_fraction=args.optimizer_offload_fraction if args.optimizer_cpu_offload else 0.0)
+    cuda = env.device.type == "cuda"
+    visible = torch.cuda.get_device_properties(env.device).total_memory if cuda else None
+    logger.rank0(describe(estimate(config, layout), visible))
+    # torchrun's LOCAL_WORLD_SIZE: the GPUs of this host share its memory.
+    host = host_memory(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if args.optimizer_cpu_offload else None
+    refusal = check_fits(config, layout, visible, host)
+    if refusal is not None:
+        raise SystemExit(f"error: {refusal}" if env.rank == 0 else 2)
 
 
 def _context_parallel_batches(args, data, ps, device):
@@ -261,6 +282,7 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
     timers = Timers(args.timing_log_level, args.timing_log_option, sync_cuda=env.device.type == "cuda",
                     barrier_with_l1=args.barrier_with_L1_time)
     config = model_config_from_args(args)
+    _check_memory(args, config, ps, env, logger)
     # One model chunk per virtual pipeline stage of this rank (spec §5.4).
     chunks = build_model_chunks(config, ps, _pipeline_layout(args), args.seed, tracker, env.device,
                                 cpu_init=bool(args.use_cpu_initialization))
