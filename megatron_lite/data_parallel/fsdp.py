@@ -70,6 +70,15 @@ def _placement(param: torch.nn.Parameter) -> Shard:
     return Shard(fsdp_shard_dim(param))
 
 
+@torch.no_grad()
+def _to_fp32(module: torch.nn.Module) -> None:
+    """The shards FSDP2 cuts become the fp32 master weights (already sharded DTensors of
+    inner units are fp32 and left alone)."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def _forget_cached_shardings() -> None:
     """DTensor caches sharding decisions by mesh *value* (ranks and device type), and the specs
     it returns hold the mesh object they were first computed with. A process that destroyed an
@@ -101,10 +110,6 @@ class FullyShardedChunk(torch.nn.Module):
         _forget_cached_shardings()
         tags = {name: ({t: getattr(p, t) for t in _TAGS if hasattr(p, t)}, self._shard_dim(name, p))
                 for name, p in module.named_parameters()}
-        with torch.no_grad():
-            for p in module.parameters():
-                if p.is_floating_point() and p.dtype != torch.float32:
-                    p.data = p.data.float()  # the shards FSDP2 cuts are the fp32 master weights
         self._shard(module, config)
         for name, p in module.named_parameters():
             values, dim = tags[name]
@@ -132,8 +137,10 @@ class FullyShardedChunk(torch.nn.Module):
         layers = list(module.decoder.layers)
         self._units = [*layers, module]
         for i, layer in enumerate(layers):
+            _to_fp32(layer)  # unit by unit: one layer's full fp32 copy exists at a time
             fully_shard(layer, mesh=self.mesh, mp_policy=policy, shard_placement_fn=_placement,
                         reshard_after_forward=i < len(layers) - 1)
+        _to_fp32(module)
         fully_shard(module, mesh=self.mesh, mp_policy=policy, shard_placement_fn=_placement)
         for prev, layer in zip(layers, layers[1:]):
             prev.set_modules_to_forward_prefetch([layer])
