@@ -127,7 +127,7 @@ def _check_memory(args, config, ps, env, logger) -> None:
     visible = torch.cuda.get_device_properties(env.device).total_memory if cuda else None
     logger.rank0(describe(estimate(config, layout), visible))
     # torchrun's LOCAL_WORLD_SIZE: the GPUs of this host share its memory.
-    host = host_memory(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if args.optimizer_cpu_offload else None
+    host = host_memory(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     refusal = check_fits(config, layout, visible, host)
     if refusal is not None:
         raise SystemExit(f"error: {refusal}" if env.rank == 0 else 2)
@@ -248,7 +248,8 @@ def _pretrain(argv=None, defaults: dict | None = None) -> int:
     try:
         if args.use_checkpoint_args:
             use_checkpoint_args(args, logger)
-        validate_args(args, env.world_size)
+        # Notices about flags are the same on every rank: rank 0 prints them, once.
+        validate_args(args, env.world_size, warn=None if env.rank == 0 else (lambda _notice: None))
     except (ConfigError, CheckpointError) as e:
         if env.rank == 0:
             raise SystemExit(f"error: {e}") from None

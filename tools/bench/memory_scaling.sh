@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 17 benchmark: Llama-3-8B shape, seq 2048, global batch 64, micro batch 1, bf16, mock data.
+#   bash tools/bench/memory_scaling.sh 2gpu WORKDIR   # DP2 + distributed optimizer vs FSDP2 (2 GPUs)
+#   bash tools/bench/memory_scaling.sh 1gpu WORKDIR   # one GPU, --optimizer-cpu-offload fraction 1.0
+# Prints per run: the memory estimate line, mean s/iteration over the steady iterations,
+# tokens/s, TFLOP/s/GPU, the allocator's max allocated / max reserved (MB) per GPU, and for the
+# one-GPU run the peak host memory in use. Logs stay in WORKDIR.
+set -uo pipefail
+mode=${1:?usage: memory_scaling.sh 2gpu|1gpu WORKDIR}
+out=${2:-/tmp/memory_scaling}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+free -g | head -2
+
+LLAMA3_8B="--num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-attention-heads 32
+  --group-query-attention --num-query-groups 8 --seq-length 2048 --max-position-embeddings 8192
+  --tokenizer-type NullTokenizer --vocab-size 128256 --micro-batch-size 1 --global-batch-size 64
+  --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 2 --bf16 --mock-data
+  --log-interval 1 --eval-iters 0 --seed 1234 --log-throughput --distributed-backend nccl"
+
+run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
+  ( while sleep 2; do free -m | awk '/Mem:/ {print $3}'; done ) > "$out/$name.host_mb" &
+  sampler=$!
+  timeout 560 torchrun --standalone --nproc_per_node "$n" pretrain_llama.py $LLAMA3_8B --train-iters "$iters" \
+    "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  kill "$sampler" 2>/dev/null
+  echo "== $name (rc $rc): $*"
+  grep -m1 "memory estimate per GPU" "$out/$name.log"
+  grep -o "elapsed time per iteration (ms): [0-9.]*" "$out/$name.log" | awk -F': ' -v skip="$skip" \
+    'NR>skip {s+=$2; k++} END {if (k) printf "mean s/iteration over %d iterations: %.2f, tokens/s: %.0f\n", k, s/k/1000, 64*2048/(s/k/1000)}'
+  grep -o "throughput per GPU (TFLOP/s/GPU): [0-9.]*" "$out/$name.log" | tail -1
+  grep "memory (MB)" "$out/$name.log" | tail -"$n" | sed 's/.*memory (MB)/memory (MB)/'
+  sort -n "$out/$name.host_mb" | tail -1 | awk '{printf "peak host memory in use (MB): %s\n", $1}'
+  grep -m3 "error\|Error\|Traceback" "$out/$name.log"; }
+
+case "$mode" in
+  2gpu)
+    run dp2_distopt 2 8 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+    run dp2_fsdp2 2 8 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion ;;
+  1gpu)
+    run gpu1_offload 1 5 1 --use-distributed-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0 \
+      --overlap-cpu-optimizer-d2h-h2d ;;
+  *) echo "unknown mode $mode (2gpu or 1gpu)"; exit 2 ;;
+esac
