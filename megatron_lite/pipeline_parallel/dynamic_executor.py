@@ -10,9 +10,9 @@ learns what arrived when they complete. MegatronDPP moves tensors through its ow
 shared-memory / RDMA library instead; over NCCL or gloo the channels do that job.
 
 Readiness. A task is ready when its input has arrived, not merely been announced: on CUDA
-`Work.is_completed()` for the payload and an event after the header's copy to the host, polled
-without blocking the compute stream; gloo's send/recv works cannot be polled, so on CPU a
-waiter thread per channel waits for them in order. When nothing is ready the loop yields the
+`Work.is_completed()` of header and payload, then an event after the header's copy to the
+host, all polled without touching the compute stream; gloo's send/recv works cannot be polled,
+so on CPU a waiter thread per channel waits for them in order. When nothing is ready the loop yields the
 CPU (a short spin, then sleeps growing to half a millisecond), never busy-waiting for long.
 
 Lock-step. The TP (and CP) ranks of a stage run collectives inside every forward and backward,
@@ -107,11 +107,15 @@ class _Inbox:
             payload.record_stream(torch.cuda.current_stream(self.device))
         return payload
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """End of the step. After a failure the waiter thread may be stuck in a receive that
+        will never come: it is a daemon and is left behind rather than joined."""
+        if finished:
+            assert not self.posted and not self.payloads, (self.kind, len(self.posted), list(self.payloads))
         if not self.cuda:
             self._waits.put(None)
-            self._thread.join()
-        assert not self.posted and not self.payloads, (self.kind, len(self.posted), list(self.payloads))
+            if finished:
+                self._thread.join()
 
     # ---- receiving ------------------------------------------------------------------------
     def _post(self) -> _Posted:
@@ -127,18 +131,24 @@ class _Inbox:
             payload = torch.empty(self.shape, dtype=self.dtype, device=self.device)
             header_work = self.channels.irecv(header, self.kind, self.peer)
             payload_work = self.channels.irecv(payload, self.kind, self.peer)
-        p = _Posted(header, header_work, payload, payload_work,
-                    host_header=torch.empty(2, dtype=torch.int64, pin_memory=True), copied=torch.cuda.Event())
-        with torch.cuda.stream(self.copy_stream):
-            header_work.wait()
-            p.host_header.copy_(header, non_blocking=True)
-            p.copied.record()
-        return p
+        return _Posted(header, header_work, payload, payload_work,
+                       host_header=torch.empty(2, dtype=torch.int64, pin_memory=True))
 
     def _complete(self, p: _Posted) -> bool:
-        if self.cuda:
-            return p.copied.query() and p.payload_work.is_completed()
-        return p.done.is_set()
+        if not self.cuda:
+            return p.done.is_set()
+        if p.copied is None:
+            # Copy the header to the host only once it has arrived: a stream told to wait for
+            # a receive still pending would, with CUDA_DEVICE_MAX_CONNECTIONS=1 (one hardware
+            # queue for all streams), hold up the compute queued behind it.
+            if not p.header_work.is_completed():
+                return False
+            with torch.cuda.stream(self.copy_stream):
+                p.header_work.wait()
+                p.host_header.copy_(p.header, non_blocking=True)
+                p.copied = torch.cuda.Event()
+                p.copied.record()
+        return p.copied.query() and p.payload_work.is_completed()
 
     def _wait_in_order(self) -> None:
         # gloo works complete only through wait(); the channel is FIFO, so waiting in posting
@@ -174,15 +184,17 @@ class _DynamicStep:
         self.lockstep = ps.cpu_groups.get("tp-cp") if ps.tp_size * ps.cp_size > 1 else None
 
     def run(self) -> None:
+        finished = False
         try:
             while not self.state.finished:
                 self._execute(self._next_task())
             for work, _ in self.st.sends:
                 work.wait()
             self.st.sends.clear()
+            finished = True
         finally:
             for inbox in self.inboxes.values():
-                inbox.close()
+                inbox.close(finished)
 
     def _next_task(self) -> Task:
         polls = 0

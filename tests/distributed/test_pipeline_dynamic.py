@@ -5,7 +5,7 @@ the plain 1F1B (VPP 1); and no deadlock when stages are slowed down at random.
 
 Each world runs all its cases in one task (process and group start-up paid once). The delays
 are injected by wrapping the executor's forward and backward in sleeps on chosen pipeline ranks
-(`_inject_delays`), so the dynamic order really differs from the static one: the test checks
+(`inject_delays`), so the dynamic order really differs from the static one: the test checks
 that it did, and that activations held never exceeded the static bound."""
 import random
 import time
@@ -33,32 +33,34 @@ from tests.model_utils import tiny_config
 SEED, SEQ, MICRO = 1234, 16, 2
 
 
-def _inject_delays(executor, delays: dict, rng: random.Random) -> None:
-    """Test helper: sleep before every forward / backward of this rank, `delays[(pp_rank, op)]`
-    seconds times a random factor in [0, 2) (op "F" or "B")."""
+def inject_delays(executor, delays: dict, rng: random.Random, sleep=time.sleep) -> None:
+    """Test helper: before every forward / backward of this rank, `sleep(delays[(pp_rank, op)]
+    seconds times a random factor in [0, 2))` (op "F" or "B"; on a GPU `sleep` adds GPU time)."""
     r = executor.ps.pp_rank
     for op, name in (("F", "_forward"), ("B", "_backward")):
         seconds, compute = delays.get((r, op), 0.0), getattr(executor, name)
         if seconds:
             def slowed(*args, _compute=compute, _s=seconds):
-                time.sleep(_s * 2 * rng.random())
+                sleep(_s * 2 * rng.random())
                 return _compute(*args)
             setattr(executor, name, slowed)
 
 
-def _step(ps, channels, layers, vpp, m, pcfg, delays=None, seed=0):
-    """One training step: (loss totals or None, grads by global name, per-rank order, peak)."""
+def train_once(ps, channels, layers, vpp, m, pcfg, delays=None, seed=0, device="cpu", sleep=time.sleep):
+    """One training step: (loss totals or None, grads by global name, this rank's compute order,
+    peak activations held)."""
     cfg = tiny_config("gpt", num_layers=layers, hidden_size=32, num_attention_heads=4,
                       sequence_parallel=ps.tp_size > 1)
     layout = build_layout(layers, ps.pp_size, vpp)
-    chunks = build_model_chunks(cfg, ps, layout, SEED, build_rng_tracker(SEED, ps.tp_rank, ps.pp_rank, "cpu"))
+    tracker = build_rng_tracker(SEED, ps.tp_rank, ps.pp_rank, device)
+    chunks = build_model_chunks(cfg, ps, layout, SEED, tracker, device=torch.device(device))
     dcfg = DDPConfig(overlap_grad_reduce=ps.dp_size > 1, bucket_size=4000 if ps.dp_size > 1 else None)
     ddp = [DistributedDataParallel(c, ps, dcfg) for c in chunks]
-    trace = PipelineTrace(ps.rank, ps.pp_rank, torch.device("cpu"))
+    trace = PipelineTrace(ps.rank, ps.pp_rank, torch.device(device))
     executor = PipelineExecutor(ddp, ps, pcfg, channels, trace)
     if delays:
         # The same seed on every rank of a stage: lock-step TP ranks see the same sleeps.
-        _inject_delays(executor, delays, random.Random(seed * 1000 + ps.pp_rank))
+        inject_delays(executor, delays, random.Random(seed * 1000 + ps.pp_rank), sleep)
     for c in ddp:
         c.zero_grad_buffer()
     data = micro_batch_iterator(MockTokens(64, SEQ, 128, SEED), 0, MICRO, ps.dp_rank, ps.dp_size)
@@ -76,12 +78,12 @@ def _parity(rank, world, tp, pp, vpp, m, orders):
     ps = ParallelState.create(tp=tp, pp=pp)
     channels = PipelineChannels.create(ps, ring=vpp > 1)
     try:
-        static = _step(ps, channels, 8, vpp, m, PipelineConfig(overlap_p2p_comm=True))
+        static = train_once(ps, channels, 8, vpp, m, PipelineConfig(overlap_p2p_comm=True))
         out = {"static": static[:2]}
         # Slow the first stage so that the dynamic order departs from the static one.
         delays = {(0, "F"): 0.03}
         for order in orders:
-            totals, grads, seq, peak = _step(ps, channels, 8, vpp, m, PipelineConfig(dynamic=True,
+            totals, grads, seq, peak = train_once(ps, channels, 8, vpp, m, PipelineConfig(dynamic=True,
                                              dynamic_order=order), delays)
             plan = DynamicPlan(pp, vpp, m, ps.pp_rank, None, order)
             assert peak <= plan.warmup + 1, (peak, plan.warmup)
@@ -139,7 +141,7 @@ def _stress(rank, world, tp, pp, runs, seed):
             order = rng.choice([BREADTH_FIRST, DEPTH_FIRST])
             delays = {(r, op): rng.choice([0, 0, 0.001, 0.003]) for r in range(pp) for op in "FB"}
             pcfg = PipelineConfig(dynamic=True, dynamic_order=order)
-            _, _, seq, peak = _step(ps, channels, 2 * pp * vpp, vpp, m, pcfg, delays,
+            _, _, seq, peak = train_once(ps, channels, 2 * pp * vpp, vpp, m, pcfg, delays,
                                     seed=(seed + i) * 10 + ps.tp_rank)
             plan = DynamicPlan(pp, vpp, m, ps.pp_rank, None, order)
             assert len(seq) == plan.total and peak <= plan.warmup + 1, (seq, peak)
