@@ -17,6 +17,8 @@ def check_memory_flags(args) -> None:
     """Runs after the parallel sizes and precision are derived (validation.py)."""
     if args.use_torch_fsdp2:
         _check_fsdp2(args)
+    _require(args.use_torch_fsdp2 or args.torch_fsdp2_reshard_after_forward,
+             "--torch-fsdp2-no-reshard-after-forward needs --use-torch-fsdp2")
     if args.optimizer_cpu_offload:
         _require(not args.use_torch_fsdp2, "--optimizer-cpu-offload works with the plain and the distributed "
                  "optimizer, not with --use-torch-fsdp2")

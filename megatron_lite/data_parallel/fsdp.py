@@ -48,6 +48,9 @@ class FSDPConfig:
     grad_reduce_in_fp32: bool = True  # False with --grad-reduce-in-bf16
     calculate_per_token_loss: bool = False
     check_for_nan_in_grad: bool = False  # --check-for-nan-in-loss-and-grad
+    # False (--torch-fsdp2-no-reshard-after-forward): layers stay gathered from forward to
+    # backward, one all-gather per layer and micro-batch instead of two.
+    reshard_after_forward: bool = True
     # Read by shared code written for DDP chunks: FSDP2 always overlaps both.
     overlap_grad_reduce: bool = True
     use_distributed_optimizer: bool = False
@@ -139,7 +142,7 @@ class FullyShardedChunk(torch.nn.Module):
         for i, layer in enumerate(layers):
             _to_fp32(layer)  # unit by unit: one layer's full fp32 copy exists at a time
             fully_shard(layer, mesh=self.mesh, mp_policy=policy, shard_placement_fn=_placement,
-                        reshard_after_forward=i < len(layers) - 1)
+                        reshard_after_forward=config.reshard_after_forward and i < len(layers) - 1)
         _to_fp32(module)
         fully_shard(module, mesh=self.mesh, mp_policy=policy, shard_placement_fn=_placement)
         for prev, layer in zip(layers, layers[1:]):
@@ -183,7 +186,14 @@ class FullyShardedChunk(torch.nn.Module):
         self.module.zero_grad(set_to_none=True)
 
     def enable_grad_sync(self, enabled: bool) -> None:
-        """Every micro-batch reduce-scatters (see the module docstring): nothing to switch."""
+        """Every micro-batch reduce-scatters (see the module docstring). What changes is the
+        end of a backward that another micro-batch follows (`enabled` False): the root and the
+        first layer, whose backward ends right before the next forward starts with them, stay
+        gathered instead of being freed and gathered again at once."""
+        if self._units:
+            self.module.set_reshard_after_backward(enabled, recurse=False)  # the root
+            if len(self._units) > 1:
+                self._units[0].set_reshard_after_backward(enabled)
 
     @contextlib.contextmanager
     def no_sync(self):

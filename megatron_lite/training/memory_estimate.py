@@ -40,6 +40,7 @@ class MemoryLayout:
     optimizer: str = "adam"
     distributed_optimizer: bool = False
     fsdp2: bool = False
+    fsdp2_reshard_after_forward: bool = True  # False: --torch-fsdp2-no-reshard-after-forward
     offload_fraction: float = 0.0  # 0 without --optimizer-cpu-offload
 
 
@@ -102,9 +103,12 @@ def estimate(cfg: ModelConfig, lay: MemoryLayout) -> MemoryEstimate:
     act = _activations(cfg, lay)
     shards = lay.dp * lay.cp
     if lay.fsdp2:
-        # fp32 shards are weights and mains at once; per unit in flight: gathered params in
-        # the compute dtype, their gradient, and its fp32 copy for the reduce-scatter.
-        in_flight = (root + 2 * layer) * (2 * dtype + 4)
+        # fp32 shards are weights and mains at once. Gathered in the compute dtype: the root
+        # and two layers (the current one and the prefetched one), or every layer of the
+        # stage at the end of the forward without resharding after it; the gradients of the
+        # root and two layers, and their fp32 copies for the reduce-scatter.
+        layers = 2 if lay.fsdp2_reshard_after_forward else cfg.num_layers / lay.pp
+        in_flight = (root + layers * layer) * dtype + (root + 2 * layer) * (dtype + 4)
         return MemoryEstimate(4 * params / shards, 4 * params / shards, moments * params / shards, act,
                               in_flight, 0.0)
     state = (main + moments) * params / (shards if lay.distributed_optimizer else 1)

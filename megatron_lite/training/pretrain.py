@@ -71,7 +71,8 @@ def _wrap_ddp(args, module, ps, chunk_index: int = 0):
         return FullyShardedChunk(module, ps, FSDPConfig(
             compute_dtype=module.config.params_dtype, grad_reduce_in_fp32=not args.grad_reduce_in_bf16,
             calculate_per_token_loss=args.calculate_per_token_loss,
-            check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad))
+            check_for_nan_in_grad=args.check_for_nan_in_loss_and_grad,
+            reshard_after_forward=args.torch_fsdp2_reshard_after_forward))
     num_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     cfg = DDPConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32,
@@ -122,6 +123,7 @@ def _check_memory(args, config, ps, env, logger) -> None:
         seq_length=args.seq_length, num_microbatches=args.num_micro_batches,
         grad_fp32=args.accumulate_allreduce_grads_in_fp32, optimizer=args.optimizer,
         distributed_optimizer=args.use_distributed_optimizer, fsdp2=args.use_torch_fsdp2,
+        fsdp2_reshard_after_forward=args.torch_fsdp2_reshard_after_forward,
         offload_fraction=args.optimizer_offload_fraction if args.optimizer_cpu_offload else 0.0)
     cuda = env.device.type == "cuda"
     visible = torch.cuda.get_device_properties(env.device).total_memory if cuda else None

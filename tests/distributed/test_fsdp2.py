@@ -17,6 +17,7 @@ VARIANTS = {
     "plain": ({}, {}),
     "recompute": (RECOMPUTE, {}),
     "per-token": ({}, {"calculate_per_token_loss": True}),
+    "no-reshard-after-forward": ({}, {"reshard_after_forward": False}),
 }
 
 
@@ -112,3 +113,36 @@ def test_an_evaluation_between_steps_changes_nothing(run_dist):
     """A forward-only pass leaves the last layer and the root gathered; the next step must
     gather and reduce-scatter them as usual (FullyShardedChunk.train reshards them)."""
     assert run_dist(2, _norms_around_evaluation, False) == run_dist(2, _norms_around_evaluation, True)
+
+
+def _all_gathers_per_step(rank, world, reshard_after_forward):
+    """FSDP2 all-gathers in one step of 4 micro-batches (2 layers + the root unit)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as group_module
+
+    ps = ParallelState.create()
+    gather, count = group_module.foreach_all_gather, [0]
+
+    def counting(*args, **kwargs):
+        count[0] += 1
+        return gather(*args, **kwargs)
+
+    group_module.foreach_all_gather = counting
+    try:
+        model, chunk, opt = build_fsdp(ps, fsdp_kw={"reshard_after_forward": reshard_after_forward})
+        data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
+        assert num_microbatches(ps) == 4
+        train_step(chunk, opt, data, num_microbatches(ps), ps, CPU)
+        return count[0]
+    finally:
+        group_module.foreach_all_gather = gather
+        ps.destroy()
+
+
+@pytest.mark.parametrize("reshard_after_forward,gathers", [(True, 10), (False, 6)],
+                         ids=["zero3", "no-reshard-after-forward"])
+def test_micro_batches_do_not_gather_more_than_needed(run_dist, reshard_after_forward, gathers):
+    """ZeRO-3: the first micro-batch gathers the root, layer 0 (forward and backward) and the
+    last layer (kept from forward to backward): 4; the next three find the root and layer 0
+    still gathered from their backward and gather layer 0 (backward) and layer 1: 2 each.
+    Without resharding after forward every layer is gathered once: 3, then 1 each."""
+    assert run_dist(2, _all_gathers_per_step, reshard_after_forward) == [gathers, gathers]
