@@ -34,7 +34,8 @@ def llama_bf16():
     [*FSDP2, "--context-parallel-size", "2"],
     [*FSDP2, *"--recompute-granularity full --recompute-method uniform --recompute-num-layers 1".split()],
     [*FSDP2, "--grad-reduce-in-bf16"],
-], ids=["fsdp2-dp2", "fsdp2-cp2", "fsdp2-dp2-recompute", "fsdp2-dp2-bf16-reduce"])
+    [*FSDP2, "--torch-fsdp2-no-reshard-after-forward"],
+], ids=["fsdp2-dp2", "fsdp2-cp2", "fsdp2-dp2-recompute", "fsdp2-dp2-bf16-reduce", "fsdp2-dp2-no-reshard"])
 def test_fsdp2_prints_the_one_gpu_curve(llama_bf16, layout):
     _two_gpus()
     rtol = 2e-2 if "--grad-reduce-in-bf16" in layout else 5e-3  # bf16 sums of 2 partial gradients

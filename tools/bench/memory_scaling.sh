@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17 benchmark: Llama-3-8B shape, seq 2048, global batch 64, micro batch 1, bf16, mock data.
-#   bash tools/bench/memory_scaling.sh 2gpu WORKDIR   # DP2 + distributed optimizer vs FSDP2 (2 GPUs)
+#   bash tools/bench/memory_scaling.sh 2gpu WORKDIR   # DP2 + distributed optimizer vs FSDP2 (ZeRO-3,
+#                                                     # and without resharding after forward), 2 GPUs
 #   bash tools/bench/memory_scaling.sh 1gpu WORKDIR   # one GPU, --optimizer-cpu-offload fraction 1.0
 # Prints per run: the memory estimate line, mean s/iteration over the steady iterations,
 # tokens/s, TFLOP/s/GPU, the allocator's max allocated / max reserved (MB) per GPU, and for the
@@ -38,7 +39,9 @@ run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
 case "$mode" in
   2gpu)
     run dp2_distopt 2 8 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
-    run dp2_fsdp2 2 8 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion ;;
+    run dp2_fsdp2 2 8 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion
+    run dp2_fsdp2_no_reshard 2 8 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
+      --torch-fsdp2-no-reshard-after-forward ;;
   1gpu)
     run gpu1_offload 1 5 1 --use-distributed-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0 \
       --overlap-cpu-optimizer-d2h-h2d ;;
