@@ -54,9 +54,15 @@ def offloaded_prefix(numels: list[int], fraction: float) -> int:
     return len(numels)
 
 
-def host_copy(target: torch.Tensor) -> torch.Tensor:
-    """The fp32 host main of a device tensor (pageable; see the module docstring)."""
-    return torch.empty(target.shape, dtype=torch.float32, device="cpu").copy_(target.detach())
+@torch.no_grad()
+def host_copy(target: torch.Tensor, chunk: int = 1 << 26) -> torch.Tensor:
+    """The fp32 host main of a device tensor (pageable; see the module docstring), copied in
+    chunks: a device-to-host copy that also casts makes a cast copy of its whole source first."""
+    out = torch.empty(target.shape, dtype=torch.float32, device="cpu")
+    flat_out, flat_in = out.view(-1), target.detach().reshape(-1)
+    for start in range(0, flat_in.numel(), chunk):
+        flat_out[start:start + chunk].copy_(flat_in[start:start + chunk])
+    return out
 
 
 def _chunks(numels: list[int], limit: int) -> list[tuple[int, int]]:

@@ -133,6 +133,8 @@ class DistributedOptimizer(InnerOptimizerView):
             for shard in self.shards:
                 for piece, _, _ in shard.slices:
                     piece.grad = None
+            if host_grads:
+                self.inner.host_grads = []  # a skipped step (overflow) never consumed them
         if ok:
             for shard in self.shards:
                 if shard.owns_main and not shard.on_host:  # the hybrid step wrote the host parts

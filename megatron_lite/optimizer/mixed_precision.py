@@ -90,6 +90,8 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
             # accumulate into the buffer twice.
             for main in self.main_params:
                 main.grad = None
+            if self._num_host:
+                self.inner.host_grads = []  # a skipped step (overflow) never consumed them
         return ok, grad_norm, num_zeros
 
     @torch.no_grad()
