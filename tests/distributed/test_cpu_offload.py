@@ -89,3 +89,34 @@ def test_the_host_holds_the_requested_fraction(run_dist, distopt, fraction):
         assert host_bytes >= 8 * host  # fp32 Adam moments of every host element (fp32 model: no copies)
         if fraction == 1.0:
             assert device == 0 and device_bytes == 0, f"rank {rank}"
+
+
+def _fp16_run(rank, world, fraction):
+    """fp16 with the dynamic scaler from 2^20: early steps overflow and are skipped."""
+    from megatron_lite.models.init import gather_global
+    from megatron_lite.optimizer.grad_scaler import DynamicLossScaler
+
+    ps = ParallelState.create()
+    try:
+        offload = OffloadConfig(fraction, chunk_elements=CHUNK) if fraction else None
+        ddp_kw = {"use_distributed_optimizer": True, "grad_reduce_in_fp32": False}
+        model, ddp, opt = build_trainable(ps, ddp_kw, model_kw={"params_dtype": torch.float16},
+                                          scaler=DynamicLossScaler(initial_scale=2.0**20, hysteresis=1),
+                                          offload=offload)
+        data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
+        outcomes = [train_step(ddp, opt, data, num_microbatches(ps), ps, CPU).update_successful
+                    for _ in range(4)]
+        ddp.finish_param_sync()
+        return outcomes, opt.scaler.scale, gather_global(model, None)
+    finally:
+        ps.destroy()
+
+
+def test_fp16_skipped_steps_leave_offloaded_state_alone(run_dist):
+    ref_outcomes, ref_scale, ref_params = run_dist(2, _fp16_run, 0.0)[0]
+    assert False in ref_outcomes and True in ref_outcomes  # both paths are exercised
+    for rank, (outcomes, scale, params) in enumerate(run_dist(2, _fp16_run, 1.0)):
+        assert (outcomes, scale) == (ref_outcomes, ref_scale), f"rank {rank}"
+        for name, value in ref_params.items():
+            torch.testing.assert_close(params[name], value, rtol=1e-3, atol=1e-3,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
