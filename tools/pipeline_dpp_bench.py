@@ -8,12 +8,14 @@ injected on the GPU (issue 18).
         [--stall-prob 0.05 --stall-factor 3] [--trace-dir DIR] [--json FILE]
 
 Builds the model once (PP = the number of GPUs, bf16, fp32 main grads, Adam) and runs the
-static interleaved 1F1B schedule, then `--use-dpp` breadth-first and depth-first, each for
---warmup + --steps iterations (forward, backward, gradient finalization, optimizer step)
-timed between CUDA synchronizations. Stragglers are GPU time (`torch.cuda._sleep` before a
-compute), so the stage itself is slower, not only its host: --slow-factor lengthens every
-compute of --slow-stage by that fraction of its measured time; --stall-prob lengthens a random
-compute of any stage by --stall-factor times its time (the same computes in every mode).
+static interleaved 1F1B schedule, then `--use-dpp` breadth-first and depth-first (and, with
+`--modes ...,static-m`, the static schedule with one group of all M micro-batches, as much
+activation memory as breadth-first), each for --warmup + --steps iterations (forward,
+backward, gradient finalization, optimizer step) timed between CUDA synchronizations.
+Stragglers are GPU time (`torch.cuda._sleep` before a compute), so the stage itself is slower,
+not only its host: --slow-factor lengthens every compute of --slow-stage by that fraction of
+its measured time; --stall-prob lengthens a random compute of any stage by --stall-factor
+times its time (the same computes in every mode).
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ from megatron_lite.pipeline_parallel.trace import (
 from megatron_lite.training.train_step import train_step
 from tools.benchmark import PRESETS
 
-MODES = ("static", "breadth-first", "depth-first")
+# static: Megatron's default order (groups of N = PP); static-m: the static schedule with one
+# group of all M micro-batches, which holds as many activations as --use-dpp breadth-first.
+MODES = ("static", "breadth-first", "depth-first", "static-m")
 
 
 def _args():
@@ -62,7 +66,7 @@ def _args():
     p.add_argument("--last-stage-layers", type=int, default=None, help="--decoder-last-pipeline-num-layers")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, from {','.join(MODES)}")
     p.add_argument("--slow-stage", type=int, default=None, help="pipeline rank made slower")
     p.add_argument("--slow-factor", type=float, default=0.3, help="extra time of --slow-stage's computes")
     p.add_argument("--stall-prob", type=float, default=0.0, help="chance of a stall per compute")
@@ -121,6 +125,10 @@ class _Straggler:
             setattr(executor, name, slowed)
 
 
+def _group_size(mode: str, a) -> int | None:
+    return a.micro_batches if mode == "static-m" else None
+
+
 @dataclass
 class _Setup:
     ddp: list
@@ -134,8 +142,9 @@ class _Setup:
 def _run_mode(mode: str, a, b: _Setup, straggler, warmup: int, steps: int):
     """(seconds per iteration, trace, peak GiB) of `steps` timed iterations after `warmup`."""
     trace = PipelineTrace(b.ps.rank, b.ps.pp_rank, b.device, max_steps=warmup + steps)
-    pcfg = PipelineConfig(overlap_p2p_comm=True, dynamic=mode != "static",
-                          dynamic_order=mode if mode != "static" else "breadth-first")
+    static = mode.startswith("static")
+    pcfg = PipelineConfig(microbatch_group_size=_group_size(mode, a), overlap_p2p_comm=True,
+                          dynamic=not static, dynamic_order="breadth-first" if static else mode)
     executor = PipelineExecutor(b.ddp, b.ps, pcfg, b.channels, trace)
     if straggler is not None:
         straggler.wrap(executor)
@@ -165,7 +174,7 @@ def _report(mode, a, sec, trace, mem_gib, ps) -> dict | None:
         os.makedirs(a.trace_dir, exist_ok=True)
         write_chrome_trace(events, os.path.join(a.trace_dir, f"{mode}.json"))
     stats = bubble_stats(events, skip_steps=a.warmup)
-    differ, runs = static_order_mismatches(events, skip_steps=a.warmup)
+    differ, runs = static_order_mismatches(events, _group_size(mode, a), skip_steps=a.warmup)
     tokens = a.micro_batches * a.micro_batch_size * a.seq_length
     return {"mode": mode, "preset": a.preset, "pp": ps.pp_size, "vpp": a.vpp,
             "micro_batches": a.micro_batches,
