@@ -17,10 +17,11 @@ def plain_lines():
 
 @pytest.mark.parametrize("nproc,extra", [
     (2, FSDP2),
+    (2, [*FSDP2, "--context-parallel-size", "2"]),
     (1, ["--optimizer-cpu-offload"]),
     (2, ["--use-distributed-optimizer", "--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5",
          "--overlap-cpu-optimizer-d2h-h2d"]),
-], ids=["fsdp2-dp2", "offload-1.0", "offload-0.5-distopt-dp2"])
+], ids=["fsdp2-dp2", "fsdp2-cp2", "offload-1.0", "offload-0.5-distopt-dp2"])
 def test_memory_layouts_print_the_plain_losses(plain_lines, nproc, extra):
     lines = iteration_lines(torchrun(nproc, "pretrain_llama.py", *TINY_LLAMA, *extra).stdout)
     # lm loss and learning rate identical to the printed precision; grad norm to 3 decimals.
