@@ -13,7 +13,10 @@ a priority list. Both orders here are priority lists taken from a static schedul
   backwards finish early, so its gradient reduction starts early.
 * depth-first: the table of `--microbatch-group-size-per-virtual-pipeline-stage` (groups of N,
   default PP, Megatron's default order), which moves a micro-batch through successive chunks
-  sooner and so holds fewer activations.
+  sooner and so holds fewer activations. Its window (below) is tighter, and with transfer
+  latency a greedy start of whatever is ready can delay the task the pipeline waits for: the
+  simulation (tests/unit/test_pipeline_dynamic.py) puts it a little behind the static order
+  there, where breadth-first stays ahead.
 
 Two rules MegatronDPP does not have keep this safe and exact:
 
