@@ -88,8 +88,11 @@ def _forget_cached_shardings() -> None:
     earlier layout's groups (tests build several layouts in one process, DESIGN rule 1) would get
     specs over dead groups back for an equal mesh over new ones; start from an empty cache."""
     propagator = DTensor._op_dispatcher.sharding_propagator
-    propagator.propagate_op_sharding.cache_clear()
-    propagator._propagate_tensor_meta_cached.cache_clear()
+    # Private caches whose names vary across torch releases: clear the ones this one has.
+    for name in ("propagate_op_sharding", "_propagate_tensor_meta_cached"):
+        clear = getattr(getattr(propagator, name, None), "cache_clear", None)
+        if clear is not None:
+            clear()
     native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)  # the C++ fast path's
     if native is not None:
         native()
@@ -151,8 +154,10 @@ class FullyShardedChunk(torch.nn.Module):
         if config.calculate_per_token_loss:
             for unit in [*layers, module]:  # a SUM reduce-scatter; finalize divides by the tokens
                 unit.set_gradient_divide_factor(1.0)
-                # A plain SUM, not PREMUL_SUM(1.0), which gloo lacks (FSDP2's choice for fp32).
-                unit.set_force_sum_reduction_for_comms(True)
+                # A plain SUM, not PREMUL_SUM(1.0), which gloo lacks (FSDP2's choice for fp32);
+                # a torch without the switch runs on NCCL, which has PREMUL_SUM.
+                if hasattr(unit, "set_force_sum_reduction_for_comms"):
+                    unit.set_force_sum_reduction_for_comms(True)
 
     def train(self, mode: bool = True):
         """Also frees every gathered unit: a forward-only pass (evaluation) leaves the units that
