@@ -13,7 +13,7 @@ Readiness. A task is ready when its input has arrived, not merely been announced
 `Work.is_completed()` of header and payload, then an event after the header's copy to the
 host, all polled without touching the compute stream; gloo's send/recv works cannot be polled,
 so on CPU a waiter thread per channel waits for them in order. When nothing is ready the loop yields the
-CPU (a short spin, then sleeps growing to half a millisecond), never busy-waiting for long.
+CPU (a short spin, then sleeps growing to 0.2 ms), never busy-waiting for long.
 
 Lock-step. The TP (and CP) ranks of a stage run collectives inside every forward and backward,
 so they must pick the same task. They receive the same messages in the same order (their
@@ -40,8 +40,10 @@ from megatron_lite.pipeline_parallel.schedules import ACT, GRAD, Action, Op
 
 # Receives kept posted ahead per incoming channel: one can transfer while another completes.
 _RECEIVE_DEPTH = 2
-_SPIN_POLLS = 200  # polls that only yield the CPU before the loop starts to sleep
-_MAX_SLEEP_S = 5e-4
+# Waiting for an input: polls that only yield the CPU (a few ms), then sleeps growing by 5 us
+# per poll up to 0.2 ms, which bounds how late a long-awaited arrival is noticed.
+_SPIN_POLLS = 200
+_SLEEP_STEP_S, _MAX_SLEEP_S = 5e-6, 2e-4
 
 
 @dataclass
@@ -179,8 +181,10 @@ class _DynamicStep:
                                             ex._dtype, ex._device)
         # Row mb * VPP + chunk: the header of the message for the receiver's task (mb, chunk).
         vpp, m = ex.vpp_size, st.num_microbatches
-        self.headers = torch.tensor([[mb, c] for mb in range(m) for c in range(vpp)], dtype=torch.int64,
-                                    device=ex._device)
+        # From pinned memory without blocking: a pageable copy would wait for the queued compute.
+        headers = torch.tensor([[mb, c] for mb in range(m) for c in range(vpp)], dtype=torch.int64)
+        self.headers = (headers.pin_memory() if ex._device.type == "cuda" else headers).to(
+            ex._device, non_blocking=True)
         self.lockstep = ps.cpu_groups.get("tp-cp") if ps.tp_size * ps.cp_size > 1 else None
 
     def run(self) -> None:
@@ -207,7 +211,8 @@ class _DynamicStep:
             if agreed != local:
                 continue  # a lock-step peer is behind; agreeing again blocks until it catches up
             polls += 1
-            time.sleep(0 if polls < _SPIN_POLLS else min(_MAX_SLEEP_S, 1e-5 * (polls - _SPIN_POLLS + 1)))
+            over = polls - _SPIN_POLLS
+            time.sleep(0 if over < 0 else min(_MAX_SLEEP_S, _SLEEP_STEP_S * (over + 1)))
 
     def _known(self, agreed: list[int]):
         """Whether a message is among the first `agreed` of its channel (arrived everywhere)."""
