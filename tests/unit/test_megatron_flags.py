@@ -186,3 +186,25 @@ def test_padded_vocab_size_flag_is_used_as_given():
         _resolve_padded_vocab_size(args, 50257, RankLogger(0, 1, out), 0)
     assert str(info.value) == ("error: --padded-vocab-size (50000) must be >= the tokenizer's vocabulary "
                                "size (50257) and divisible by --tensor-model-parallel-size (2)")
+
+
+@pytest.mark.parametrize("keep,expected", [
+    (False, ("HuggingFaceTokenizer", "/ckpt/tok")),  # Megatron-LM's default: the checkpoint's tokenizer
+    (True, ("NullTokenizer", None)),  # --no-use-tokenizer-model-from-checkpoint-args: the command line's
+])
+def test_tokenizer_from_checkpoint_args(monkeypatch, keep, expected):
+    import io
+
+    from megatron_lite.training import checkpointing
+    from megatron_lite.training.logging import RankLogger
+
+    saved = {"num_layers": 4, "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "/ckpt/tok"}
+    monkeypatch.setattr(checkpointing, "saved_args", lambda load, step: saved)
+    flags = "--use-checkpoint-args --load /ckpt"
+    if keep:
+        flags += " --no-use-tokenizer-model-from-checkpoint-args"
+    args = parse_args(f"{BASE} {TRAIN} {flags}".split())
+    out = io.StringIO()
+    checkpointing.use_checkpoint_args(args, RankLogger(0, 1, out))
+    assert (args.tokenizer_type, args.tokenizer_model) == expected
+    assert ("tokenizer_type" in out.getvalue()) is not keep
