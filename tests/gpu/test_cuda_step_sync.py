@@ -43,7 +43,9 @@ def test_step_with_the_nan_check_does_not_sync_the_host():
                 train_step(ddp, opt, data, 4, ps, CUDA, nan_check=check)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+    # set_sync_debug_mode itself warns that it is a prototype: that line is not a sync.
+    syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught
+             if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)]
     assert not syncs, "\n".join(syncs)
     check.raise_if_found()  # and the clean steps recorded nothing
 
