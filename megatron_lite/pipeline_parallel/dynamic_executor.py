@@ -186,6 +186,7 @@ class _DynamicStep:
         self.headers = (headers.pin_memory() if ex._device.type == "cuda" else headers).to(
             ex._device, non_blocking=True)
         self.lockstep = ps.cpu_groups.get("tp-cp") if ps.tp_size * ps.cp_size > 1 else None
+        self.timeout_s = ps.timeout.total_seconds() if ps.timeout else 600.0  # Megatron: 10 minutes
 
     def run(self) -> None:
         finished = False
@@ -201,7 +202,7 @@ class _DynamicStep:
                 inbox.close(finished)
 
     def _next_task(self) -> Task:
-        polls = 0
+        polls, since = 0, time.monotonic()
         while True:
             local = [inbox.poll() for inbox in self.inboxes.values()]
             agreed = self._agree(local)
@@ -210,9 +211,20 @@ class _DynamicStep:
                 return task
             if agreed != local:
                 continue  # a lock-step peer is behind; agreeing again blocks until it catches up
+            if time.monotonic() - since > self.timeout_s:
+                raise RuntimeError(self._stuck(local))
             polls += 1
             over = polls - _SPIN_POLLS
             time.sleep(0 if over < 0 else min(_MAX_SLEEP_S, _SLEEP_STEP_S * (over + 1)))
+
+    def _stuck(self, arrived: list[int]) -> str:
+        # A peer that died or hangs: NCCL's watchdog may never see it, since a receive that
+        # was never matched is not a collective that timed out.
+        forwards, backwards = self.state.candidates()
+        waiting = ", ".join(str(t) for t in forwards + backwards) or "nothing (window full)"
+        got = ", ".join(f"{k} {n}/{i.expected}" for (k, i), n in zip(self.inboxes.items(), arrived))
+        return (f"--use-dpp: pipeline rank {self.plan.rank} got no input for {self.timeout_s:.0f} s "
+                f"(--distributed-timeout-minutes); it can run {waiting}; messages arrived: {got}")
 
     def _known(self, agreed: list[int]):
         """Whether a message is among the first `agreed` of its channel (arrived everywhere)."""
