@@ -218,8 +218,9 @@ class _DynamicStep:
             time.sleep(0 if over < 0 else min(_MAX_SLEEP_S, _SLEEP_STEP_S * (over + 1)))
 
     def _stuck(self, arrived: list[int]) -> str:
-        # A peer that died or hangs: NCCL's watchdog may never see it, since a receive that
-        # was never matched is not a collective that timed out.
+        # A peer that died or hangs. The backends time out the pending receive as well (NCCL's
+        # watchdog, gloo's wait), but their message names no task; this one says what the rank
+        # could run and what has arrived.
         forwards, backwards = self.state.candidates()
         waiting = ", ".join(str(t) for t in forwards + backwards) or "nothing (window full)"
         got = ", ".join(f"{k} {n}/{i.expected}" for (k, i), n in zip(self.inboxes.items(), arrived))
