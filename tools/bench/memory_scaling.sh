@@ -7,8 +7,9 @@
 # tokens/s, TFLOP/s/GPU, the allocator's max allocated / max reserved (MB) per GPU, and for the
 # one-GPU run the peak host memory in use. Logs stay in WORKDIR.
 set -uo pipefail
-mode=${1:?usage: memory_scaling.sh 2gpu|1gpu WORKDIR}
+mode=${1:?usage: memory_scaling.sh 2gpu|1gpu WORKDIR [ITERATIONS]}
 out=${2:-/tmp/memory_scaling}
+iters=${3:-8}  # the first two are warm-up, left out of the means
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -38,12 +39,12 @@ run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
 
 case "$mode" in
   2gpu)
-    run dp2_distopt 2 8 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
-    run dp2_fsdp2 2 8 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion
-    run dp2_fsdp2_no_reshard 2 8 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
+    run dp2_distopt 2 "$iters" 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+    run dp2_fsdp2 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion
+    [ "${4:-}" = "all" ] && run dp2_fsdp2_no_reshard 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
       --torch-fsdp2-no-reshard-after-forward ;;
   1gpu)
-    run gpu1_offload 1 5 1 --use-distributed-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0 \
+    run gpu1_offload 1 "$iters" 2 --use-distributed-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0 \
       --overlap-cpu-optimizer-d2h-h2d ;;
   *) echo "unknown mode $mode (2gpu or 1gpu)"; exit 2 ;;
 esac
