@@ -12,8 +12,8 @@ shared-memory / RDMA library instead; over NCCL or gloo the channels do that job
 Readiness. A task is ready when its input has arrived, not merely been announced: on CUDA
 `Work.is_completed()` of header and payload, then an event after the header's copy to the
 host, all polled without touching the compute stream; gloo's send/recv works cannot be polled,
-so on CPU a waiter thread per channel waits for them in order. When nothing is ready the loop yields the
-CPU (a short spin, then sleeps growing to 0.2 ms), never busy-waiting for long.
+so on CPU a waiter thread per channel waits for them in order. When nothing is ready the loop
+yields the CPU (a short spin, then sleeps growing to 0.2 ms), never busy-waiting for long.
 
 Lock-step. The TP (and CP) ranks of a stage run collectives inside every forward and backward,
 so they must pick the same task. They receive the same messages in the same order (their
