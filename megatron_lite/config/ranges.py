@@ -121,6 +121,10 @@ RANGES: tuple[tuple[str, Domain], ...] = (
     ("hierarchical_context_parallel_sizes", POSITIVE),
     ("expert_tensor_parallel_size", POSITIVE),
     ("moe_router_topk", POSITIVE),
+    # MegatronDPP's transport flags (config/dpp_flags.py): accepted with a warning, but a
+    # nonsensical value is still an error
+    ("workload", POSITIVE),
+    ("num_gpus", POSITIVE),
     # evaluation (spec §10: --eval-iters 0 disables validation and test)
     ("eval_iters", _at_least(0, "0 disables evaluation")),
     ("eval_interval", POSITIVE),
