@@ -104,9 +104,9 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def _barrier(ps) -> None:
+    if ps.world_group is not None:
+        dist.barrier(group=ps.world_group)
 
 
 def _check_finite(models, ps, iteration: int) -> None:
@@ -165,7 +165,7 @@ def save_checkpoint(
     if _rank0():
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
-    _barrier()
+    _barrier(ctx.ps)
     state = model_state(models, ctx.mesh)
     if save_optim:
         state.update(OptimizerCheckpoint(optimizer, models, ctx.mesh).entries(for_load=False))
@@ -173,10 +173,10 @@ def save_checkpoint(
     if save_rng:
         tensors, rng_values = rng.capture(ctx.rng_tracker, ctx.device)
         state.update({_rng_prefix(ctx.ps) + k: v for k, v in tensors.items()})
-    gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    gathered = [None] * ctx.ps.world_size
     key = f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"
-    if dist.is_initialized():
-        dist.all_gather_object(gathered, (key, rng_values))
+    if ctx.ps.world_group is not None:
+        dist.all_gather_object(gathered, (key, rng_values), group=ctx.ps.world_group)
     else:
         gathered = [(key, rng_values)]
     common = None
@@ -199,7 +199,7 @@ def save_checkpoint(
         state = staging.stage(state)
     _write_state(state, partial, iteration, fully_parallel)
     publish()
-    _barrier()
+    _barrier(ctx.ps)
     return final
 
 

@@ -104,6 +104,8 @@ def _refuse_parallel_flags(args) -> None:
         raise ConfigError(f"--expert-tensor-parallel-size {moe}")
     if not args.align_grad_reduce:
         raise ConfigError(f"--no-align-grad-reduce {NOT_SUPPORTED}")
+    if args.num_distributed_optimizer_instances > 1:  # Megatron's partial distributed optimizer
+        raise ConfigError(f"--num-distributed-optimizer-instances > 1 {NOT_SUPPORTED}")
     # Without virtual stages validation turns alignment off itself, as Megatron-LM does.
     if not args.align_param_gather and args.virtual_pipeline_model_parallel_size is not None:
         raise ConfigError(f"--no-align-param-gather {NOT_SUPPORTED}")

@@ -69,6 +69,9 @@ class ParallelState:
         state = cls(grid=grid, rank=rank, timeout=timeout)
         for token in _GROUP_TOKENS:
             state.groups[token], state.ranks[token] = state._new_groups(grid.groups(token), backend)
+        # Whole-job agreements (timers, signals, checkpoint barriers, ZeRO-1 norms) get a group of
+        # their own too, so they carry --distributed-timeout-minutes (DESIGN rule 11).
+        state.groups["world"], state.ranks["world"] = state._new_groups([list(range(world))], backend)
         if hierarchical_cp and len(hierarchical_cp) > 1:
             inners, outers = hierarchical_cp_groups(grid.groups("cp"), hierarchical_cp[0])
             state.groups["cp-inner"], state.ranks["cp-inner"] = state._new_groups(inners, backend)
@@ -180,6 +183,11 @@ class ParallelState:
     @property
     def dp_cp_group(self):
         return self.groups.get("dp-cp")
+
+    @property
+    def world_group(self):
+        """Every rank of the job (None in a one-process run)."""
+        return self.groups.get("world")
 
     @property
     def mp_group(self):

@@ -7,7 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_norm
 from megatron_lite.optimizer.core import (
@@ -81,7 +80,7 @@ class DistributedOptimizer(InnerOptimizerView):
                       else build_inner_optimizer(groups, cfg, self.device))
         # spec §7.4: every rank owns a disjoint shard, so norm and inf flag are reduced over
         # all ranks (TP duplicates are masked, DP shards are disjoint).
-        self._group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+        self._group = ps.world_group
 
     @staticmethod
     def _bucket_plan(chunk, buf, bucket):

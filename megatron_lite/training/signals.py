@@ -12,8 +12,9 @@ class SignalHandler:
     """Context manager installing a handler that only records the signal (no work inside the
     handler: the process may be in the middle of a collective)."""
 
-    def __init__(self, sig: int = signal.SIGTERM):
-        self.sig, self.received, self._previous = sig, False, None
+    def __init__(self, sig: int = signal.SIGTERM, group=None):
+        """`group`: every rank of the job (ParallelState.world_group); None in one process."""
+        self.sig, self.received, self._previous, self.group = sig, False, None, group
 
     def _handle(self, signum, frame) -> None:
         self.received = True
@@ -28,6 +29,6 @@ class SignalHandler:
     def any_rank_received(self, device) -> bool:
         """Collective: True on every rank if any rank got the signal."""
         flag = torch.tensor([float(self.received)], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())

@@ -14,15 +14,21 @@ import torch.distributed as dist
 
 
 class _Timer:
-    def __init__(self, name: str, sync_cuda: bool, allow_barrier: bool = True):
+    def __init__(self, name: str, sync_cuda: bool, allow_barrier: bool = True, group=None):
         self.name, self._sync, self._allow_barrier = name, sync_cuda, allow_barrier
+        self._group = group  # the barrier's default group: the whole job (ParallelState.world_group)
         self._elapsed, self._start, self.running = 0.0, 0.0, False
+
+    def _barrier(self, group) -> None:
+        group = group if group is not None else self._group
+        if self._allow_barrier and group is not None:
+            dist.barrier(group=group)
 
     def start(self, barrier_group=None, barrier: bool = False) -> None:
         if self.running:
             raise RuntimeError(f"timer {self.name!r} started twice")
-        if barrier and self._allow_barrier and dist.is_initialized():
-            dist.barrier(group=barrier_group)
+        if barrier:
+            self._barrier(barrier_group)
         if self._sync:
             torch.cuda.synchronize()
         self._start, self.running = time.perf_counter(), True
@@ -30,8 +36,8 @@ class _Timer:
     def stop(self, barrier_group=None, barrier: bool = False) -> None:
         if not self.running:
             raise RuntimeError(f"timer {self.name!r} stopped while not running")
-        if barrier and self._allow_barrier and dist.is_initialized():
-            dist.barrier(group=barrier_group)
+        if barrier:
+            self._barrier(barrier_group)
         if self._sync:
             torch.cuda.synchronize()
         self._elapsed += time.perf_counter() - self._start
@@ -65,11 +71,13 @@ class _NullTimer:
 
 class Timers:
     def __init__(self, log_level: int = 0, log_option: str = "minmax", sync_cuda: bool = False,
-                 barrier_with_l1: bool = True):
+                 barrier_with_l1: bool = True, group=None):
+        """`group`: every rank of the job (ParallelState.world_group), for barriers and the
+        gather of the timers block; None in a one-process run."""
         if log_option not in ("minmax", "max", "all"):
             raise ValueError(f"--timing-log-option {log_option!r} must be minmax, max or all")
         self.log_level, self.log_option, self.sync_cuda = log_level, log_option, sync_cuda
-        self.barrier_with_l1 = barrier_with_l1
+        self.barrier_with_l1, self.group = barrier_with_l1, group
         self._timers: dict[str, _Timer] = {}
         self._null = _NullTimer()
 
@@ -78,7 +86,7 @@ class Timers:
             return self._null
         if name not in self._timers:
             allow_barrier = log_level != 1 or self.barrier_with_l1
-            self._timers[name] = _Timer(name, self.sync_cuda, allow_barrier)
+            self._timers[name] = _Timer(name, self.sync_cuda, allow_barrier, self.group)
         return self._timers[name]
 
     def _gather_ms(self, names: list[str], reset: bool) -> torch.Tensor:
@@ -86,12 +94,12 @@ class Timers:
         local = torch.tensor(
             [self._timers[n].elapsed(reset) * 1000.0 if n in self._timers else 0.0 for n in names],
             dtype=torch.float64)
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if self.group is None:
             return local[None]
-        # gloo and nccl both accept CPU tensors through all_gather only on gloo; move if needed.
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        parts = [torch.zeros_like(local, device=device) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, local.to(device))
+        # all_gather takes CPU tensors only on gloo; NCCL needs them on the GPU.
+        device = "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+        parts = [torch.zeros_like(local, device=device) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local.to(device), group=self.group)
         return torch.stack(parts).cpu()
 
     def log_string(self, names: list[str], normalizer: float = 1.0, reset: bool = True) -> str | None:

@@ -170,20 +170,20 @@ def test_padded_vocab_size_flag_is_used_as_given():
     import argparse
     import io
 
+    from megatron_lite.training.builders import resolve_padded_vocab_size
     from megatron_lite.training.logging import RankLogger
-    from megatron_lite.training.pretrain import _resolve_padded_vocab_size
 
     out = io.StringIO()
     args = argparse.Namespace(padded_vocab_size=None, make_vocab_size_divisible_by=128,
                               tensor_model_parallel_size=2)
-    _resolve_padded_vocab_size(args, 50257, RankLogger(0, 1, out), 0)
+    resolve_padded_vocab_size(args, 50257, RankLogger(0, 1, out), 0)
     assert args.padded_vocab_size == 50432 and "(new size: 50432)" in out.getvalue()
     args.padded_vocab_size = 50260
-    _resolve_padded_vocab_size(args, 50257, RankLogger(0, 1, out), 0)
+    resolve_padded_vocab_size(args, 50257, RankLogger(0, 1, out), 0)
     assert args.padded_vocab_size == 50260
     args.padded_vocab_size = 50000
     with pytest.raises(SystemExit) as info:
-        _resolve_padded_vocab_size(args, 50257, RankLogger(0, 1, out), 0)
+        resolve_padded_vocab_size(args, 50257, RankLogger(0, 1, out), 0)
     assert str(info.value) == ("error: --padded-vocab-size (50000) must be >= the tokenizer's vocabulary "
                                "size (50257) and divisible by --tensor-model-parallel-size (2)")
 
