@@ -33,15 +33,16 @@ def saved_args(root: str, ckpt_step: int | None = None) -> dict | None:
     return read_any_record(directory, required=("args",))[0]["args"]
 
 
-def apply_checkpoint_args(args, saved: dict) -> list[str]:
-    """Overwrite `args`' model-shape fields with `saved`'s. Returns the names changed."""
-    changed = []
+def checkpoint_arg_updates(current: dict, saved: dict) -> dict:
+    """The model-shape values to take from `saved` (the checkpoint's arguments) over `current`
+    (the command line's): name -> value, for the names whose value differs. The caller, at the
+    edge where args live (training/checkpointing.py), applies them."""
+    updates = {}
     for name in _IF_UNSET + _ALWAYS:
-        if name not in saved or not hasattr(args, name):
+        if name not in saved or name not in current:
             continue
-        if name in _IF_UNSET and getattr(args, name) is not None:
+        if name in _IF_UNSET and current[name] is not None:
             continue
-        if getattr(args, name) != saved[name]:
-            setattr(args, name, saved[name])
-            changed.append(name)
-    return changed
+        if current[name] != saved[name]:
+            updates[name] = saved[name]
+    return updates

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,6 @@ _MUST_MATCH = (
     "padded_vocab_size",
     "untie_embeddings_and_output_weights",
 )
-_SCHEDULER_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
 
 
 @dataclass
@@ -71,6 +70,38 @@ class CheckpointContext:
     ps: object
     device: torch.device
     rng_tracker: object = None
+    args: dict = field(default_factory=dict)  # the run's arguments: saved, and checked on load
+
+
+@dataclass
+class CheckpointTargets:
+    """The training objects a checkpoint is saved from and loaded into."""
+
+    models: list  # this rank's model chunks
+    optimizer: object = None
+    scheduler: object = None
+    grad_scaler: object = None
+
+
+@dataclass
+class SaveOptions:
+    save_optim: bool = True  # not --no-save-optim
+    save_rng: bool = True  # not --no-save-rng
+    fully_parallel: bool = True  # --ckpt-fully-parallel-save (see _save_planner)
+    staging: HostStaging | None = None  # copy to (pinned) host memory first
+    saver: AsyncSaver | None = None  # --async-save: publish in the background
+    on_published: object = None  # () -> None, on every rank right after the publication
+    retain_interval: int | None = None  # --save-retain-interval (spec §4.4)
+
+
+@dataclass
+class LoadOptions:
+    ckpt_step: int | None = None  # --ckpt-step: this iteration instead of the tracker's
+    finetune: bool = False  # weights only, iteration 0 (spec §4.5)
+    load_optim: bool = True
+    load_rng: bool = True
+    override_scheduler: bool = False  # --override-opt_param-scheduler
+    use_checkpoint_scheduler: bool = False  # --use-checkpoint-opt_param-scheduler
 
 
 @dataclass
@@ -131,32 +162,16 @@ def _save_planner(fully_parallel: bool):
     return DefaultSavePlanner(dedup_save_to_lowest_rank=not fully_parallel)
 
 
-def save_checkpoint(
-    root: str,
-    iteration: int,
-    models,
-    optimizer,
-    scheduler,
-    loop_state,
-    args_dict: dict,
-    ctx: CheckpointContext,
-    *,
-    save_optim: bool = True,
-    save_rng: bool = True,
-    grad_scaler=None,
-    fully_parallel: bool = True,
-    staging: HostStaging | None = None,
-    saver: AsyncSaver | None = None,
-    on_published=None,
-    retain_interval: int | None = None,
-) -> str:
+def save_checkpoint(root: str, iteration: int, targets: CheckpointTargets, loop_state, ctx: CheckpointContext,
+                    opts: SaveOptions | None = None) -> str:
     """Collective. Returns the directory the checkpoint will have once published.
 
-    `staging` copies the state to host memory first (reused pinned buffers on CUDA).
-    With `saver` (`--async-save`) this returns once the state is in host memory; the saver
-    publishes it later (see checkpoint/async_save.py). `on_published()` runs on every rank
-    right after the publication. `retain_interval` (`--save-retain-interval`, spec §4.4): once
+    `opts.staging` copies the state to host memory first (reused pinned buffers on CUDA).
+    With `opts.saver` (`--async-save`) this returns once the state is in host memory; the saver
+    publishes it later (see checkpoint/async_save.py). With `opts.retain_interval`, once
     published, older checkpoints whose iteration is not a multiple of it are deleted."""
+    opts = opts or SaveOptions()
+    models, saver = targets.models, opts.saver
     final = iteration_dir(root, iteration)
     partial = final + ".partial"
     _check_finite(models, ctx.ps, iteration)
@@ -167,10 +182,10 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of an interrupted save
     _barrier(ctx.ps)
     state = model_state(models, ctx.mesh)
-    if save_optim:
-        state.update(OptimizerCheckpoint(optimizer, models, ctx.mesh).entries(for_load=False))
+    if opts.save_optim:
+        state.update(OptimizerCheckpoint(targets.optimizer, models, ctx.mesh).entries(for_load=False))
     rng_values = None
-    if save_rng:
+    if opts.save_rng:
         tensors, rng_values = rng.capture(ctx.rng_tracker, ctx.device)
         state.update({_rng_prefix(ctx.ps) + k: v for k, v in tensors.items()})
     gathered = [None] * ctx.ps.world_size
@@ -181,29 +196,29 @@ def save_checkpoint(
         gathered = [(key, rng_values)]
     common = None
     if _rank0():
-        common = _common_record(iteration, loop_state, ctx.ps, save_optim, scheduler, grad_scaler,
-                                dict(gathered) if save_rng else None, args_dict)
+        common = _common_record(iteration, loop_state, ctx.ps, opts.save_optim, targets,
+                                dict(gathered) if opts.save_rng else None, ctx.args)
 
     def publish():
         if common is not None:
             _publish(root, iteration, partial, final, common)
-            if retain_interval:
-                prune_checkpoints(root, iteration, retain_interval)
-        if on_published is not None:
-            on_published()
+            if opts.retain_interval:
+                prune_checkpoints(root, iteration, opts.retain_interval)
+        if opts.on_published is not None:
+            opts.on_published()
 
     if saver is not None:
-        saver.start(state, partial, iteration, publish, planner=_save_planner(fully_parallel))
+        saver.start(state, partial, iteration, publish, planner=_save_planner(opts.fully_parallel))
         return final
-    if staging is not None:  # one fast copy to host memory instead of DCP's per-tensor ones
-        state = staging.stage(state)
-    _write_state(state, partial, iteration, fully_parallel)
+    if opts.staging is not None:  # one fast copy to host memory instead of DCP's per-tensor ones
+        state = opts.staging.stage(state)
+    _write_state(state, partial, iteration, opts.fully_parallel)
     publish()
     _barrier(ctx.ps)
     return final
 
 
-def _common_record(iteration: int, loop_state, ps, save_optim: bool, scheduler, grad_scaler,
+def _common_record(iteration: int, loop_state, ps, save_optim: bool, targets: CheckpointTargets,
                    rng_values: dict | None, args_dict: dict) -> dict:
     """`common.json`: everything but tensors, as JSON (reading it runs no code)."""
     return {
@@ -217,8 +232,8 @@ def _common_record(iteration: int, loop_state, ps, save_optim: bool, scheduler, 
         "pipeline_model_parallel_size": ps.pp_size,
         "has_optimizer": save_optim,
         "has_rng": rng_values is not None,
-        "opt_param_scheduler": scheduler.state_dict(),
-        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        "opt_param_scheduler": targets.scheduler.state_dict(),
+        "grad_scaler": targets.grad_scaler.state_dict() if targets.grad_scaler is not None else None,
         "rng_values": rng_values or {},
         "args": _jsonable(args_dict),
     }
@@ -257,21 +272,6 @@ def _check_args(common: dict, args_dict: dict, directory: str) -> None:
                 f"{directory}: {name} is {saved[name]!r} in the checkpoint but "
                 f"{args_dict[name]!r} on the command line"
             )
-
-
-def _check_scheduler(saved: dict, scheduler, override: bool, use_checkpoint: bool, directory: str) -> None:
-    for key in _SCHEDULER_KEYS:
-        mine, theirs = getattr(scheduler, key), saved[key]
-        if mine == theirs or override:
-            continue
-        if use_checkpoint:
-            setattr(scheduler, key, theirs)
-            continue
-        raise CheckpointError(
-            f"{directory}: learning-rate schedule value {key} is {theirs!r} in the checkpoint "
-            f"but {mine!r} now; pass --override-opt_param-scheduler or "
-            "--use-checkpoint-opt_param-scheduler"
-        )
 
 
 def _unsafe(error: BaseException) -> str | None:
@@ -337,25 +337,11 @@ def _load_failure(directory: str, error: Exception) -> str:
     return f"{directory}: cannot load ({describe_error(error)})"
 
 
-def load_checkpoint(
-    root: str,
-    models,
-    optimizer,
-    scheduler,
-    args_dict: dict,
-    ctx: CheckpointContext,
-    logger,
-    *,
-    ckpt_step: int | None = None,
-    finetune: bool = False,
-    load_optim: bool = True,
-    load_rng: bool = True,
-    override_scheduler: bool = False,
-    use_checkpoint_scheduler: bool = False,
-    grad_scaler=None,
-) -> LoadedState | None:
+def load_checkpoint(root: str, targets: CheckpointTargets, ctx: CheckpointContext, logger,
+                    opts: LoadOptions | None = None) -> LoadedState | None:
     """Collective. None when `root` has no checkpoint (the run starts from scratch)."""
-    found = read_tracker(root) if ckpt_step is None else (ckpt_step, False)
+    opts = opts or LoadOptions()
+    found = read_tracker(root) if opts.ckpt_step is None else (opts.ckpt_step, False)
     if found is None:
         if not os.path.exists(root):  # Megatron starts from scratch here too: say it loudly
             logger.rank0(f"WARNING: --load {root} does not exist; training starts from random weights "
@@ -368,57 +354,61 @@ def load_checkpoint(
     common, megatron = read_any_record(directory)
     logger.rank0(f" loading distributed checkpoint from {root} at iteration {iteration}")
     logger.rank0(f" checkpoint version {common['checkpoint_version']}")
-    _check_args(common, args_dict, directory)
-    weights_only = finetune or release
-    load_optim = load_optim and not weights_only and common["has_optimizer"] and optimizer is not None
-    same_layout = (
-        common["tensor_model_parallel_size"] == ctx.ps.tp_size
-        and common["pipeline_model_parallel_size"] == ctx.ps.pp_size
-    )
-    load_rng = load_rng and not weights_only and common["has_rng"] and same_layout
-    state = model_state(models, ctx.mesh, for_load=True)
-    opt_ckpt = OptimizerCheckpoint(optimizer, models, ctx.mesh) if optimizer is not None else None
+    _check_args(common, ctx.args, directory)
+    weights_only = opts.finetune or release
+    load_optim = (opts.load_optim and not weights_only and common["has_optimizer"]
+                  and targets.optimizer is not None)
+    same_layout = (common["tensor_model_parallel_size"] == ctx.ps.tp_size
+                   and common["pipeline_model_parallel_size"] == ctx.ps.pp_size)
+    load_rng = opts.load_rng and not weights_only and common["has_rng"] and same_layout
+    state = model_state(targets.models, ctx.mesh, for_load=True)
+    opt_ckpt = OptimizerCheckpoint(targets.optimizer, targets.models, ctx.mesh) \
+        if targets.optimizer is not None else None
     if load_optim:
         state.update(opt_ckpt.entries(for_load=True))
-    rng_tensors = {}
-    if load_rng:
-        tensors, _ = rng.capture(ctx.rng_tracker, ctx.device)  # templates of the right shapes
-        rng_tensors = {_rng_prefix(ctx.ps) + k: v.clone() for k, v in tensors.items()}
-        state.update(rng_tensors)
+    rng_keys = _rng_templates(ctx) if load_rng else {}
+    state.update(rng_keys)
     if megatron is not None:
         _read_megatron_state(directory, megatron, state, _rng_prefix(ctx.ps))
     else:
         _read_state(directory, state, ctx.ps)
     if load_optim:
         opt_ckpt.finish_load()
-        _check_scheduler(
-            common["opt_param_scheduler"], scheduler, override_scheduler, use_checkpoint_scheduler, directory
-        )
-        scheduler.load_state_dict(common["opt_param_scheduler"])
-        if grad_scaler is not None and common.get("grad_scaler"):
-            grad_scaler.load_state_dict(common["grad_scaler"])
+        _load_schedule(common, targets, opts, directory)
     elif opt_ckpt is not None:
         opt_ckpt.refresh_main_from_model()
-    restore_rng = None
-    if load_rng:
-        prefix = _rng_prefix(ctx.ps)
-        saved = {k[len(prefix) :]: state[k] for k in rng_tensors}
-        values = common["rng_values"][f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"]
-
-        def restore_rng():
-            rng.restore(saved, values, ctx.rng_tracker, ctx.device)
     logger.rank0(
         f"  successfully loaded checkpoint from {root} [ t {ctx.ps.tp_rank + 1}/{ctx.ps.tp_size}, "
         f"p {ctx.ps.pp_rank + 1}/{ctx.ps.pp_size} ] at iteration {iteration}"
     )
     if weights_only:
         return LoadedState(0, 0, 0, 0, 0.0, release)
-    return LoadedState(
-        iteration,
-        common["consumed_train_samples"],
-        common["consumed_valid_samples"],
-        common["skipped_train_samples"],
-        common["num_floating_point_operations_so_far"],
-        release,
-        restore_rng,
-    )
+    return LoadedState(iteration, common["consumed_train_samples"], common["consumed_valid_samples"],
+                       common["skipped_train_samples"], common["num_floating_point_operations_so_far"],
+                       release, _rng_restorer(ctx, state, rng_keys, common) if load_rng else None)
+
+
+def _rng_templates(ctx: CheckpointContext) -> dict:
+    """This rank's RNG tensors, as load templates of the right shapes."""
+    tensors, _ = rng.capture(ctx.rng_tracker, ctx.device)
+    return {_rng_prefix(ctx.ps) + k: v.clone() for k, v in tensors.items()}
+
+
+def _rng_restorer(ctx: CheckpointContext, state: dict, rng_keys: dict, common: dict):
+    """A callable restoring the loaded RNG states (see LoadedState.restore_rng)."""
+    prefix = _rng_prefix(ctx.ps)
+    saved = {k[len(prefix):]: state[k] for k in rng_keys}
+    values = common["rng_values"][f"pp{ctx.ps.pp_rank}.tp{ctx.ps.tp_rank}"]
+    return lambda: rng.restore(saved, values, ctx.rng_tracker, ctx.device)
+
+
+def _load_schedule(common: dict, targets: CheckpointTargets, opts: LoadOptions, directory: str) -> None:
+    """The LR schedule's position (its rules: OptimizerParamScheduler.load_state_dict) and the
+    loss scaler's state."""
+    try:
+        targets.scheduler.load_state_dict(common["opt_param_scheduler"], override=opts.override_scheduler,
+                                          use_checkpoint=opts.use_checkpoint_scheduler)
+    except ValueError as e:
+        raise CheckpointError(f"{directory}: {e}") from None
+    if targets.grad_scaler is not None and common.get("grad_scaler"):
+        targets.grad_scaler.load_state_dict(common["grad_scaler"])

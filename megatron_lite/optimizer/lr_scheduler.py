@@ -85,6 +85,26 @@ class OptimizerParamScheduler:
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self._STATE_KEYS}
 
-    def load_state_dict(self, state: dict) -> None:
+    # Settings a resumed run must agree on (Megatron's _check_and_set, spec §4.5); the weight
+    # decay keys follow the command line, as in Megatron.
+    _CHECKED_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+    def load_state_dict(self, state: dict, override: bool = False, use_checkpoint: bool = False) -> None:
+        """Restore the step count. Each checked setting must equal the saved one, unless
+        `override` (--override-opt_param-scheduler: keep ours) or `use_checkpoint`
+        (--use-checkpoint-opt_param-scheduler: take the saved one); a mismatch is a ValueError
+        naming both flags. Nothing changes before every setting has been checked."""
+        adopt = {}
+        for key in self._CHECKED_KEYS:
+            mine, theirs = getattr(self, key), state[key]
+            if mine == theirs or override:
+                continue
+            if not use_checkpoint:
+                raise ValueError(f"learning-rate schedule value {key} is {theirs!r} in the checkpoint but "
+                                 f"{mine!r} now; pass --override-opt_param-scheduler or "
+                                 "--use-checkpoint-opt_param-scheduler")
+            adopt[key] = theirs
+        for key, value in adopt.items():
+            setattr(self, key, value)
         self.num_steps = state["num_steps"]
         self.step(0)

@@ -2,9 +2,18 @@
 namespace and checkpoint/io.py, with Megatron-LM's checkpoint log lines (spec §3.7)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from megatron_lite.checkpoint.async_save import AsyncSaver, HostStaging
-from megatron_lite.checkpoint.checkpoint_args import apply_checkpoint_args, saved_args
-from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
+from megatron_lite.checkpoint.checkpoint_args import checkpoint_arg_updates, saved_args
+from megatron_lite.checkpoint.io import (
+    CheckpointContext,
+    CheckpointTargets,
+    LoadOptions,
+    SaveOptions,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_lite.checkpoint.layout import CheckpointError
 from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.config.errors import ConfigError
@@ -36,7 +45,9 @@ class RunCheckpointing:
         self.args, self.ps, self.chunks = args, ps, chunks
         self.optimizer, self.scheduler = optimizer, scheduler
         self.timers, self.logger = timers, logger
-        self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker)
+        self.ctx = CheckpointContext(build_tp_mesh(ps, env.device.type), ps, env.device, rng_tracker,
+                                     args=vars(args))
+        self.targets = CheckpointTargets(chunks, optimizer, scheduler, optimizer.scaler)
         self.saver = AsyncSaver(env.device, ps.timeout) if (args.async_save and args.save) else None
         # Synchronous saves from a GPU also go through pinned host buffers (see HostStaging).
         self.staging = HostStaging(env.device) if (env.device.type == "cuda" and self.saver is None) else None
@@ -44,19 +55,17 @@ class RunCheckpointing:
 
     def load(self) -> LoopState:
         a = self.args
-        kw = dict(grad_scaler=self.optimizer.scaler, load_rng=not a.no_load_rng,
-                  override_scheduler=a.override_opt_param_scheduler,
-                  use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
+        opts = LoadOptions(ckpt_step=a.ckpt_step, finetune=a.finetune, load_optim=not a.no_load_optim,
+                           load_rng=not a.no_load_rng, override_scheduler=a.override_opt_param_scheduler,
+                           use_checkpoint_scheduler=a.use_checkpoint_opt_param_scheduler)
         self.timers("load-checkpoint", 0).start(barrier=True)
         try:
             loaded = None
             if a.load:
-                loaded = load_checkpoint(a.load, self.chunks, self.optimizer, self.scheduler, vars(a),
-                                         self.ctx, self.logger, ckpt_step=a.ckpt_step, finetune=a.finetune,
-                                         load_optim=not a.no_load_optim, **kw)
+                loaded = load_checkpoint(a.load, self.targets, self.ctx, self.logger, opts)
             if loaded is None and a.pretrained_checkpoint:  # spec §4.5: finetune semantics
-                loaded = load_checkpoint(a.pretrained_checkpoint, self.chunks, self.optimizer, self.scheduler,
-                                         vars(a), self.ctx, self.logger, finetune=True, **kw)
+                opts = replace(opts, ckpt_step=None, finetune=True)
+                loaded = load_checkpoint(a.pretrained_checkpoint, self.targets, self.ctx, self.logger, opts)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}{strictness_note(a.dist_ckpt_strictness, str(e))}") from None
         self.timers("load-checkpoint", 0).stop(barrier=True)
@@ -93,11 +102,10 @@ class RunCheckpointing:
                                                     (ps.pp_rank, ps.pp_size)))
 
         try:
-            save_checkpoint(a.save, iteration, self.chunks, self.optimizer, self.scheduler, state, vars(a),
-                            self.ctx, save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
-                            grad_scaler=self.optimizer.scaler, fully_parallel=a.ckpt_fully_parallel_save,
-                            staging=self.staging, saver=self.saver, on_published=published,
-                            retain_interval=a.save_retain_interval)
+            save_checkpoint(a.save, iteration, self.targets, state, self.ctx, SaveOptions(
+                save_optim=not a.no_save_optim, save_rng=not a.no_save_rng,
+                fully_parallel=a.ckpt_fully_parallel_save, staging=self.staging, saver=self.saver,
+                on_published=published, retain_interval=a.save_retain_interval))
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
         # With --async-save this is the time the step was blocked: the copy to host memory.
@@ -146,7 +154,10 @@ def use_checkpoint_args(args, logger) -> None:
         logger.rank0("Checkpoint not found to provide arguments, using provided arguments.")
         return
     tokenizer_flags = {name: getattr(args, name) for name in _CHECKPOINT_TOKENIZER_ARGS}
-    changed = apply_checkpoint_args(args, saved)
+    updates = checkpoint_arg_updates(vars(args), saved)
+    for name, value in updates.items():
+        setattr(args, name, value)
+    changed = list(updates)
     for name in _CHECKPOINT_TOKENIZER_ARGS:
         # Megatron-LM (checkpointing.py load_args_from_checkpoint) forces the checkpoint's
         # tokenizer unless --no-use-tokenizer-model-from-checkpoint-args keeps the command line's.

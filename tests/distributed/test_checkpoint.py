@@ -2,12 +2,19 @@
 distributed optimizer, resumes at another with the same next-step loss and parameters;
 interrupted saves never become the loaded checkpoint; bad checkpoints are named."""
 import os
+from dataclasses import replace
 
 import pytest
 import torch
 
 from megatron_lite.checkpoint.async_save import AsyncSaver
-from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
+from megatron_lite.checkpoint.io import (
+    CheckpointContext,
+    CheckpointTargets,
+    SaveOptions,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_lite.checkpoint.layout import CheckpointError, read_tracker
 from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.distributed.parallel_state import ParallelState
@@ -27,7 +34,7 @@ def _setup(tp, distopt, family):
     model, ddp, opt = build_trainable(ps, ddp_kw, family=family)
     sched = OptimizerParamScheduler(opt, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=0, lr_decay_steps=80,
                                     lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=80)
-    ctx = CheckpointContext(build_tp_mesh(ps, "cpu"), ps, CPU, model.rng_tracker)
+    ctx = CheckpointContext(build_tp_mesh(ps, "cpu"), ps, CPU, model.rng_tracker, ARGS)
     data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
     return ps, model, ddp, opt, sched, ctx, data
 
@@ -42,7 +49,7 @@ def _train_save(rank, world, path, tp, distopt, family):
     ps, model, ddp, opt, sched, ctx, data = _setup(tp, distopt, family)
     for _ in range(2):
         _step(ddp, opt, sched, data, ps)
-    save_checkpoint(path, 2, [ddp], opt, sched, LoopState(2, 16), ARGS, ctx)
+    save_checkpoint(path, 2, CheckpointTargets([ddp], opt, sched), LoopState(2, 16), ctx)
     losses = [_step(ddp, opt, sched, data, ps) for _ in range(2)]
     ddp.finish_param_sync()
     params = gather_global(model, ps.tp_group)
@@ -52,7 +59,7 @@ def _train_save(rank, world, path, tp, distopt, family):
 
 def _load_train(rank, world, path, tp, distopt, family):
     ps, model, ddp, opt, sched, ctx, data = _setup(tp, distopt, family)
-    loaded = load_checkpoint(path, [ddp], opt, sched, ARGS, ctx, RankLogger(rank, world))
+    loaded = load_checkpoint(path, CheckpointTargets([ddp], opt, sched), ctx, RankLogger(rank, world))
     for _ in range(2 * num_microbatches(ps)):  # the samples the checkpoint already consumed
         next(data)
     losses = [_step(ddp, opt, sched, data, ps) for _ in range(2)]
@@ -89,7 +96,8 @@ def test_resume_reshards(run_dist, tmp_path, family, save, load):
 def _load_only(rank, world, path, args=None):
     ps, model, ddp, opt, sched, ctx, data = _setup(1, False, "gpt")
     try:
-        loaded = load_checkpoint(path, [ddp], opt, sched, args or ARGS, ctx, RankLogger(rank, world))
+        loaded = load_checkpoint(path, CheckpointTargets([ddp], opt, sched), replace(ctx, args=args or ARGS),
+                                 RankLogger(rank, world))
         return None if loaded is None else loaded.iteration
     except CheckpointError as e:
         return str(e)
@@ -136,7 +144,8 @@ def _async_snapshot(rank, world, path):
     _step(ddp, opt, sched, data, ps)
     before = gather_global(model, ps.tp_group)
     saver = AsyncSaver(CPU)
-    save_checkpoint(path, 1, [ddp], opt, sched, LoopState(1, 8), ARGS, ctx, saver=saver)
+    save_checkpoint(path, 1, CheckpointTargets([ddp], opt, sched), LoopState(1, 8), ctx,
+                    SaveOptions(saver=saver))
     unpublished = read_tracker(path)
     for p in model.parameters():
         p.data.add_(1.0)
@@ -144,7 +153,7 @@ def _async_snapshot(rank, world, path):
     result = saver.close()
     ps.destroy()
     ps, model, ddp, opt, sched, ctx, data = _setup(2, True, "llama")
-    load_checkpoint(path, [ddp], opt, sched, ARGS, ctx, RankLogger(rank, world))
+    load_checkpoint(path, CheckpointTargets([ddp], opt, sched), ctx, RankLogger(rank, world))
     loaded = gather_global(model, ps.tp_group)
     ps.destroy()
     return unpublished, result.iteration, read_tracker(path), before, loaded
@@ -171,8 +180,8 @@ def _save_both_ways(rank, world, path):
     ps, model, ddp, opt, sched, ctx, data = _setup(1, False, "gpt")
     _step(ddp, opt, sched, data, ps)
     for fully_parallel in (True, False):
-        save_checkpoint(os.path.join(path, str(fully_parallel)), 1, [ddp], opt, sched, LoopState(1, 8), ARGS,
-                        ctx, fully_parallel=fully_parallel)
+        save_checkpoint(os.path.join(path, str(fully_parallel)), 1, CheckpointTargets([ddp], opt, sched),
+                        LoopState(1, 8), ctx, SaveOptions(fully_parallel=fully_parallel))
     ps.destroy()
 
 
@@ -189,14 +198,14 @@ def test_fully_parallel_save_spreads_replicas_over_dp(run_dist, tmp_path):
 def _failing_saves(rank, world, path):
     ps, model, ddp, opt, sched, ctx, data = _setup(1, False, "gpt")
     _step(ddp, opt, sched, data, ps)
-    save_checkpoint(path, 1, [ddp], opt, sched, LoopState(1, 8), ARGS, ctx)
+    save_checkpoint(path, 1, CheckpointTargets([ddp], opt, sched), LoopState(1, 8), ctx)
     messages = []
     for iteration, saver in ((2, None), (3, AsyncSaver(CPU))):
         # A file where the save's directory must go: the write fails like on a full or read-only disk.
         open(os.path.join(path, f"iter_{iteration:07d}.partial"), "w").close()
         try:
-            save_checkpoint(path, iteration, [ddp], opt, sched, LoopState(iteration, 8), ARGS, ctx,
-                            saver=saver)
+            save_checkpoint(path, iteration, CheckpointTargets([ddp], opt, sched), LoopState(iteration, 8),
+                            ctx, SaveOptions(saver=saver))
             if saver is not None:
                 saver.close()
         except CheckpointError as e:

@@ -4,7 +4,7 @@ The converted model's logits equal transformers' and the round trip is exact."""
 import pytest
 import torch
 
-from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint
+from megatron_lite.checkpoint.io import CheckpointContext, CheckpointTargets, load_checkpoint
 from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.models import hf
@@ -40,7 +40,7 @@ def _tp_logits(rank, world, path, hf_config, tokens):
         cfg = hf.model_config_from_hf(hf_config, make_vocab_size_divisible_by=128, tp=1)
         model = GPTModel(cfg, ps)
         ctx = CheckpointContext(build_tp_mesh(ps, "cpu"), ps, torch.device("cpu"))
-        loaded = load_checkpoint(path, [model], None, None, {}, ctx, RankLogger(rank, world))
+        loaded = load_checkpoint(path, CheckpointTargets([model]), ctx, RankLogger(rank, world))
         model.eval()
         with torch.no_grad():
             logits = model(tokens)  # [b, s, V/tp]

@@ -5,7 +5,7 @@ parameters (bit for bit when the layout is unchanged)."""
 import pytest
 import torch
 
-from megatron_lite.checkpoint.io import CheckpointContext, load_checkpoint, save_checkpoint
+from megatron_lite.checkpoint.io import CheckpointContext, CheckpointTargets, load_checkpoint, save_checkpoint
 from megatron_lite.checkpoint.sharded import build_tp_mesh
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.models.init import gather_global
@@ -30,7 +30,7 @@ def _setup(kind, tp, family):
                                             offload=offload)
     sched = OptimizerParamScheduler(opt, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=0, lr_decay_steps=80,
                                     lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=80)
-    ctx = CheckpointContext(build_tp_mesh(ps, "cpu"), ps, CPU, model.rng_tracker)
+    ctx = CheckpointContext(build_tp_mesh(ps, "cpu"), ps, CPU, model.rng_tracker, ARGS)
     data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
     return ps, model, chunk, opt, sched, ctx, data
 
@@ -54,7 +54,7 @@ def _params(kind, model, chunk, ps):
 def _train_save(rank, world, path, kind, tp, family):
     ps, model, chunk, opt, sched, ctx, data = _setup(kind, tp, family)
     _steps(ps, chunk, opt, sched, data, 2)
-    save_checkpoint(path, 2, [chunk], opt, sched, LoopState(2, 16), ARGS, ctx)
+    save_checkpoint(path, 2, CheckpointTargets([chunk], opt, sched), LoopState(2, 16), ctx)
     losses = _steps(ps, chunk, opt, sched, data, 2)
     params = _params(kind, model, chunk, ps)
     ps.destroy()
@@ -63,7 +63,7 @@ def _train_save(rank, world, path, kind, tp, family):
 
 def _load_train(rank, world, path, kind, tp, family):
     ps, model, chunk, opt, sched, ctx, data = _setup(kind, tp, family)
-    loaded = load_checkpoint(path, [chunk], opt, sched, ARGS, ctx, RankLogger(rank, world))
+    loaded = load_checkpoint(path, CheckpointTargets([chunk], opt, sched), ctx, RankLogger(rank, world))
     for _ in range(2 * num_microbatches(ps)):  # the samples the checkpoint already consumed
         next(data)
     losses = _steps(ps, chunk, opt, sched, data, 2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from megatron_lite.checkpoint.io import _check_finite, load_checkpoint
+from megatron_lite.checkpoint.io import CheckpointTargets, _check_finite, load_checkpoint
 from megatron_lite.checkpoint.layout import (
     COMMON_KEYS,
     CheckpointError,
@@ -86,7 +86,7 @@ class _Lines:
 def test_load_of_a_missing_path_warns_loudly(tmp_path):
     log = _Lines()
     missing = str(tmp_path / "nope")
-    assert load_checkpoint(missing, [], None, None, {}, None, log) is None
+    assert load_checkpoint(missing, CheckpointTargets([]), None, log) is None
     assert log.lines[0].startswith(f"WARNING: --load {missing} does not exist; training starts from random")
     assert not os.path.exists(missing)
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from megatron_lite.checkpoint.checkpoint_args import apply_checkpoint_args, saved_args
+from megatron_lite.checkpoint.checkpoint_args import checkpoint_arg_updates, saved_args
 from megatron_lite.checkpoint.layout import CheckpointError, prune_checkpoints, write_tracker
 from megatron_lite.config.arguments import parse_args
 
@@ -37,7 +37,11 @@ def test_checkpoint_args_fill_the_model_shape(tmp_path):
     write_tracker(str(tmp_path), 3)
     # --hidden-size given on the command line wins; switches always come from the checkpoint.
     args = parse_args(["--hidden-size", "128", "--load", str(tmp_path), "--use-checkpoint-args"])
-    changed = apply_checkpoint_args(args, saved_args(str(tmp_path)))
+    updates = checkpoint_arg_updates(vars(args), saved_args(str(tmp_path)))
+    assert args.num_layers is None  # computing the updates changes nothing
+    for name, value in updates.items():
+        setattr(args, name, value)
+    changed = list(updates)
     assert (args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length) == (6, 128, 6, 64)
     assert (args.swiglu, args.normalization, args.group_query_attention, args.num_query_groups) == \
         (True, "RMSNorm", True, 2)

@@ -86,3 +86,19 @@ def test_decoupled_lr_groups_follow_their_own_bounds():
     assert opt.param_groups[2]["lr"] == pytest.approx(0.275)
     opt.step()
     assert [p[0, 0].item() for _, p in named] == pytest.approx([1 - 0.275, 1 - 0.55, 1 - 0.275])
+
+
+def test_load_checks_the_schedule_settings_before_changing_anything():
+    """A resumed schedule must agree with the saved one (spec §4.5), unless told which wins."""
+    saved, _ = _sched("linear")
+    saved.step(30)
+    state = saved.state_dict()
+    other, _ = _sched("cosine")
+    with pytest.raises(ValueError, match="lr_decay_style is 'linear' in the checkpoint but 'cosine' now"):
+        other.load_state_dict(state)
+    assert other.lr_decay_style == "cosine" and other.num_steps == 0  # untouched by the refusal
+    other.load_state_dict(state, override=True)
+    assert other.lr_decay_style == "cosine" and other.num_steps == 30
+    taken, _ = _sched("cosine")
+    taken.load_state_dict(state, use_checkpoint=True)
+    assert taken.lr_decay_style == "linear" and taken.num_steps == 30
