@@ -21,7 +21,8 @@ from megatron_lite.config.errors import flag as _flag
 from megatron_lite.config.megatron_flags import check_megatron_flags_early, check_megatron_flags_late
 from megatron_lite.config.memory_flags import check_memory_flags
 from megatron_lite.config.ranges import check_ranges, check_rotary_dims
-from megatron_lite.pipeline_parallel.layout import build_layout
+from megatron_lite.pipeline_parallel.layout import build_layout, virtual_stages_per_rank
+from megatron_lite.pipeline_parallel.schedules import ScheduleError, check_schedule
 
 # --cp-comm-type values (spec §9.2); Megatron's help spells all_gather as "allgather".
 _CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
@@ -274,40 +275,19 @@ def _derive_pipeline_layout(args) -> None:
         _require(value is None or value >= 1, f"{_flag(dest)} must be >= 1 (got {value})")
     uneven = (args.decoder_first_pipeline_num_layers is not None
               or args.decoder_last_pipeline_num_layers is not None)
-    # The embedding / loss may count as one extra layer each when splitting over stages.
-    total = (layers + int(args.account_for_embedding_in_pipeline_split)
-             + int(args.account_for_loss_in_pipeline_split))
-    counted = "--num-layers" if total == layers else "--num-layers plus --account-for-*-in-pipeline-split"
-    not_divisible = f"{counted} ({total}) must be divisible by --pipeline-model-parallel-size ({pp})"
-    if uneven:
-        _require(pp > 1, "--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
-        _require(total == layers, "--decoder-first/last-pipeline-num-layers cannot be combined with "
-                 "--account-for-embedding-in-pipeline-split / --account-for-loss-in-pipeline-split")
-        _require(per_vstage is None, "use --num-virtual-stages-per-pipeline-rank, not "
-                 "--num-layers-per-virtual-pipeline-stage, with --decoder-first/last-pipeline-num-layers")
-    if per_vstage is not None:
-        _require(total % pp == 0, not_divisible)
-        _require((total // pp) % per_vstage == 0, f"--num-layers-per-virtual-pipeline-stage ({per_vstage}) "
-                 f"must divide the layers per pipeline stage ({total // pp})")
-        vpp = (total // pp) // per_vstage  # spec §5.4
-    else:
-        vpp = n_vstages
-    vpp = None if vpp == 1 else vpp  # spec §5.4: a virtual size of 1 is no interleaving
-    if uneven:
-        _check_uneven_split(args, vpp)
-    else:
-        _require(total % pp == 0, not_divisible)
-        if vpp is not None:
-            _require((total // pp) % vpp == 0, f"layers per pipeline stage ({total // pp}) must be divisible "
-                     f"by --num-virtual-stages-per-pipeline-rank ({vpp})")
-    args.virtual_pipeline_model_parallel_size = vpp
-    try:  # the layout module's own checks (e.g. a middle stage left without layers)
-        build_layout(layers, pp, vpp, first_stage_layers=args.decoder_first_pipeline_num_layers,
-                     last_stage_layers=args.decoder_last_pipeline_num_layers,
-                     account_for_embedding=args.account_for_embedding_in_pipeline_split,
+    _require(not (uneven and per_vstage is not None), "use --num-virtual-stages-per-pipeline-rank, not "
+             "--num-layers-per-virtual-pipeline-stage, with --decoder-first/last-pipeline-num-layers")
+    accounted = dict(account_for_embedding=args.account_for_embedding_in_pipeline_split,
                      account_for_loss=args.account_for_loss_in_pipeline_split)
+    try:  # pipeline_parallel/layout.py owns the split rules; its messages name the flags
+        vpp = (n_vstages if per_vstage is None
+               else virtual_stages_per_rank(layers, pp, per_vstage, **accounted))
+        vpp = None if vpp == 1 else vpp  # spec §5.4: a virtual size of 1 is no interleaving
+        build_layout(layers, pp, vpp, first_stage_layers=args.decoder_first_pipeline_num_layers,
+                     last_stage_layers=args.decoder_last_pipeline_num_layers, **accounted)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    args.virtual_pipeline_model_parallel_size = vpp
     if args.microbatch_group_size_per_vp_stage is None:
         args.microbatch_group_size_per_vp_stage = pp  # spec §6.2: default N = PP
     if vpp is None:
@@ -315,52 +295,13 @@ def _derive_pipeline_layout(args) -> None:
         args.overlap_p2p_comm = False
         args.align_param_gather = False
         return
-    _require(pp > 1, f"virtual pipeline stages ({vpp} per rank) need --pipeline-model-parallel-size > 1")
     # spec §5.4: without p2p overlap two ranks would exchange several messages per batch.
     _require(args.overlap_p2p_comm or pp > 2, "the interleaved schedule with --no-overlap-p2p-communication "
              f"needs --pipeline-model-parallel-size > 2 (got {pp})")
-    _check_interleaved_groups(pp, args.microbatch_group_size_per_vp_stage, args.num_micro_batches)
-
-
-def _check_uneven_split(args, vpp: int | None) -> None:
-    pp = stages_left = args.pipeline_model_parallel_size
-    layers_left = args.num_layers
-    for dest in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
-        value = getattr(args, dest)
-        if value is None:
-            continue
-        _require(value >= 1, f"{_flag(dest)} must be >= 1 (got {value})")
-        if vpp is not None:
-            _require(value % vpp == 0, f"{_flag(dest)} ({value}) must be divisible by "
-                     f"--num-virtual-stages-per-pipeline-rank ({vpp})")
-        layers_left -= value
-        stages_left -= 1
-    prefix = (f"--num-layers ({args.num_layers}) minus --decoder-first/last-pipeline-num-layers leaves "
-              f"{layers_left}")
-    _require(layers_left >= 0, f"{prefix} layers")
-    if stages_left == 0:
-        _require(layers_left == 0,
-                 f"{prefix} layers but no middle stage (--pipeline-model-parallel-size {pp})")
-        return
-    _require(layers_left % stages_left == 0, f"{prefix} layers, not divisible over the {stages_left} middle "
-             "pipeline stages")
-    if vpp is not None:
-        per_stage = layers_left // stages_left
-        _require(per_stage % vpp == 0, f"layers per middle pipeline stage ({per_stage}) must be divisible by "
-                 f"--num-virtual-stages-per-pipeline-rank ({vpp})")
-
-
-def _check_interleaved_groups(pp: int, group: int, num_micro_batches: int) -> None:
-    """spec §6.2: PP <= N <= M, and M mod N is 0 or >= PP, else the schedule has dependency bubbles."""
-    flag = "--microbatch-group-size-per-virtual-pipeline-stage"
-    m = num_micro_batches
-    _require(group >= pp, f"{flag} ({group}) must be >= --pipeline-model-parallel-size ({pp})")
-    _require(group <= m, f"{flag} ({group}, default --pipeline-model-parallel-size) must be <= the number of "
-             f"micro-batches ({m} = --global-batch-size / (--micro-batch-size x data-parallel size)) "
-             "for the interleaved schedule")
-    _require(m % group == 0 or m % group >= pp, f"the number of micro-batches ({m}) mod {flag} ({group}) "
-             f"is {m % group}; it must be 0 or >= --pipeline-model-parallel-size ({pp}) for the interleaved "
-             "schedule")
+    try:  # spec §6.2's group-size rules belong to the schedules
+        check_schedule(pp, vpp, args.num_micro_batches, args.microbatch_group_size_per_vp_stage)
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _derive_precision(args) -> None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from megatron_lite.pipeline_parallel.layout import last_virtual_stage, virtual_stage
 from megatron_lite.pipeline_parallel.schedules import (
     ACT,
     GRAD,
@@ -105,19 +106,20 @@ class DynamicPlan:
         return 2 * self.m * self.vpp
 
     def stage(self, chunk: int) -> int:
-        return chunk * self.pp + self.rank
+        return virtual_stage(self.pp, self.rank, chunk)
 
     def input_of(self, task: Task) -> Message | None:
         """The message `task` consumes (None on the first / last virtual stage)."""
         v = self.stage(task.chunk)
         if task.op is Op.FORWARD:
             return Message(ACT, task.microbatch, task.chunk) if v > 0 else None
-        return Message(GRAD, task.microbatch, task.chunk) if v < self.pp * self.vpp - 1 else None
+        last = last_virtual_stage(self.pp, self.vpp)
+        return Message(GRAD, task.microbatch, task.chunk) if v < last else None
 
     def output_of(self, task: Task) -> tuple[int, Message] | None:
         """(receiving pipeline rank, message) that `task` produces, if any: activations go to
         virtual stage v+1, gradients to v-1 (with chunks, the last rank wraps to the first)."""
-        v, last = self.stage(task.chunk), self.pp * self.vpp - 1
+        v, last = self.stage(task.chunk), last_virtual_stage(self.pp, self.vpp)
         if task.op is Op.FORWARD and v < last:
             return (self.rank + 1) % self.pp, Message(ACT, task.microbatch, (v + 1) // self.pp)
         if task.op is Op.BACKWARD and v > 0:

@@ -20,6 +20,7 @@ from megatron_lite.context_parallel.split import TOKENS_KEY
 from megatron_lite.pipeline_parallel import schedules
 from megatron_lite.pipeline_parallel.dynamic import BREADTH_FIRST
 from megatron_lite.pipeline_parallel.dynamic_executor import run_dynamic_step
+from megatron_lite.pipeline_parallel.layout import last_virtual_stage, virtual_stage
 from megatron_lite.pipeline_parallel.schedules import ACT, Action, Op
 
 
@@ -209,7 +210,8 @@ class PipelineExecutor:
 
     # ---- compute ------------------------------------------------------------------------
     def _stage(self, chunk: int) -> tuple[bool, bool]:
-        v, last = chunk * self.ps.pp_size + self.ps.pp_rank, self.ps.pp_size * self.vpp_size - 1
+        pp = self.ps.pp_size
+        v, last = virtual_stage(pp, self.ps.pp_rank, chunk), last_virtual_stage(pp, self.vpp_size)
         return v == 0, v == last
 
     def _batch(self, st: _StepState, mb: int) -> dict:

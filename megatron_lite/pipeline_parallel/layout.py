@@ -26,7 +26,7 @@ class PipelineLayout:
         return self.pp_size * self.vpp_size
 
     def stage(self, pp_rank: int, chunk: int) -> int:
-        return chunk * self.pp_size + pp_rank
+        return virtual_stage(self.pp_size, pp_rank, chunk)
 
     def layers(self, pp_rank: int, chunk: int) -> list[int]:
         return list(self.stage_layers[self.stage(pp_rank, chunk)])
@@ -37,39 +37,101 @@ class PipelineLayout:
 
     def is_last(self, pp_rank: int, chunk: int) -> bool:
         """Owns the final norm, output layer and loss (last pp rank AND last chunk)."""
-        return self.stage(pp_rank, chunk) == self.num_stages - 1
+        return self.stage(pp_rank, chunk) == last_virtual_stage(self.pp_size, self.vpp_size)
 
     def rank_layers(self, pp_rank: int) -> list[list[int]]:
         return [self.layers(pp_rank, c) for c in range(self.vpp_size)]
 
 
+def virtual_stage(pp_size: int, pp_rank: int, chunk: int) -> int:
+    """spec §5.4: virtual stage of (pipeline rank, chunk), in pipeline order."""
+    return chunk * pp_size + pp_rank
+
+
+def last_virtual_stage(pp_size: int, vpp_size: int) -> int:
+    return pp_size * vpp_size - 1
+
+
+def check_virtual_pipeline(pp_size: int, vpp_size: int | None) -> None:
+    """Chunks only interleave between several pipeline ranks (schedules.py asks the same)."""
+    if (vpp_size or 1) > 1 and pp_size == 1:
+        raise ValueError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
+
+
+def _counted_layers(num_layers: int, pp: int, account_for_embedding: bool, account_for_loss: bool) -> int:
+    """Layers split over the pipeline ranks: the embedding / loss may count as one layer each
+    (Megatron's account_for_*_in_pipeline_split); the total must divide over the ranks."""
+    total = num_layers + int(account_for_embedding) + int(account_for_loss)
+    if total % pp:
+        counted = ("--num-layers" if total == num_layers
+                   else "--num-layers plus --account-for-*-in-pipeline-split")
+        raise ValueError(f"{counted} ({total}) must be divisible by --pipeline-model-parallel-size ({pp})")
+    return total
+
+
+def virtual_stages_per_rank(num_layers: int, pp_size: int, layers_per_virtual_stage: int, *,
+                            account_for_embedding: bool = False, account_for_loss: bool = False) -> int:
+    """VPP from `--num-layers-per-virtual-pipeline-stage` (spec §5.4): layers per pipeline
+    rank / layers per virtual stage."""
+    per_rank = _counted_layers(num_layers, pp_size, account_for_embedding, account_for_loss) // pp_size
+    if per_rank % layers_per_virtual_stage:
+        raise ValueError(f"--num-layers-per-virtual-pipeline-stage ({layers_per_virtual_stage}) must "
+                         f"divide the layers per pipeline stage ({per_rank})")
+    return per_rank // layers_per_virtual_stage
+
+
+def _uneven_rank_sizes(num_layers: int, pp: int, vpp: int, first: int | None, last: int | None,
+                       accounted: bool) -> list[int]:
+    """Layers per pipeline rank with `--decoder-{first,last}-pipeline-num-layers`; the ranks in
+    between share the rest evenly."""
+    if pp < 2:
+        raise ValueError("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+    if accounted:
+        raise ValueError("--decoder-first/last-pipeline-num-layers cannot be combined with "
+                         "--account-for-embedding-in-pipeline-split / --account-for-loss-in-pipeline-split")
+    layers_left, stages_left = num_layers, pp
+    for flag, value in (("--decoder-first-pipeline-num-layers", first),
+                        ("--decoder-last-pipeline-num-layers", last)):
+        if value is None:
+            continue
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1 (got {value})")
+        if vpp > 1 and value % vpp:
+            raise ValueError(f"{flag} ({value}) must be divisible by "
+                             f"--num-virtual-stages-per-pipeline-rank ({vpp})")
+        layers_left -= value
+        stages_left -= 1
+    prefix = (f"--num-layers ({num_layers}) minus --decoder-first/last-pipeline-num-layers leaves "
+              f"{layers_left}")
+    if layers_left < 0:
+        raise ValueError(f"{prefix} layers")
+    middle = 0
+    if stages_left == 0 and layers_left:
+        raise ValueError(f"{prefix} layers but no middle stage (--pipeline-model-parallel-size {pp})")
+    if stages_left:
+        if layers_left % stages_left:
+            raise ValueError(f"{prefix} layers, not divisible over the {stages_left} middle pipeline stages")
+        middle = layers_left // stages_left
+        if vpp > 1 and middle % vpp:
+            raise ValueError(f"layers per middle pipeline stage ({middle}) must be divisible by "
+                             f"--num-virtual-stages-per-pipeline-rank ({vpp})")
+    per_rank = {0: first, pp - 1: last}
+    return [middle if per_rank.get(r) is None else per_rank[r] for r in range(pp)]
+
+
 def _stage_sizes(num_layers: int, pp: int, vpp: int, first: int | None, last: int | None,
                  account_for_embedding: bool, account_for_loss: bool) -> list[int]:
-    """Layers per virtual stage, in pipeline order."""
+    """Layers per virtual stage, in pipeline order. The messages name the flags: validation
+    (config/validation.py) shows them as they are."""
     if first is not None or last is not None:
-        if account_for_embedding or account_for_loss:
-            raise ValueError("--decoder-first/last-pipeline-num-layers cannot be combined with --account-for-"
-                             "embedding-in-pipeline-split / --account-for-loss-in-pipeline-split")
-        per_rank = {0: first, pp - 1: last}
-        middle_ranks = [r for r in range(pp) if per_rank.get(r) is None]
-        middle_layers = num_layers - sum(v for v in (first, last) if v is not None)
-        if middle_layers < 0 or (middle_ranks and middle_layers % len(middle_ranks)) \
-                or (not middle_ranks and middle_layers):
-            raise ValueError(f"--num-layers ({num_layers}) does not split over "
-                             f"--pipeline-model-parallel-size ({pp}) with "
-                             f"--decoder-first/last-pipeline-num-layers ({first}, {last})")
-        rank_sizes = [per_rank.get(r) if per_rank.get(r) is not None
-                      else middle_layers // len(middle_ranks) for r in range(pp)]
-        for r, n in enumerate(rank_sizes):
-            if n % vpp:
-                raise ValueError(f"{n} layers on pipeline rank {r} do not divide into {vpp} virtual stages")
+        accounted = account_for_embedding or account_for_loss
+        rank_sizes = _uneven_rank_sizes(num_layers, pp, vpp, first, last, accounted)
         return [rank_sizes[r] // vpp for _ in range(vpp) for r in range(pp)]
-    # The embedding / loss may count as one layer each; the stage that owns it builds one
-    # transformer layer less (Megatron's account_for_*_in_pipeline_split).
-    total = num_layers + int(account_for_embedding) + int(account_for_loss)
-    if total % (pp * vpp):
-        raise ValueError(f"{total} layers (--num-layers {num_layers}, plus embedding/loss if accounted for) "
-                         f"do not divide into --pipeline-model-parallel-size ({pp}) x {vpp} virtual stages")
+    total = _counted_layers(num_layers, pp, account_for_embedding, account_for_loss)
+    if (total // pp) % vpp:
+        raise ValueError(f"layers per pipeline stage ({total // pp}) must be divisible by "
+                         f"--num-virtual-stages-per-pipeline-rank ({vpp})")
+    # The stage that owns the embedding / loss builds one transformer layer less.
     sizes = [total // (pp * vpp)] * (pp * vpp)
     sizes[0] -= int(account_for_embedding)
     sizes[-1] -= int(account_for_loss)
@@ -80,15 +142,15 @@ def build_layout(num_layers: int, pp_size: int = 1, vpp_size: int | None = None,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None,
                  account_for_embedding: bool = False, account_for_loss: bool = False) -> PipelineLayout:
     """Layers of every (pipeline rank, chunk). `vpp_size` None or 1 means no interleaving.
-    Raises ValueError for a split that does not work out (config/validation.py names the flags
-    at parse time; this is the library-level check)."""
+    Raises ValueError, naming the flags, for a split that does not work out: this module owns
+    those rules, and config/validation.py reports its messages at parse time."""
     vpp = vpp_size or 1
     if pp_size < 1 or vpp < 1 or num_layers < 1:
         raise ValueError(f"bad pipeline layout: {num_layers} layers, PP {pp_size}, VPP {vpp}")
-    if vpp > 1 and pp_size == 1:
-        raise ValueError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
+    # The split is checked first: config/validation.py has always reported it before this.
     sizes = _stage_sizes(num_layers, pp_size, vpp, first_stage_layers, last_stage_layers,
                          account_for_embedding, account_for_loss)
+    check_virtual_pipeline(pp_size, vpp)
     stages, next_layer = [], 1
     for v, n in enumerate(sizes):
         if n < 0 or (n == 0 and 0 < v < len(sizes) - 1):

@@ -26,12 +26,15 @@ free, given that each channel (one per direction and kind, see p2p.py) carries i
 the same order on both ends; the schedule tests check both, under rendezvous semantics (a send
 completes only once its receive is posted). Megatron instead waits on batched send/recv
 pairs after each step, which with virtual stages needs PP > 2 or overlap (spec §5.4), a
-rule config/validation.py keeps for compatibility.
+rule config/validation.py keeps for compatibility. The group-size rules (`check_schedule`)
+live here only; validation calls them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from megatron_lite.pipeline_parallel.layout import check_virtual_pipeline, last_virtual_stage, virtual_stage
 
 
 class Op(str, Enum):
@@ -79,15 +82,18 @@ def schedule_table(num_microbatches: int, vpp_size: int, group_size: int) -> lis
 
 
 def check_schedule(pp_size: int, vpp_size: int, num_microbatches: int, group_size: int | None) -> int:
-    """Validity rules of spec §6.2; returns the effective group size N."""
+    """Validity rules of spec §6.2; returns the effective group size N. The one owner of
+    these rules: config/validation.py and dynamic.py call it."""
     m = num_microbatches
     if pp_size < 1 or vpp_size < 1 or m < 1:
         raise ScheduleError(f"bad schedule sizes: PP {pp_size}, VPP {vpp_size}, micro-batches {m}")
     if vpp_size == 1:
         return 1
     flag = "--microbatch-group-size-per-virtual-pipeline-stage"
-    if pp_size == 1:
-        raise ScheduleError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
+    try:
+        check_virtual_pipeline(pp_size, vpp_size)
+    except ValueError as e:
+        raise ScheduleError(str(e)) from None
     n = pp_size if group_size is None else group_size
     if not pp_size <= n <= m:
         raise ScheduleError(
@@ -143,7 +149,7 @@ def compute_order(pp_size: int, vpp_size: int, num_microbatches: int, pp_rank: i
 
 # ---- communication implied by the order -------------------------------------------------
 def _input_of(op: Op, mb: int, chunk: int, pp: int, vpp: int, rank: int) -> Action | None:
-    stage, last = chunk * pp + rank, pp * vpp - 1
+    stage, last = virtual_stage(pp, rank, chunk), last_virtual_stage(pp, vpp)
     if op is Op.FORWARD and stage > 0:  # activation from virtual stage v - 1
         return Action(Op.RECV, mb, chunk, ACT, (rank - 1) % pp)
     if op is Op.BACKWARD and stage < last:  # output gradient from virtual stage v + 1
@@ -152,7 +158,7 @@ def _input_of(op: Op, mb: int, chunk: int, pp: int, vpp: int, rank: int) -> Acti
 
 
 def _output_of(op: Op, mb: int, chunk: int, pp: int, vpp: int, rank: int) -> Action | None:
-    stage, last = chunk * pp + rank, pp * vpp - 1
+    stage, last = virtual_stage(pp, rank, chunk), last_virtual_stage(pp, vpp)
     if op is Op.FORWARD and stage < last:
         return Action(Op.SEND, mb, chunk, ACT, (rank + 1) % pp)
     if op is Op.BACKWARD and stage > 0:
