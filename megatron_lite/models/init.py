@@ -40,6 +40,22 @@ def _initial_value(name: str, shape, std: float, num_layers: int, generator, dev
 
 
 @torch.no_grad()
+def init_parameter(param: torch.nn.Parameter, global_name: str, seed: int, std: float, num_layers: int,
+                   tp_rank: int, tp_size: int, cpu_init: bool = False) -> None:
+    """Fill `param` with this rank's tensor-parallel shard of its global initial tensor, drawn
+    from a generator seeded by (seed, global name): N(0, std), std / sqrt(2L) for residual
+    outputs, zeros for biases."""
+    draw_on = torch.device("cpu") if cpu_init else param.device
+    generator = torch.Generator(device=draw_on)
+    generator.manual_seed(_param_seed(seed, global_name))
+    value = _initial_value(global_name, global_shape(param, tp_size), std, num_layers, generator,
+                           draw_on).to(param.device)
+    if getattr(param, "tensor_model_parallel", False):
+        value = shard(value, param.partition_dim, tp_rank, tp_size, getattr(param, "partition_stride", 1))
+    param.copy_(value.to(param.dtype))
+
+
+@torch.no_grad()
 def init_model_parameters(model, seed: int, std: float, num_layers: int, tp_rank: int, tp_size: int,
                           embedding_std: float | None = None, cpu_init: bool = False):
     """Initialize `model` (a GPTModel chunk) in place from global tensors. `embedding_std`
@@ -51,17 +67,10 @@ def init_model_parameters(model, seed: int, std: float, num_layers: int, tp_rank
         gname = model.global_name(name)
         if "layernorm" in gname:
             continue  # norms own their init (gamma 1, or 0 when stored zero-centred)
-        draw_on = torch.device("cpu") if cpu_init else param.device
-        generator = torch.Generator(device=draw_on)
-        generator.manual_seed(_param_seed(seed, gname))
         own_std = std
         if embedding_std is not None and gname.startswith("embedding."):
             own_std = embedding_std
-        value = _initial_value(gname, global_shape(param, tp_size), own_std, num_layers, generator,
-                               draw_on).to(param.device)
-        if getattr(param, "tensor_model_parallel", False):
-            value = shard(value, param.partition_dim, tp_rank, tp_size, getattr(param, "partition_stride", 1))
-        param.copy_(value.to(param.dtype))
+        init_parameter(param, gname, seed, own_std, num_layers, tp_rank, tp_size, cpu_init)
     for module in model.modules():
         if module.__class__.__name__ == "Norm":
             module.reset_parameters()

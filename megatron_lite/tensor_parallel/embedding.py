@@ -12,14 +12,14 @@ import torch.nn.functional as F
 
 from megatron_lite.tensor_parallel.collectives import group_rank, group_size
 from megatron_lite.tensor_parallel.mappings import reduce_from_tp_region
-from megatron_lite.tensor_parallel.sharding import mark_parallel, shard
+from megatron_lite.tensor_parallel.sharding import mark_parallel
 
 
 class VocabParallelEmbedding(torch.nn.Module):
     """Embedding with weight `[V/tp, h]` (split along dim 0).
 
     forward(ids `[b, s]` int64) -> `[b, s, h]`, identical on every TP rank.
-    The weight starts at zero; the model's init pass (or `reset_parameters`) fills it.
+    The weight starts at zero; the model's init pass (models/init.py) fills it.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, tp_group,
@@ -37,15 +37,6 @@ class VocabParallelEmbedding(torch.nn.Module):
         self.weight = torch.nn.Parameter(
             torch.zeros(per_rank, embedding_dim, dtype=params_dtype, device=device))  # [V/tp, h]
         mark_parallel(self.weight, 0)
-
-    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """This rank's rows of a global N(0, std) table (same for any TP size, DESIGN rule 3).
-        `generator` (if any) must live on the weight's device."""
-        full = torch.empty(self.num_embeddings, self.embedding_dim, dtype=torch.float32,
-                           device=self.weight.device)
-        full.normal_(0.0, std, generator=generator)  # [V, h]
-        with torch.no_grad():
-            self.weight.copy_(shard(full, 0, group_rank(self.tp_group), group_size(self.tp_group)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if group_size(self.tp_group) == 1:

@@ -29,7 +29,6 @@ from megatron_lite.fused.wgrad import accumulate_wgrad_
 from megatron_lite.tensor_parallel.collectives import (
     all_gather,
     all_reduce,
-    group_rank,
     group_size,
     reduce_scatter,
 )
@@ -44,7 +43,7 @@ from megatron_lite.tensor_parallel.overlap import (
     all_gather_matmul,
     linear_reduce_scatter,
 )
-from megatron_lite.tensor_parallel.sharding import mark_parallel, mark_sequence_parallel, shard
+from megatron_lite.tensor_parallel.sharding import mark_parallel, mark_sequence_parallel
 
 
 def accumulates_in_main_grad(weight: torch.Tensor) -> bool:
@@ -191,16 +190,6 @@ def _divide(n: int, tp: int, what: str) -> int:
     return n // tp
 
 
-def _normal_shard(param: torch.nn.Parameter, global_shape, dim, stride, rank, tp, std, generator):
-    """Fill `param` with its shard of a global N(0, std) tensor, so that the same generator
-    state gives the same global weight for any TP size (DESIGN rule 3). `generator` (if any)
-    must live on the parameter's device."""
-    full = torch.empty(global_shape, dtype=torch.float32, device=param.device)
-    full.normal_(0.0, std, generator=generator)
-    with torch.no_grad():
-        param.copy_(shard(full, dim, rank, tp, stride))
-
-
 class ColumnParallelLinear(torch.nn.Module):
     """`Y = X A^T + b` with A split along its output dim: weight `[out/tp, in]`, bias `[out/tp]`.
 
@@ -210,7 +199,7 @@ class ColumnParallelLinear(torch.nn.Module):
     `gradient_accumulation_fusion`: the weight gradient accumulates into `weight.main_grad`
     when the weight has one (fused/wgrad.py). `tp_comm_overlap` (with sequence_parallel): the
     input all-gather as a ring collective matmul (overlap.py).
-    Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
+    Parameters start at zero; the model's init pass (models/init.py) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
@@ -237,14 +226,6 @@ class ColumnParallelLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Weight: this rank's shard of a global N(0, std) matrix; bias: zeros."""
-        _normal_shard(self.weight, (self.output_size, self.input_size), 0, self.partition_stride,
-                      group_rank(self.tp_group), group_size(self.tp_group), std, generator)
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.zero_()
-
     def forward(self, x: torch.Tensor, consume_weight: Callable | None = None):
         """`consume_weight(x, weight, bias)`, if given, replaces the GEMM and its result is
         returned: a caller that applies the weight its own way (the sequence-chunked output
@@ -269,7 +250,7 @@ class RowParallelLinear(torch.nn.Module):
     summed over TP, or `[s/tp, b, out]` (reduce-scattered) with sequence_parallel.
     `gradient_accumulation_fusion`: as in ColumnParallelLinear. `tp_comm_overlap` (with
     sequence_parallel): GEMM and reduce-scatter as one ring collective matmul (overlap.py).
-    Parameters start at zero; the model's init pass (or `reset_parameters`) fills them.
+    Parameters start at zero; the model's init pass (models/init.py) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
@@ -296,14 +277,6 @@ class RowParallelLinear(torch.nn.Module):
                 mark_sequence_parallel(self.bias)
         else:
             self.register_parameter("bias", None)
-
-    def reset_parameters(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Weight: this rank's shard of a global N(0, std) matrix; bias: zeros."""
-        _normal_shard(self.weight, (self.output_size, self.input_size), 1, 1,
-                      group_rank(self.tp_group), group_size(self.tp_group), std, generator)
-        if self.bias is not None:
-            with torch.no_grad():
-                self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group, fuse = self.tp_group, self.gradient_accumulation_fusion

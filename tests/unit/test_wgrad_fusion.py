@@ -8,6 +8,7 @@ from megatron_lite.config.configs import model_config_from_args
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.fused.wgrad import accumulate_wgrad_, reference
+from megatron_lite.models.init import init_parameter
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -39,8 +40,8 @@ def _layers(fused: bool):
     torch.manual_seed(0)
     col = ColumnParallelLinear(8, 12, tp_group=None, gradient_accumulation_fusion=fused)
     row = RowParallelLinear(12, 8, tp_group=None, gradient_accumulation_fusion=fused)
-    for layer in (col, row):
-        layer.reset_parameters()
+    for i, layer in enumerate((col, row)):
+        init_parameter(layer.weight, f"{i}.weight", 0, 0.02, 1, 0, 1)
     return torch.nn.Sequential(col, torch.nn.GELU(), row)
 
 
