@@ -21,10 +21,6 @@ class PipelineLayout:
     # stage_layers[v]: global 1-based layer numbers of virtual stage v = chunk * PP + pp_rank
     stage_layers: tuple[tuple[int, ...], ...]
 
-    @property
-    def num_stages(self) -> int:
-        return self.pp_size * self.vpp_size
-
     def stage(self, pp_rank: int, chunk: int) -> int:
         return virtual_stage(self.pp_size, pp_rank, chunk)
 
