@@ -12,6 +12,16 @@ from megatron_lite.optimizer.clip_grads import clip_by_norm_, global_l2_norm, gl
 
 
 @dataclass(frozen=True)
+class OptimizerStepResult:
+    """What every optimizer's `step()` reports (spec §7.3). `grad_norm` / `num_zeros`: 0-dim
+    tensors, None on a skipped step (overflow); `num_zeros` also None without
+    `--log-num-zeros-in-grad`. Tensors, not floats: reading them would sync the host."""
+    update_successful: bool
+    grad_norm: torch.Tensor | None = None
+    num_zeros: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     optimizer: str = "adam"
     lr: float = 1e-4
@@ -81,11 +91,10 @@ def is_adam(inner) -> bool:
 
 def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor],
                           norm_grads: list[torch.Tensor], scaler, cfg: OptimizerConfig, group,
-                          device: torch.device):
+                          device: torch.device) -> OptimizerStepResult:
     """Steps 2-5 of spec §7.3 on fp32 main grads `grads` (`norm_grads`: the subset counted
     in the norm, §7.4), all on `device`. `group`: the grad-stats group (None for a single rank).
-    Returns (update_successful, grad_norm, num_zeros): 0-dim tensors or None (num_zeros
-    without `cfg.log_num_zeros_in_grad`, both on a skipped step)."""
+    Returns the step's OptimizerStepResult."""
     if scaler is not None:
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         if grads:
@@ -95,7 +104,7 @@ def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor
         inf = bool(found_inf.item())  # the skip decision needs the host
         scaler.update(inf)
         if inf:
-            return False, None, None
+            return OptimizerStepResult(False)
     grad_norm = global_l2_norm(norm_grads, group, device)
     if cfg.clip_grad > 0:
         clip_by_norm_(grads, grad_norm, cfg.clip_grad)
@@ -103,7 +112,7 @@ def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor
         grad_norm = torch.zeros((), device=device)  # spec §3.2: 0.0 with --clip-grad 0
     num_zeros = global_num_zeros(norm_grads, group, device) if cfg.log_num_zeros_in_grad else None
     inner.step()
-    return True, grad_norm, num_zeros
+    return OptimizerStepResult(True, grad_norm, num_zeros)
 
 
 class InnerOptimizerView:

@@ -12,6 +12,7 @@ from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_nor
 from megatron_lite.optimizer.core import (
     InnerOptimizerView,
     OptimizerConfig,
+    OptimizerStepResult,
     build_inner_optimizer,
     group_key,
     state_bytes,
@@ -110,8 +111,7 @@ class DistributedOptimizer(InnerOptimizerView):
         return _BucketShard(buf, bucket, lo, hi, main, slices, on_host)
 
     @torch.no_grad()
-    def step(self):
-        """Returns (update_successful: bool, grad_norm, num_zeros: 0-dim tensors or None)."""
+    def step(self) -> OptimizerStepResult:
         grads, host_grads = [], []
         for shard in self.shards:
             g = shard.buffer.grad_data[shard.lo:shard.hi]  # reduce-scattered shard [n/D]
@@ -126,21 +126,21 @@ class DistributedOptimizer(InnerOptimizerView):
             self.inner.host_grads = host_grads
         try:
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
-            ok, grad_norm, num_zeros = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
-                                                             self.cfg, self._group, self.device)
+            result = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
+                                           self.cfg, self._group, self.device)
         finally:
             for shard in self.shards:
                 for piece, _, _ in shard.slices:
                     piece.grad = None
             if host_grads:
                 self.inner.host_grads = []  # a skipped step (overflow) never consumed them
-        if ok:
+        if result.update_successful:
             for shard in self.shards:
                 if shard.owns_main and not shard.on_host:  # the hybrid step wrote the host parts
                     shard.buffer.param_data[shard.lo:shard.hi].copy_(shard.main)  # fp32 -> bf16/fp16
             for chunk in self.chunks:
                 chunk.start_param_sync()
-        return ok, grad_norm, num_zeros
+        return result
 
     @torch.no_grad()
     def params_norm(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_nor
 from megatron_lite.optimizer.core import (
     InnerOptimizerView,
     OptimizerConfig,
+    OptimizerStepResult,
     build_inner_optimizer,
     group_key,
     state_bytes,
@@ -42,8 +43,7 @@ class FullyShardedOptimizer(InnerOptimizerView):
         self._group = ps.groups.get("tp-dp-cp")
 
     @torch.no_grad()
-    def step(self):
-        """Returns (update_successful: bool, grad_norm, num_zeros: 0-dim tensors or None)."""
+    def step(self) -> OptimizerStepResult:
         grads = []
         for p, main in zip(self.params, self.main_params):
             # A parameter without a gradient this step (unused) steps on zeros, as in DDP.

@@ -10,6 +10,7 @@ from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_nor
 from megatron_lite.optimizer.core import (
     InnerOptimizerView,
     OptimizerConfig,
+    OptimizerStepResult,
     build_inner_optimizer,
     group_key,
     state_bytes,
@@ -68,8 +69,7 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
         return self.ps.mp_group if self.ps.tp_size * self.ps.pp_size > 1 else None
 
     @torch.no_grad()
-    def step(self):
-        """Returns (update_successful: bool, grad_norm, num_zeros: 0-dim tensors or None)."""
+    def step(self) -> OptimizerStepResult:
         grads = []
         for i, (p, main) in enumerate(zip(self.model_params, self.main_params)):
             # spec §7.3 step 1: fp32 main_grad is used as is, a bf16/fp16 one is cast.
@@ -80,9 +80,9 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
             self.inner.host_grads = grads[:self._num_host]
         try:
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
-            ok, grad_norm, num_zeros = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
-                                                             self.cfg, self._stats_group(), self.device)
-            if ok and self._low_precision:
+            result = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
+                                           self.cfg, self._stats_group(), self.device)
+            if result.update_successful and self._low_precision:
                 low, mains = zip(*self._low_precision)
                 torch._foreach_copy_(list(low), list(mains))  # fp32 main -> bf16/fp16 model params
         finally:
@@ -92,7 +92,7 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
                 main.grad = None
             if self._num_host:
                 self.inner.host_grads = []  # a skipped step (overflow) never consumed them
-        return ok, grad_norm, num_zeros
+        return result
 
     @torch.no_grad()
     def params_norm(self) -> torch.Tensor:

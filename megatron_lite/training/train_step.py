@@ -106,11 +106,11 @@ def train_step(model, optimizer, data_iter, num_microbatches: int, ps, device, t
         if nan_check is None:
             check.raise_if_found()
     timers("optimizer", 1).start(barrier=True)
-    success, grad_norm, num_zeros = optimizer.step()
+    stepped = optimizer.step()
     timers("optimizer", 1).stop()
     if ps.dp_size * ps.cp_size > 1:
         dist.all_reduce(totals, group=ps.dp_cp_group)  # spec §3.2: token-weighted global mean
-    return StepResult(totals, success, grad_norm, num_zeros)
+    return StepResult(totals, stepped.update_successful, stepped.grad_norm, stepped.num_zeros)
 
 
 def evaluation_step(model, data_iter, num_microbatches: int, ps, device) -> torch.Tensor:

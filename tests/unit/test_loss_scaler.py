@@ -3,7 +3,7 @@ with an overflowing gradient without touching the parameters."""
 import pytest
 import torch
 
-from megatron_lite.optimizer.core import OptimizerConfig
+from megatron_lite.optimizer.core import OptimizerConfig, OptimizerStepResult
 from megatron_lite.optimizer.grad_scaler import ConstantLossScaler, DynamicLossScaler
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer
 
@@ -72,11 +72,11 @@ def test_optimizer_skips_overflow_and_unscales_clean_grads(dtype):
                                                              weight_decay=0.0, clip_grad=0.0), _PS(), scaler)
     before = w.detach().clone()
     w.main_grad.copy_(torch.tensor([256.0, float("inf"), 0.0]))
-    ok, norm, zeros = opt.step()
-    assert (ok, norm, zeros) == (False, None, None)
+    assert opt.step() == OptimizerStepResult(False, None, None)
     assert torch.equal(w.detach(), before) and scaler.scale == 128.0
     w.main_grad.copy_(torch.tensor([128.0, -256.0, 0.0]))  # = 128 x [1, -2, 0]
-    ok, norm, zeros = opt.step()
-    assert ok and norm.item() == 0.0 and zeros is None  # --clip-grad 0 reports 0.0 (spec §3.2)
+    result = opt.step()
+    # --clip-grad 0 reports 0.0 (spec §3.2)
+    assert result.update_successful and result.grad_norm.item() == 0.0 and result.num_zeros is None
     torch.testing.assert_close(w.detach().float(), torch.tensor([0.5, -1.0, 3.0]))
     assert opt.main_params[0].dtype == torch.float32 and w.grad is None
