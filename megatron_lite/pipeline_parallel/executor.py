@@ -69,6 +69,14 @@ class ForwardBackwardResult:
     peak_output_bytes: int = 0
 
 
+@dataclass(frozen=True)
+class _StagePosition:
+    """Where a chunk sits in the pipeline: the first virtual stage embeds (its input comes from
+    the data, not a receive), the last one computes the loss (spec §5.4)."""
+    first: bool
+    last: bool
+
+
 @dataclass
 class _StepState:
     data_iter: Iterator
@@ -209,10 +217,10 @@ class PipelineExecutor:
         return self.trace.span(a.op.value, a.microbatch, a.chunk)
 
     # ---- compute ------------------------------------------------------------------------
-    def _stage(self, chunk: int) -> tuple[bool, bool]:
+    def _stage(self, chunk: int) -> _StagePosition:
         pp = self.ps.pp_size
         v, last = virtual_stage(pp, self.ps.pp_rank, chunk), last_virtual_stage(pp, self.vpp_size)
-        return v == 0, v == last
+        return _StagePosition(first=v == 0, last=v == last)
 
     def _batch(self, st: _StepState, mb: int) -> dict:
         pin = self._device.type == "cuda"  # a pageable source would make the copy synchronous
@@ -226,8 +234,8 @@ class PipelineExecutor:
     def _input(self, a: Action, st: _StepState) -> torch.Tensor | None:
         """The received activation (forward) or output gradient (backward) `a` consumes, if any:
         `[s/cp(/tp), b, h]`."""
-        first, last = self._stage(a.chunk)
-        if (a.op is Op.FORWARD and first) or (a.op is Op.BACKWARD and last):
+        stage = self._stage(a.chunk)
+        if (a.op is Op.FORWARD and stage.first) or (a.op is Op.BACKWARD and stage.last):
             return None
         buf, work = st.recvs.pop((ACT if a.op is Op.FORWARD else schedules.GRAD, a.microbatch, a.chunk))
         if work is not None:
@@ -235,7 +243,7 @@ class PipelineExecutor:
         return buf
 
     def _forward(self, mb: int, chunk: int, st: _StepState, x: torch.Tensor | None) -> None:
-        first, last = self._stage(chunk)
+        last = self._stage(chunk).last
         batch = self._batch(st, mb)
         if x is not None:
             x.requires_grad_(not st.forward_only)  # [s/cp(/tp), b, h]
@@ -259,10 +267,9 @@ class PipelineExecutor:
             st.outputs[(mb, chunk)] = scaled * st.loss_scale
 
     def _backward(self, mb: int, chunk: int, st: _StepState, grad: torch.Tensor | None) -> None:
-        first, _ = self._stage(chunk)
         out, x = st.outputs.pop((mb, chunk)), st.inputs.pop((mb, chunk))
         _custom_backward(out, grad)
-        if not first:
+        if not self._stage(chunk).first:
             st.input_grads[(mb, chunk)] = x.grad  # [s/cp(/tp), b, h]
 
     # ---- communication --------------------------------------------------------------------
