@@ -70,7 +70,9 @@ def test_gpt_fp32_continues_megatron_run(nproc, layout):
     (2, COMMON + LLAMA + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
     (2, COMMON + LLAMA),  # DP2: Megatron's flat DP=1 buffers cut into our two shards
     (1, SHAPELESS),
-], ids=["saved-layout", "tp2-sp", "dp2", "use-checkpoint-args"])
+    # FSDP2 (2-D DTensor entries) takes Megatron's flat distributed-optimizer state too.
+    (2, [f for f in COMMON + LLAMA if f != "--use-distributed-optimizer"] + ["--use-torch-fsdp2"]),
+], ids=["saved-layout", "tp2-sp", "dp2", "use-checkpoint-args", "fsdp2-dp2"])
 def test_llama_bf16_distributed_optimizer_continues_megatron_run(nproc, flags):
     rows = _resume("llama_tp1_bf16_distopt", nproc, flags)
     _check(rows, _megatron_rows("llama_tp1_bf16_distopt"), rtol=5e-5)

@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 
 from megatron_lite.checkpoint.layout import CheckpointError
 from megatron_lite.checkpoint.megatron.keys import from_megatron, to_megatron
-from megatron_lite.checkpoint.megatron.reader import _flat_key, _flat_layout, is_distributed
+from megatron_lite.checkpoint.megatron.reader import flat_key, flat_layout, is_distributed
 from megatron_lite.checkpoint.megatron.record import is_megatron, read_any_record, read_record
 from megatron_lite.checkpoint.megatron.regions import Region, read_regions
 from megatron_lite.checkpoint.safe_load import UnsafeCheckpointError
@@ -57,7 +57,7 @@ def test_flat_buffer_layout_matches_the_bf16_weights():
     every parameter: the reverse-order, 64-aligned layout is the one Megatron wrote."""
     record = read_record(LLAMA)
     assert is_distributed(record)
-    slots = _flat_layout(record, LLAMA)
+    slots = flat_layout(record, LLAMA)
     assert len(slots) == 4 * 6 + 3  # six tensors per Llama layer + embedding, final norm, head
     for (key, layer), slot in slots.items():
         size = tuple(record.metadata.state_dict_metadata[key].size)
@@ -65,7 +65,7 @@ def test_flat_buffer_layout_matches_the_bf16_weights():
         master = torch.empty(weight.numel(), dtype=torch.float32)
         read_regions(LLAMA, record.metadata, [
             Region(key, (layer, *[0] * (len(size) - 1)) if layer is not None else (0,) * len(size), weight),
-            Region(_flat_key(record, slot.bucket, "main"), (slot.start,), master)])
+            Region(flat_key(record, slot.bucket, "main"), (slot.start,), master)])
         assert torch.equal(master.to(torch.bfloat16), weight.flatten()), key
 
 

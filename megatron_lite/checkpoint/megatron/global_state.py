@@ -10,7 +10,7 @@ import torch
 
 from megatron_lite.checkpoint.layout import CheckpointError, iteration_dir, read_tracker
 from megatron_lite.checkpoint.megatron.keys import from_megatron
-from megatron_lite.checkpoint.megatron.reader import _adam_step, _flat_key, _flat_layout, is_distributed
+from megatron_lite.checkpoint.megatron.reader import adam_step, flat_key, flat_layout, is_distributed
 from megatron_lite.checkpoint.megatron.record import MegatronRecord, read_any_record
 from megatron_lite.checkpoint.megatron.regions import Region, read_regions
 
@@ -38,14 +38,14 @@ def _read_keys(directory: str, record: MegatronRecord, keys: dict[str, str]) -> 
 
 
 def _flat_optimizer(directory: str, record: MegatronRecord) -> dict[str, dict[str, torch.Tensor]]:
-    slots = _flat_layout(record, directory)
+    slots = flat_layout(record, directory)
     out = {kind: {} for kind in _PLAIN}
     for kind in _PLAIN:
         buckets = {}
         for (key, layer), slot in slots.items():
             if slot.bucket not in buckets:
-                flat_key = _flat_key(record, slot.bucket, kind)
-                buckets[slot.bucket] = _read_keys(directory, record, {flat_key: flat_key})[flat_key]
+                bucket_key = flat_key(record, slot.bucket, kind)
+                buckets[slot.bucket] = _read_keys(directory, record, {bucket_key: bucket_key})[bucket_key]
             flat = buckets[slot.bucket]
             value = flat[slot.start:slot.start + math.prod(slot.shape)].view(slot.shape)
             out[kind][from_megatron(key, layer)] = value.clone()
@@ -65,7 +65,7 @@ def read_megatron_training_state(root: str, ckpt_step: int | None = None):
     model = {}
     for key, tensor in _read_keys(directory, record, {k: k for k in _model_keys(record)}).items():
         model.update(_unstack(key, tensor))
-    optimizer = {"step": _adam_step(record, directory) if common["has_optimizer"] else None}
+    optimizer = {"step": adam_step(record, directory) if common["has_optimizer"] else None}
     if common["has_optimizer"] and is_distributed(record):
         optimizer.update(_flat_optimizer(directory, record))
     elif common["has_optimizer"]:

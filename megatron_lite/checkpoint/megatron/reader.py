@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from megatron_lite.checkpoint.layout import CheckpointError
 from megatron_lite.checkpoint.megatron.keys import megatron_order, to_megatron
-from megatron_lite.checkpoint.megatron.pickles import load_object
 from megatron_lite.checkpoint.megatron.record import MegatronRecord, load_entry, rng_tensors
 from megatron_lite.checkpoint.megatron.regions import Region, read_regions
 
@@ -33,31 +33,24 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 _DISTOPT = "optimizer.distributed.dp_group_idx_0."
 
 
-def _local_blocks(value) -> list[tuple[tuple[int, ...], torch.Tensor]]:
-    """(offsets in the parameter's global 2-D/1-D shape, local tensor) blocks of one entry.
-    A strided entry (`[stride, n, ...]`, checkpoint/sharded.py) is one block per part."""
+def _local_block(value) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(global offset, local tensor) of one entry: a DTensor over the TP mesh, or the 2-D
+    (tp, dp-cp) mesh of FSDP2 (checkpoint/fsdp_state.py), or a plain tensor held whole."""
     if not isinstance(value, DTensor):
-        return [((0,) * value.dim(), value)]
-    local, offsets = value.to_local(), [0] * value.dim()
-    placement = value.placements[0]
-    if isinstance(placement, Shard):
-        coordinate = value.device_mesh.get_coordinate()[0]
-        offsets[placement.dim] = coordinate * local.shape[placement.dim]
-    return [(tuple(offsets), local)]
+        return (0,) * value.dim(), value
+    _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    return tuple(offsets), value.to_local()
 
 
 def _blocks(value, megatron_ndim: int) -> list[tuple[tuple[int, ...], torch.Tensor]]:
     """Blocks in Megatron's (unstacked) shape: a strided `[parts, n, ...]` entry, one more
     dim than Megatron's, becomes `parts` blocks of rows `[j·n + o, ...]`."""
-    blocks = _local_blocks(value)
+    offsets, local = _local_block(value)
     if value.dim() != megatron_ndim + 1:
-        return blocks
+        return [(offsets, local)]
     n = value.shape[1]
-    out = []
-    for offsets, local in blocks:
-        for j in range(local.shape[0]):
-            out.append(((j * n + offsets[1], *offsets[2:]), local[j]))
-    return out
+    # The part axis is never sharded (checkpoint/sharded.py): every rank holds all parts.
+    return [((j * n + offsets[1], *offsets[2:]), local[j]) for j in range(local.shape[0])]
 
 
 def _stored_ndim(record: MegatronRecord, key: str, layer) -> int:
@@ -125,7 +118,7 @@ def _bucket_sizes(record: MegatronRecord, directory: str) -> list[int]:
     return [int(n) for n in next(iter(per_dtype.values()))]
 
 
-def _flat_layout(record: MegatronRecord, directory: str) -> dict[tuple[str, int | None], _FlatSlot]:
+def flat_layout(record: MegatronRecord, directory: str) -> dict[tuple[str, int | None], _FlatSlot]:
     """Where each parameter sits in the distributed optimizer's flat buckets (spec §8.1):
     reverse parameter order, starts padded to 64 elements, buckets closed at their recorded
     unpadded sizes."""
@@ -153,7 +146,7 @@ def _flat_layout(record: MegatronRecord, directory: str) -> dict[tuple[str, int 
     return slots
 
 
-def _flat_key(record: MegatronRecord, bucket: int, kind: str) -> str:
+def flat_key(record: MegatronRecord, bucket: int, kind: str) -> str:
     suffix = f".bucket_idx_{bucket}.{'param' if kind == 'main' else kind}"
     for key in record.metadata.state_dict_metadata:
         if key.startswith(_DISTOPT + "gbuf_idx_0.") and key.endswith(suffix):
@@ -161,7 +154,7 @@ def _flat_key(record: MegatronRecord, bucket: int, kind: str) -> str:
     raise CheckpointError(f"the Megatron checkpoint has no distributed-optimizer entry *{suffix}")
 
 
-def _adam_step(record: MegatronRecord, directory: str) -> float | None:
+def adam_step(record: MegatronRecord, directory: str) -> float | None:
     groups = record.optimizer_common.get("param_groups")
     step = (record.optimizer_common.get("state") or {}).get("common_step")
     entries = record.metadata.state_dict_metadata
@@ -176,12 +169,12 @@ def _adam_step(record: MegatronRecord, directory: str) -> float | None:
 def _flat_fill(record: MegatronRecord, directory: str, flat: list) -> None:
     """Read each (kind, name, value)'s whole flat range into a temporary, then copy this
     rank's blocks out. Read in batches so temporaries stay under ~1 GiB."""
-    slots = _flat_layout(record, directory)
+    slots = flat_layout(record, directory)
     batch, size = [], 0
     for i, (kind, name, value) in enumerate(flat):
         slot = slots[_weight_key(record, name)]
         temp = torch.empty(math.prod(slot.shape), dtype=torch.float32)
-        batch.append((Region(_flat_key(record, slot.bucket, kind), (slot.start,), temp), slot.shape, value))
+        batch.append((Region(flat_key(record, slot.bucket, kind), (slot.start,), temp), slot.shape, value))
         size += temp.numel() * 4
         if size > (1 << 30) or i == len(flat) - 1:
             read_regions(directory, record.metadata, [r for r, _, _ in batch])
@@ -213,7 +206,7 @@ def fill_state(directory: str, record: MegatronRecord, state: dict, rng_prefix: 
     if flat:
         _flat_fill(record, directory, flat)
     if "optimizer.step" in state:
-        step = _adam_step(record, directory)
+        step = adam_step(record, directory)
         if step is None:
             raise CheckpointError(f"{directory}: the Megatron checkpoint records no optimizer step count")
         state["optimizer.step"].fill_(step)
@@ -224,5 +217,3 @@ def fill_state(directory: str, record: MegatronRecord, state: dict, rng_prefix: 
         for name, tensor in found.items():
             rng_keys[name].copy_(tensor)
 
-
-__all__ = ["fill_state", "is_distributed", "load_object"]
