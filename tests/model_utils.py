@@ -77,3 +77,34 @@ def dense_reference(cfg: ModelConfig, data, m_global: int, seed: int = 1234):
         totals += per_mb[-1]
     grads = {model.global_name(n): p.grad.clone() for n, p in model.named_parameters()}
     return totals, per_mb, grads
+
+
+def pipeline_step(cfg: ModelConfig, ps, channels, *, vpp: int | None = 1, ddp_config: DDPConfig | None = None,
+                  seq: int = 16, micro: int = 2, num_microbatches: int = 4, seed: int = 1234):
+    """One forward-backward of `num_microbatches` mock micro-batches through the pipeline
+    executor and DDP: (loss totals summed over DP, global grads by name)."""
+    import torch.distributed as dist
+
+    from megatron_lite.data.mock import MockTokens
+    from megatron_lite.data.samplers import micro_batch_iterator
+    from megatron_lite.pipeline_parallel.chunks import build_model_chunks
+    from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
+    from megatron_lite.pipeline_parallel.layout import build_layout
+    from megatron_lite.training.train_step import forward_backward
+
+    tracker = build_rng_tracker(seed, ps.tp_rank, ps.pp_rank, "cpu")
+    chunks = build_model_chunks(cfg, ps, build_layout(cfg.num_layers, ps.pp_size, vpp), seed, tracker)
+    ddp = [DistributedDataParallel(c, ps, ddp_config or DDPConfig()) for c in chunks]
+    executor = PipelineExecutor(ddp, ps, PipelineConfig(), channels)
+    data = micro_batch_iterator(MockTokens(64, seq, 128, seed), 0, micro, ps.dp_rank, ps.dp_size)
+    for c in ddp:
+        c.zero_grad_buffer()
+    executor.train()
+    totals = forward_backward(executor, data, num_microbatches, ps).totals
+    finalize_grads(ddp, ps)
+    if ps.dp_size > 1:
+        dist.all_reduce(totals, group=ps.dp_cp_group)
+    grads = {}
+    for c in chunks:
+        grads.update(gather_global(c, ps.tp_group, grads=True))
+    return totals, grads

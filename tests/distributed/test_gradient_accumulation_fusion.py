@@ -7,22 +7,12 @@ the lookup adds to the same weight), interleaving, full recompute and several mi
 The fused path is also checked to run: one wgrad GEMM per fused weight and micro-batch."""
 import pytest
 import torch
-import torch.distributed as dist
 
 import megatron_lite.tensor_parallel.layers as layers
-from megatron_lite.data.mock import MockTokens
-from megatron_lite.data.samplers import micro_batch_iterator
-from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
-from megatron_lite.data_parallel.finalize import finalize_grads
+from megatron_lite.data_parallel.ddp import DDPConfig
 from megatron_lite.distributed.parallel_state import ParallelState
-from megatron_lite.distributed.random import build_rng_tracker
-from megatron_lite.models.init import gather_global
-from megatron_lite.pipeline_parallel.chunks import build_model_chunks
-from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
-from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
-from megatron_lite.training.train_step import forward_backward
-from tests.model_utils import tiny_config
+from tests.model_utils import pipeline_step, tiny_config
 
 SEED, SEQ, MICRO, M = 1234, 16, 2, 4
 RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -32,24 +22,9 @@ def _step(ps, channels, family, vpp, fused, model_kw):
     cfg = tiny_config(family, num_layers=4, hidden_size=32, num_attention_heads=4,
                       **({"num_query_groups": 2, "ffn_hidden_size": 48} if family == "llama" else {}),
                       sequence_parallel=ps.tp_size > 1, gradient_accumulation_fusion=fused, **model_kw)
-    layout = build_layout(cfg.num_layers, ps.pp_size, vpp)
-    tracker = build_rng_tracker(SEED, ps.tp_rank, ps.pp_rank, "cpu")
-    chunks = build_model_chunks(cfg, ps, layout, SEED, tracker)
     dcfg = DDPConfig(overlap_grad_reduce=ps.dp_size > 1, bucket_size=3000 if ps.dp_size > 1 else None)
-    ddp = [DistributedDataParallel(c, ps, dcfg) for c in chunks]
-    executor = PipelineExecutor(ddp, ps, PipelineConfig(), channels)
-    data = micro_batch_iterator(MockTokens(64, SEQ, 128, SEED), 0, MICRO, ps.dp_rank, ps.dp_size)
-    for c in ddp:
-        c.zero_grad_buffer()
-    executor.train()
-    totals = forward_backward(executor, data, M, ps).totals
-    finalize_grads(ddp, ps)
-    if ps.dp_size > 1:
-        dist.all_reduce(totals, group=ps.dp_cp_group)
-    grads = {}
-    for c in chunks:
-        grads.update(gather_global(c, ps.tp_group, grads=True))
-    return totals, grads
+    return pipeline_step(cfg, ps, channels, vpp=vpp, ddp_config=dcfg, seq=SEQ, micro=MICRO,
+                         num_microbatches=M, seed=SEED)
 
 
 def _run(rank, world, tp, pp, cases):

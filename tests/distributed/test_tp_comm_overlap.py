@@ -5,21 +5,11 @@ gradient to 1e-6) with and without gradient-accumulation fusion, also under pipe
 import pytest
 import torch
 
-from megatron_lite.data.mock import MockTokens
-from megatron_lite.data.samplers import micro_batch_iterator
-from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
-from megatron_lite.data_parallel.finalize import finalize_grads
 from megatron_lite.distributed.parallel_state import ParallelState
-from megatron_lite.distributed.random import build_rng_tracker
-from megatron_lite.models.init import gather_global
-from megatron_lite.pipeline_parallel.chunks import build_model_chunks
-from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
-from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
 from megatron_lite.tensor_parallel.collectives import all_gather, reduce_scatter
 from megatron_lite.tensor_parallel.overlap import all_gather_linear, all_gather_matmul, linear_reduce_scatter
-from megatron_lite.training.train_step import forward_backward
-from tests.model_utils import tiny_config
+from tests.model_utils import pipeline_step, tiny_config
 
 SEED, SEQ, MICRO, M = 1234, 24, 2, 2
 
@@ -57,20 +47,7 @@ def _step(ps, channels, family, overlap, fused):
                       max_position_embeddings=SEQ,
                       **({"num_query_groups": 4, "ffn_hidden_size": 48} if family == "llama" else {}),
                       sequence_parallel=True, tp_comm_overlap=overlap, gradient_accumulation_fusion=fused)
-    tracker = build_rng_tracker(SEED, ps.tp_rank, ps.pp_rank, "cpu")
-    chunks = build_model_chunks(cfg, ps, build_layout(cfg.num_layers, ps.pp_size, 1), SEED, tracker)
-    ddp = [DistributedDataParallel(c, ps, DDPConfig()) for c in chunks]
-    executor = PipelineExecutor(ddp, ps, PipelineConfig(), channels)
-    data = micro_batch_iterator(MockTokens(64, SEQ, 128, SEED), 0, MICRO, ps.dp_rank, ps.dp_size)
-    for c in ddp:
-        c.zero_grad_buffer()
-    executor.train()
-    totals = forward_backward(executor, data, M, ps).totals
-    finalize_grads(ddp, ps)
-    grads = {}
-    for c in chunks:
-        grads.update(gather_global(c, ps.tp_group, grads=True))
-    return totals, grads
+    return pipeline_step(cfg, ps, channels, seq=SEQ, micro=MICRO, num_microbatches=M, seed=SEED)
 
 
 def _run(rank, world, tp, pp):
