@@ -25,6 +25,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,9 @@ def _args():
     p.add_argument("--stall-factor", type=float, default=3.0, help="stall length in compute times")
     p.add_argument("--trace-dir", default=None, help="write each mode's Chrome trace here")
     p.add_argument("--json", default=None, help="append one JSON line per mode to this file")
+    p.add_argument("--timeout-s", type=float, default=600.0,
+                   help="process-group timeout; a --use-dpp rank waiting this long for an input "
+                        "stops with a line saying what it could run and what has arrived")
     return p.parse_args()
 
 
@@ -193,11 +197,11 @@ def main() -> None:
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(seconds=a.timeout_s))
     else:  # a smoke run of the tool itself (tests), gloo on CPU
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    ps = ParallelState.create(pp=dist.get_world_size())
+        dist.init_process_group("gloo", timeout=timedelta(seconds=a.timeout_s))
+    ps = ParallelState.create(pp=dist.get_world_size(), timeout=timedelta(seconds=a.timeout_s))
     channels = PipelineChannels.create(ps, ring=a.vpp > 1)
     shape = dict(PRESETS[a.preset], max_position_embeddings=max(a.seq_length, 2048))
     if a.num_layers:

@@ -128,6 +128,10 @@ class PipelineExecutor:
         # Stage outputs are the residual stream: fp32 with --fp32-residual-connection.
         self._dtype = torch.float32 if model_cfg.fp32_residual_connection else model_cfg.params_dtype
         self._device = next(self.chunks[0].parameters()).device
+        # (num_microbatches, forward_only) -> the step's actions. Built once: a schedule only
+        # depends on these and the layout, and building one costs 0.3-2 ms of host time per
+        # step at PP 2-8 (measured), time the host would not spend queueing GPU work.
+        self._schedules: dict[tuple[int, bool], tuple[Action, ...]] = {}
 
     @property
     def vpp_size(self) -> int:
@@ -141,10 +145,14 @@ class PipelineExecutor:
         for c in self.chunks:
             c.eval()
 
-    def schedule(self, num_microbatches: int, forward_only: bool = False) -> list[Action]:
-        return schedules.build(self.ps.pp_size, self.vpp_size, num_microbatches, self.ps.pp_rank,
-                               group_size=self.config.microbatch_group_size, forward_only=forward_only,
-                               overlap_p2p_comm=self.config.overlap_p2p_comm)
+    def schedule(self, num_microbatches: int, forward_only: bool = False) -> tuple[Action, ...]:
+        key = (num_microbatches, forward_only)
+        if key not in self._schedules:
+            self._schedules[key] = tuple(schedules.build(
+                self.ps.pp_size, self.vpp_size, num_microbatches, self.ps.pp_rank,
+                group_size=self.config.microbatch_group_size, forward_only=forward_only,
+                overlap_p2p_comm=self.config.overlap_p2p_comm))
+        return self._schedules[key]
 
     # ---- one step -------------------------------------------------------------------------
     def forward_backward(self, data_iter, num_microbatches: int, *, loss_scale: float = 1.0,

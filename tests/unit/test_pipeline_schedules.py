@@ -2,7 +2,13 @@
 import itertools
 
 import pytest
+import torch
 
+from megatron_lite.distributed.parallel_state import ParallelState
+from megatron_lite.distributed.random import build_rng_tracker
+from megatron_lite.pipeline_parallel import schedules
+from megatron_lite.pipeline_parallel.chunks import build_model_chunks
+from megatron_lite.pipeline_parallel.executor import PipelineExecutor
 from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.schedules import (
     ACT,
@@ -14,6 +20,7 @@ from megatron_lite.pipeline_parallel.schedules import (
     schedule_table,
     warmup_count,
 )
+from tests.model_utils import tiny_batch, tiny_config
 
 CASES = [  # (PP, VPP, M, group size N or None = PP)
     (1, 1, 4, None), (2, 1, 1, None), (2, 1, 5, None), (4, 1, 3, None), (4, 1, 8, None),
@@ -234,3 +241,26 @@ def test_validation_rejects_a_layout_with_an_empty_middle_stage():
                        "--lr 1e-4 --mock-data --tokenizer-type NullTokenizer --vocab-size 100").split())
     with pytest.raises(ConfigError, match="stage 1 would hold 0 transformer layers"):
         validate_args(args, 4)
+
+
+def test_executor_builds_each_schedule_once(monkeypatch):
+    """The executor reuses a step's actions: building them is host time on every step."""
+    calls = []
+    real = schedules.build
+    monkeypatch.setattr(schedules, "build", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    cfg = tiny_config("gpt", num_layers=2, hidden_size=32, num_attention_heads=4)
+    ps = ParallelState.create()
+    chunks = build_model_chunks(cfg, ps, build_layout(2, 1, 1), 1234, build_rng_tracker(1234, 0, 0, "cpu"))
+    executor = PipelineExecutor(chunks, ps)
+    def batches():
+        for i in range(4):
+            tokens, labels = tiny_batch(cfg, seed=i)  # [b, s]
+            yield {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(tokens.shape),
+                   "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens)}
+
+    first = [executor.forward_backward(batches(), 4).totals for _ in range(2)]
+    executor.forward_backward(batches(), 4, forward_only=True)
+    executor.forward_backward(batches(), 2)
+    assert [(a[2], k["forward_only"]) for a, k in calls] == [(4, False), (4, True), (2, False)]
+    assert executor.schedule(4) is executor.schedule(4)
+    torch.testing.assert_close(first[0], first[1])  # same data, no optimizer step: same losses
