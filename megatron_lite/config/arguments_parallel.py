@@ -35,6 +35,12 @@ def _add_distributed_args(parser):
                        "(N, default PP).")
     group.add_argument("--no-overlap-p2p-communication", action="store_false", dest="overlap_p2p_comm",
                        help="Do not overlap pipeline send/recv with compute (interleaved schedule).")
+    group.add_argument("--overlap-p2p-communication-warmup-flush", action="store_true",
+                       dest="overlap_p2p_comm_warmup_flush",
+                       help="Also overlap send/recv with compute in the warm-up and flush phases of the "
+                       "interleaved schedule: megatron_lite's p2p overlap always does (each compute's "
+                       "receive is posted before the previous compute, in every phase); needs the "
+                       "overlap, as in Megatron-LM.")
     group.add_argument("--distributed-backend", type=str, default=None, choices=["nccl", "gloo"],
                        help="torch.distributed backend; default nccl with CUDA, else gloo.")
     group.add_argument("--distributed-timeout-minutes", type=int, default=10,

@@ -290,6 +290,10 @@ def _derive_pipeline_layout(args) -> None:
     args.virtual_pipeline_model_parallel_size = vpp
     if args.microbatch_group_size_per_vp_stage is None:
         args.microbatch_group_size_per_vp_stage = pp  # spec §6.2: default N = PP
+    # Megatron-LM's rule (model_parallel_config.py); our overlap already covers both phases.
+    _require(args.overlap_p2p_comm or not args.overlap_p2p_comm_warmup_flush,
+             "--overlap-p2p-communication-warmup-flush needs the p2p overlap (drop "
+             "--no-overlap-p2p-communication)")
     if vpp is None:
         # Only the interleaved schedule overlaps p2p or aligns param gathers (Megatron does the same).
         args.overlap_p2p_comm = False

@@ -242,6 +242,11 @@ def test_virtual_pipeline_derivations():
     assert args.virtual_pipeline_model_parallel_size == 2 and args.overlap_p2p_comm
     args = make(pp4, 4)
     assert args.virtual_pipeline_model_parallel_size is None and not args.overlap_p2p_comm
+    # Megatron-LM's rule for the warm-up/flush overlap, which ours always includes.
+    interleaved = pp4 + " --virtual-pipeline-model-parallel-size 2 --overlap-p2p-communication-warmup-flush"
+    assert make(interleaved, 4).overlap_p2p_comm
+    with pytest.raises(ConfigError, match=r"^--overlap-p2p-communication-warmup-flush needs the p2p overlap"):
+        make(interleaved + " --no-overlap-p2p-communication", 4)
     # spec §6.2: N = M allows any M >= PP; M mod N >= PP is also fine.
     pp2 = "--num-layers 8 --pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 2 "
     make(pp2 + "--micro-batch-size 1 --global-batch-size 3 "
