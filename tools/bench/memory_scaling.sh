@@ -22,7 +22,12 @@ LLAMA3_8B="--num-layers 32 --hidden-size 4096 --ffn-hidden-size 14336 --num-atte
   --log-interval 1 --eval-iters 0 --seed 1234 --log-throughput --distributed-backend nccl"
 
 run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
-  ( while sleep 2; do free -m | awk '/Mem:/ {print $3}'; done ) > "$out/$name.host_mb" &
+  base=$(free -m | awk '/Mem:/ {print $3}')  # host memory in use before the run (other tenants)
+  # Every 2 s: host memory in use, and the resident set of the training processes themselves
+  # (pinned staging included), so the run's own share is told apart from the machine's.
+  ( while sleep 2; do
+      rss=$(ps -C python,python3,pt_main_thread -o rss= 2>/dev/null | awk '{s+=$1} END {print int(s/1024)}')
+      echo "$(free -m | awk '/Mem:/ {print $3}') $rss"; done ) > "$out/$name.host_mb" &
   sampler=$!
   timeout 560 torchrun --standalone --nproc_per_node "$n" pretrain_llama.py $LLAMA3_8B --train-iters "$iters" \
     "$@" > "$out/$name.log" 2>&1
@@ -34,7 +39,9 @@ run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
     'NR>skip {s+=$2; k++} END {if (k) printf "mean s/iteration over %d iterations: %.2f, tokens/s: %.0f\n", k, s/k/1000, 64*2048/(s/k/1000)}'
   grep -o "throughput per GPU (TFLOP/s/GPU): [0-9.]*" "$out/$name.log" | tail -1
   grep "memory (MB)" "$out/$name.log" | tail -"$n" | sed 's/.*memory (MB)/memory (MB)/'
-  sort -n "$out/$name.host_mb" | tail -1 | awk '{printf "peak host memory in use (MB): %s\n", $1}'
+  sort -n "$out/$name.host_mb" | tail -1 | awk -v base="$base" \
+    '{printf "peak host memory in use (MB): %s (%s before the run)\n", $1, base}'
+  sort -n -k2 "$out/$name.host_mb" | tail -1 | awk '{printf "peak RSS of the python processes (MB): %s\n", $2}'
   grep -m3 "error\|Error\|Traceback" "$out/$name.log"; }
 
 case "$mode" in
