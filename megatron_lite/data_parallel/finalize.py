@@ -14,6 +14,11 @@ from megatron_lite.models.gpt import TIED_EMBEDDING
 def _all_reduce_coalesced(tensors: list[torch.Tensor], group) -> None:
     if not tensors:
         return
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        # The tied embedding's gradient alone ([V/tp, h] fp32, 1 GB at Llama's vocabulary):
+        # reduce it in place rather than copy it into a flat buffer and back.
+        dist.all_reduce(tensors[0], group=group)
+        return
     flat = torch.cat([t.reshape(-1) for t in tensors])  # [sum numel]
     dist.all_reduce(flat, group=group)
     offset = 0

@@ -26,6 +26,7 @@ TIED_EMBEDDING = "embedding.word_embeddings.weight"
 class Embedding(nn.Module):
     def __init__(self, config: ModelConfig, ps, device=None):
         super().__init__()
+        self.tp_group, self.sequence_parallel = ps.tp_group, config.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, tp_group=ps.tp_group,
             params_dtype=config.params_dtype, device=device)
@@ -35,10 +36,16 @@ class Embedding(nn.Module):
                 config.max_position_embeddings, config.hidden_size,
                 dtype=config.params_dtype, device=device)
 
-    def forward(self, input_ids, position_ids):  # [b, s] -> [b, s, h]
-        x = self.word_embeddings(input_ids)
+    def forward(self, input_ids, position_ids):  # [b, s] -> [s(/tp with SP), b, h]
+        if self.sequence_parallel and self.position_embeddings is None:
+            # Nothing to add over the whole sequence first: the TP sum lands already split.
+            return self.word_embeddings(input_ids, scatter_sequence=True)  # [s/tp, b, h]
+        x = self.word_embeddings(input_ids)  # [b, s, h]
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
+        x = x.transpose(0, 1).contiguous()  # [s, b, h]
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.tp_group)  # [s/tp, b, h]
         return x
 
 
@@ -108,11 +115,9 @@ class GPTModel(nn.Module):
 
     def embed(self, input_ids, position_ids):  # [b, s] -> [s(/tp), b, h]
         cfg = self.config
-        x = self.embedding(input_ids, position_ids).transpose(0, 1).contiguous()  # [s, b, h]
+        x = self.embedding(input_ids, position_ids)  # [s(/tp), b, h]
         if cfg.fp32_residual_connection:
             x = x.float()
-        if cfg.sequence_parallel:
-            x = scatter_to_sequence_parallel_region(x, self.ps.tp_group)  # [s/tp, b, h]
         p = cfg.hidden_dropout if self.training else 0.0
         if p:
             fork = (self.rng_tracker.fork() if cfg.sequence_parallel and self.rng_tracker

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.tensor_parallel.collectives import group_rank, group_size
-from megatron_lite.tensor_parallel.mappings import reduce_from_tp_region
+from megatron_lite.tensor_parallel.mappings import (
+    reduce_from_tp_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from megatron_lite.tensor_parallel.sharding import mark_parallel
 
 
@@ -38,15 +41,23 @@ class VocabParallelEmbedding(torch.nn.Module):
             torch.zeros(per_rank, embedding_dim, dtype=params_dtype, device=device))  # [V/tp, h]
         mark_parallel(self.weight, 0)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, scatter_sequence: bool = False) -> torch.Tensor:
+        """ids `[b, s]` -> `[b, s, h]`; with `scatter_sequence` (sequence parallelism) this
+        rank's chunk of the sequence, sequence-first `[s/tp, b, h]`, by one reduce-scatter
+        where an all-reduce and a split would move tp times more data and copy it again
+        (Megatron's reduce_scatter_embeddings)."""
         if group_size(self.tp_group) == 1:
-            return F.embedding(ids, self.weight)  # [b, s, h]
+            out = F.embedding(ids, self.weight)  # [b, s, h]
+            return out.transpose(0, 1).contiguous() if scatter_sequence else out
         foreign = (ids < self.vocab_start) | (ids >= self.vocab_end)  # [b, s]
         local_ids = (ids - self.vocab_start).masked_fill_(foreign, 0)  # [b, s], in [0, V/tp)
         out = F.embedding(local_ids, self.weight)  # [b, s, h]
         # Zero the rows looked up for ids owned elsewhere; their gradient is zeroed with them,
         # so row 0 of this shard receives nothing spurious.
         out = out.masked_fill_(foreign.unsqueeze(-1), 0.0)  # [b, s, h]
+        if scatter_sequence:
+            out = out.transpose(0, 1).contiguous()  # [s, b, h] partial sums
+            return reduce_scatter_to_sequence_parallel_region(out, self.tp_group)  # [s/tp, b, h]
         return reduce_from_tp_region(out, self.tp_group)  # [b, s, h] summed over tp
 
     def extra_repr(self) -> str:
