@@ -87,8 +87,9 @@ def _add_distributed_args(parser):
                        "with PyTorch's FSDP2 (ZeRO-3; data_parallel/fsdp.py).")
     group.add_argument("--torch-fsdp2-no-reshard-after-forward", action="store_false",
                        dest="torch_fsdp2_reshard_after_forward",
-                       help="FSDP2: keep each layer gathered from its forward to its backward (one "
-                       "all-gather per layer and micro-batch instead of two; ZeRO-2-like memory).")
+                       help="FSDP2: keep the layers gathered from a step's first forward to its last "
+                       "backward (one all-gather per layer and step instead of two per micro-batch; "
+                       "ZeRO-2-like memory).")
     # MegatronDPP's dynamic pipeline (issue 18, pipeline_parallel/dynamic*.py), in the group
     # where MegatronDPP declares its flags; config/dpp_flags.py checks them.
     group.add_argument("--use-dpp", action="store_true",

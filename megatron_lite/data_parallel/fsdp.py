@@ -48,8 +48,9 @@ class FSDPConfig:
     grad_reduce_in_fp32: bool = True  # False with --grad-reduce-in-bf16
     calculate_per_token_loss: bool = False
     check_for_nan_in_grad: bool = False  # --check-for-nan-in-loss-and-grad
-    # False (--torch-fsdp2-no-reshard-after-forward): layers stay gathered from forward to
-    # backward, one all-gather per layer and micro-batch instead of two.
+    # False (--torch-fsdp2-no-reshard-after-forward): layers stay gathered from the first
+    # forward to the last backward of a step, one all-gather per layer and step instead of
+    # two per micro-batch (see enable_grad_sync).
     reshard_after_forward: bool = True
     # Read by shared code written for DDP chunks: FSDP2 always overlaps both.
     overlap_grad_reduce: bool = True
@@ -194,11 +195,18 @@ class FullyShardedChunk(torch.nn.Module):
         """Every micro-batch reduce-scatters (see the module docstring). What changes is the
         end of a backward that another micro-batch follows (`enabled` False): the root and the
         first layer, whose backward ends right before the next forward starts with them, stay
-        gathered instead of being freed and gathered again at once."""
-        if self._units:
-            self.module.set_reshard_after_backward(enabled, recurse=False)  # the root
-            if len(self._units) > 1:
-                self._units[0].set_reshard_after_backward(enabled)
+        gathered instead of being freed and gathered again at once. Without resharding after
+        forward every layer stays gathered until the step's last backward: the end of each
+        forward already holds them all, so the peak is unchanged, and a step gathers each
+        layer once instead of once per micro-batch."""
+        if not self._units:
+            return
+        if not self.config.reshard_after_forward:
+            self.module.set_reshard_after_backward(enabled)  # the root and every layer
+            return
+        self.module.set_reshard_after_backward(enabled, recurse=False)  # the root
+        if len(self._units) > 1:
+            self._units[0].set_reshard_after_backward(enabled)
 
     @contextlib.contextmanager
     def no_sync(self):

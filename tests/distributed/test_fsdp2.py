@@ -138,11 +138,11 @@ def _all_gathers_per_step(rank, world, reshard_after_forward):
         ps.destroy()
 
 
-@pytest.mark.parametrize("reshard_after_forward,gathers", [(True, 10), (False, 6)],
+@pytest.mark.parametrize("reshard_after_forward,gathers", [(True, 10), (False, 3)],
                          ids=["zero3", "no-reshard-after-forward"])
 def test_micro_batches_do_not_gather_more_than_needed(run_dist, reshard_after_forward, gathers):
     """ZeRO-3: the first micro-batch gathers the root, layer 0 (forward and backward) and the
     last layer (kept from forward to backward): 4; the next three find the root and layer 0
     still gathered from their backward and gather layer 0 (backward) and layer 1: 2 each.
-    Without resharding after forward every layer is gathered once: 3, then 1 each."""
+    Without resharding after forward every unit is gathered once in the step: 3, then none."""
     assert run_dist(2, _all_gathers_per_step, reshard_after_forward) == [gathers, gathers]
