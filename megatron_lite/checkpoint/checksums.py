@@ -156,9 +156,29 @@ def recorded(directory: str) -> dict[str, dict]:
     (empty if none)."""
     out = {}
     for path in sorted(glob.glob(os.path.join(directory, f"__*{SUFFIX}"))):
-        with open(path) as f:
-            out.update(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                records = json.load(f)
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+            raise ValueError(f"{path}: unreadable checksum record ({e})") from None
+        if not isinstance(records, dict) or not all(_well_formed(r) for r in records.values()):
+            raise ValueError(f"{path}: malformed checksum record (expected file name -> "
+                             "{crc32, bytes[, segment_bytes, segments]} with integer values)")
+        out.update(records)
     return out
+
+
+def _well_formed(record) -> bool:
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(record, dict) or not (count(record.get("crc32")) and count(record.get("bytes"))):
+        return False
+    if "segments" not in record:
+        return True
+    segments = record["segments"]
+    return (count(record.get("segment_bytes")) and isinstance(segments, list)
+            and all(count(c) for c in segments))
 
 
 @dataclass(frozen=True)
@@ -249,7 +269,10 @@ def first_mismatch(directory: str, rank: int = 0, world: int = 1, *,
     """This rank's share of the files (every `world`-th, from `rank`) checked against the
     records: the first problem as one line naming the file, or None. All segments of all the
     share's files are read at once on `threads` threads (default min(8, cpu count))."""
-    sums = recorded(directory)
+    try:
+        sums = recorded(directory)
+    except ValueError as e:
+        return str(e)
     tasks: list[_Range] = []
     for name in sorted(sums)[rank::world]:
         path = os.path.join(directory, name)

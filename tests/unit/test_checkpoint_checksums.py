@@ -162,3 +162,21 @@ def test_a_record_whose_segments_do_not_tile_the_file_is_refused(tmp_path):
     record[name]["segments"].pop()
     path.write_text(json.dumps(record))
     assert "malformed checksum record" in first_mismatch(str(tmp_path))
+
+
+@pytest.mark.parametrize("text,what", [
+    ("{not json", "unreadable checksum record"),
+    (b"\xff\xfe{}", "unreadable checksum record"),
+    ("[1, 2]", "malformed checksum record"),
+    ('{"f.distcp": {"bytes": 4}}', "malformed checksum record"),
+    ('{"f.distcp": {"crc32": "x", "bytes": 4}}', "malformed checksum record"),
+    ('{"f.distcp": {"crc32": 1, "bytes": 4, "segment_bytes": 4, "segments": "ab"}}',
+     "malformed checksum record"),
+])
+def test_a_damaged_record_file_is_named_in_one_line(tmp_path, text, what):
+    """A checksum record that is not what the save writes is refused naming it, no traceback."""
+    _save(tmp_path)
+    path = tmp_path / f"__0{SUFFIX}"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    problem = first_mismatch(str(tmp_path))
+    assert problem.startswith(f"{path}: {what}") and "\n" not in problem
