@@ -5,7 +5,7 @@
 One executor serves every layout: PP = 1 runs the no-pipelining schedule (gradient
 accumulation) without any communication; `forward_only=True` is evaluation. With `--use-dpp`
 (`PipelineConfig.dynamic`) a training step has no fixed action list: dynamic_executor.py picks
-each compute as its input arrives and calls back into `_compute` / `_post_send`.
+each compute as its input arrives, calls back into `_compute` and sends `_outgoing` itself.
 """
 from __future__ import annotations
 
@@ -293,19 +293,22 @@ class PipelineExecutor:
         st.recvs[(a.kind, a.microbatch, a.chunk)] = (buf, self.channels.irecv(buf, a.kind, a.peer))
 
     def _post_send(self, a: Action, st: _StepState) -> None:
+        tensor = self._outgoing(a, st)
+        st.sends.append((self.channels.isend(tensor, a.kind, a.peer), tensor))
+
+    def _outgoing(self, a: Action, st: _StepState) -> torch.Tensor:
+        """The tensor `a` sends: the stage output (ACT) or the input's gradient (GRAD),
+        `[s/cp(/tp), b, h]`. The caller keeps it alive until its send has used it."""
         key = (a.microbatch, a.chunk)
-        if a.kind == ACT:
-            out = st.outputs[key]
-            # A separate tensor object sharing the storage: the send keeps the data alive while
-            # `out` itself drops it (below) and keeps only its autograd graph.
-            tensor = out.detach()
-            work = self.channels.isend(tensor, ACT, a.peer)
-            if self.config.deallocate_outputs and out._base is None:
-                out.data = torch.empty((1,), device=out.device, dtype=out.dtype)
-        else:
-            tensor = st.input_grads.pop(key)
-            work = self.channels.isend(tensor, schedules.GRAD, a.peer)
-        st.sends.append((work, tensor))
+        if a.kind != ACT:
+            return st.input_grads.pop(key)
+        out = st.outputs[key]
+        # A separate tensor object sharing the storage: the returned tensor keeps the data
+        # alive while `out` itself drops it (below) and keeps only its autograd graph.
+        tensor = out.detach()
+        if self.config.deallocate_outputs and out._base is None:
+            out.data = torch.empty((1,), device=out.device, dtype=out.dtype)
+        return tensor
 
     @staticmethod
     def _release_finished_sends(st: _StepState) -> None:

@@ -13,6 +13,11 @@ send/recv pairs to line up step by step.
 
 Shapes are known in advance (`[s/cp(/tp with SP), b, h]`, the same for every micro-batch), so
 receives allocate their buffer without a shape handshake (spec §6.2).
+
+Headers. The dynamic schedule (`--use-dpp`, dynamic_executor.py) announces each message with a
+small int64 header that travels on the host: every link has a gloo twin when its group is NCCL
+(on a gloo world the link itself serves, headers set apart by their tag), so a header can be
+sent and received without launching a GPU kernel.
 """
 from __future__ import annotations
 
@@ -23,6 +28,10 @@ import torch.distributed as dist
 
 from megatron_lite.pipeline_parallel.schedules import ACT, GRAD
 
+# Tag of header messages: on a gloo world they share the link with the payloads (tag 0), and
+# gloo matches sends to receives per tag, so the two streams stay apart.
+_HEADER_TAG = 1
+
 
 @dataclass
 class PipelineChannels:
@@ -30,25 +39,39 @@ class PipelineChannels:
     pp_size: int
     # (kind, lower pp rank r of the link r <-> r+1) -> (group, global rank of r, global rank of r+1)
     links: dict = field(default_factory=dict)
+    # Same keys -> (gloo group, a, b) for headers: the gloo twin of an NCCL link, else the link.
+    header_links: dict = field(default_factory=dict)
     _owned: list = field(default_factory=list, repr=False)
 
     @classmethod
-    def create(cls, ps, ring: bool, backend: str | None = None) -> PipelineChannels:
+    def create(cls, ps, ring: bool, backend: str | None = None,
+               header_twins: bool | None = None) -> PipelineChannels:
         """Collective over the whole world (every rank creates every group). `ring`: also link
-        the last rank back to the first (needed by the interleaved schedule)."""
+        the last rank back to the first (needed by the interleaved schedule). `header_twins`:
+        headers on gloo groups of their own (default: when the links are NCCL; tests ask for
+        them on gloo to run that layout on CPU)."""
         out = cls(ps.pp_rank, ps.pp_size)
         pp = ps.pp_size
         if pp == 1:
             return out
         mine = ps.ranks["pp"]  # this rank's pipeline
+        # The same answer on every rank, so every rank creates the same groups in the same order.
+        twins = header_twins
+        if twins is None:
+            twins = "nccl" in str(backend or dist.get_backend()).lower()
         for pipeline in ps.grid.groups("pp"):
             for r in range(pp if ring else pp - 1):
                 a, b = pipeline[r], pipeline[(r + 1) % pp]
                 for kind in (ACT, GRAD):
                     group = dist.new_group(sorted({a, b}), backend=backend, timeout=ps.timeout)
                     out._owned.append(group)
+                    twin = group
+                    if twins:
+                        twin = dist.new_group(sorted({a, b}), backend="gloo", timeout=ps.timeout)
+                        out._owned.append(twin)
                     if pipeline == mine and ps.rank in (a, b):
                         out.links[(kind, r)] = (group, a, b)
+                        out.header_links[(kind, r)] = (twin, a, b)
         out._warm_up()
         return out
 
@@ -65,14 +88,14 @@ class PipelineChannels:
             me = dist.get_rank()
             dist.send(t, b, group=group) if me == a else dist.recv(t, a, group=group)
 
-    def _link(self, kind: str, sender: int, receiver: int):
-        """The group carrying `kind` from pp rank `sender` to pp rank `receiver`, and the
-        global rank of the other end (seen from this rank)."""
+    def _link(self, kind: str, sender: int, receiver: int, links: dict | None = None):
+        """The group carrying `kind` from pp rank `sender` to pp rank `receiver` (from `links`,
+        default the payload links), and the global rank of the other end (seen from this rank)."""
         pp = self.pp_size
         low = sender if kind == ACT else receiver  # activations flow r -> r+1, grads r+1 -> r
         if (low + 1) % pp != (receiver if kind == ACT else sender):
             raise ValueError(f"no {kind} link from pp rank {sender} to {receiver}")
-        group, a, b = self.links[(kind, low)]
+        group, a, b = (self.links if links is None else links)[(kind, low)]
         ends = {low: a, (low + 1) % pp: b}
         peer = receiver if self.pp_rank == sender else sender
         return group, ends[peer]
@@ -85,8 +108,18 @@ class PipelineChannels:
         group, peer = self._link(kind, from_pp_rank, self.pp_rank)
         return dist.irecv(buffer, peer, group=group)
 
+    def isend_header(self, header: torch.Tensor, kind: str, to_pp_rank: int):
+        """Send a CPU int64 header on the host (gloo) for the `kind` link to `to_pp_rank`."""
+        group, peer = self._link(kind, self.pp_rank, to_pp_rank, self.header_links)
+        return dist.isend(header, peer, group=group, tag=_HEADER_TAG)
+
+    def irecv_header(self, header: torch.Tensor, kind: str, from_pp_rank: int):
+        group, peer = self._link(kind, from_pp_rank, self.pp_rank, self.header_links)
+        return dist.irecv(header, peer, group=group, tag=_HEADER_TAG)
+
     def destroy(self) -> None:
         for group in self._owned:
             dist.destroy_process_group(group)
         self._owned.clear()
         self.links.clear()
+        self.header_links.clear()

@@ -90,18 +90,6 @@ def _one_line(error: Exception, rank: int) -> SystemExit:
     return SystemExit(f"error: {error}" if rank == 0 else 2)
 
 
-def _check_dpp_on_cuda(args, device) -> None:
-    """--use-dpp keeps receives posted ahead of the compute. With one hardware queue for all
-    streams (CUDA_DEVICE_MAX_CONNECTIONS=1, common in Megatron launch scripts) a pending
-    receive holds up the compute behind it: the 2-GPU test hung that way. Refuse rather than
-    hang (issue 18)."""
-    if (args.use_dpp and args.pipeline_model_parallel_size > 1 and device.type == "cuda"
-            and os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") == "1"):
-        raise ConfigError("--use-dpp cannot run with CUDA_DEVICE_MAX_CONNECTIONS=1 (its receives, "
-                          "posted ahead, would stall the compute queued behind them); unset it or "
-                          "drop --use-dpp")
-
-
 def _initialize(argv, defaults):
     """Parse and validate the command line and start the distributed world."""
     args = parse_args(argv, defaults=defaults)
@@ -124,7 +112,6 @@ def _initialize(argv, defaults):
             use_checkpoint_args(args, logger)
         # Notices about flags are the same on every rank: rank 0 prints them, once.
         validate_args(args, env.world_size, warn=None if env.rank == 0 else (lambda _notice: None))
-        _check_dpp_on_cuda(args, env.device)
     except (ConfigError, CheckpointError) as e:
         raise _one_line(e, env.rank) from None
     logger.rank0(world_size_line(args))

@@ -1,7 +1,8 @@
 """`--use-dpp` (MegatronDPP's readiness-driven schedule, pipeline_parallel/dynamic*.py) on gloo:
 the same losses and gradients as the static schedule (bit for bit: each parameter accumulates
 its micro-batches in the same order), for PP 2/4 x VPP 2 x TP 1/2, with DP 2, both orders, and
-the plain 1F1B (VPP 1); and no deadlock when stages are slowed down at random.
+the plain 1F1B (VPP 1); and no deadlock when stages are slowed down at random. Some cases put
+the message headers on gloo groups of their own, as on an NCCL world (p2p.py).
 
 Each world runs all its cases in one task (process and group start-up paid once). The delays
 are injected by wrapping the executor's forward and backward in sleeps on chosen pipeline ranks
@@ -74,9 +75,11 @@ def train_once(ps, channels, layers, vpp, m, pcfg, delays=None, seed=0, device="
     return totals, grads, order, result.peak_in_flight
 
 
-def _parity(rank, world, tp, pp, vpp, m, orders):
+def _parity(rank, world, tp, pp, vpp, m, orders, header_twins=None):
     ps = ParallelState.create(tp=tp, pp=pp)
-    channels = PipelineChannels.create(ps, ring=vpp > 1)
+    channels = PipelineChannels.create(ps, ring=vpp > 1, header_twins=header_twins)
+    if header_twins:
+        assert all(channels.header_links[k][0] is not channels.links[k][0] for k in channels.links)
     try:
         static = train_once(ps, channels, 8, vpp, m, PipelineConfig(overlap_p2p_comm=True))
         out = {"static": static[:2]}
@@ -105,13 +108,16 @@ def _same(a, b, what):
     assert torch.equal(a, b), f"{what}: not bit-identical"
 
 
-@pytest.mark.parametrize("tp,pp,dp,vpp,m", [(1, 2, 1, 2, 4), (2, 2, 1, 2, 4), (1, 4, 1, 2, 8),
-                                             (2, 4, 1, 2, 4), (1, 2, 2, 2, 4), (1, 2, 1, 1, 4)],
+# header-twins: headers on gloo groups of their own, the layout of an NCCL world (p2p.py).
+@pytest.mark.parametrize("tp,pp,dp,vpp,m,twins", [(1, 2, 1, 2, 4, None), (2, 2, 1, 2, 4, None),
+                                                  (1, 4, 1, 2, 8, None), (2, 4, 1, 2, 4, None),
+                                                  (1, 2, 2, 2, 4, None), (1, 2, 1, 1, 4, None),
+                                                  (2, 2, 1, 2, 4, True)],
                          ids=["pp2-vpp2", "pp2-vpp2-tp2", "pp4-vpp2", "pp4-vpp2-tp2", "pp2-vpp2-dp2",
-                              "pp2-1f1b"])
-def test_dynamic_schedule_matches_static(run_dist, tp, pp, dp, vpp, m):
+                              "pp2-1f1b", "pp2-vpp2-tp2-header-twins"])
+def test_dynamic_schedule_matches_static(run_dist, tp, pp, dp, vpp, m, twins):
     orders = (BREADTH_FIRST, DEPTH_FIRST) if vpp > 1 else (BREADTH_FIRST,)
-    results = run_dist(tp * pp * dp, _parity, tp, pp, vpp, m, orders)
+    results = run_dist(tp * pp * dp, _parity, tp, pp, vpp, m, orders, twins)
     reordered = 0
     for rank, r in enumerate(results):
         totals, grads = r["static"]
@@ -127,13 +133,13 @@ def test_dynamic_schedule_matches_static(run_dist, tp, pp, dp, vpp, m):
         assert reordered, "the delays never changed the order: the test would not test DPP"
 
 
-def _stress(rank, world, tp, pp, runs, seed):
+def _stress(rank, world, tp, pp, runs, seed, header_twins=None):
     """`runs` steps of random shapes, orders and stage delays on a tiny model; checks that
     each completes with every compute run once and activations within the static bound.
     With TP the two ranks of a stage sleep differently, so their lock-step is exercised."""
     rng = random.Random(seed)
     ps = ParallelState.create(tp=tp, pp=pp)
-    channels = PipelineChannels.create(ps, ring=True)
+    channels = PipelineChannels.create(ps, ring=True, header_twins=header_twins)
     done = 0
     try:
         for i in range(runs):
@@ -152,8 +158,10 @@ def _stress(rank, world, tp, pp, runs, seed):
     return done
 
 
-# 100 randomized multi-process steps in all; the 200-run randomized check of the policy
+# 116 randomized multi-process steps in all; the 200-run randomized check of the policy
 # itself (simulated, with its invariants checked) is tests/unit/test_pipeline_dynamic.py.
-@pytest.mark.parametrize("tp,pp,runs", [(1, 2, 60), (1, 4, 24), (2, 2, 16)], ids=["pp2", "pp4", "pp2-tp2"])
-def test_random_stage_delays_never_deadlock(run_dist, tp, pp, runs):
-    assert run_dist(tp * pp, _stress, tp, pp, runs, 7 + pp) == [runs] * (tp * pp)
+@pytest.mark.parametrize("tp,pp,runs,twins", [(1, 2, 60, None), (1, 4, 24, None), (2, 2, 16, None),
+                                              (1, 4, 16, True)],
+                         ids=["pp2", "pp4", "pp2-tp2", "pp4-header-twins"])
+def test_random_stage_delays_never_deadlock(run_dist, tp, pp, runs, twins):
+    assert run_dist(tp * pp, _stress, tp, pp, runs, 7 + pp, twins) == [runs] * (tp * pp)

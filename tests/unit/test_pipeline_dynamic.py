@@ -221,22 +221,3 @@ def test_trace_stats_tell_the_dynamic_order_from_the_static(tmp_path, capsys):
     assert "dynamic breadth-first" in out and "dynamic depth-first" in out
     assert "step span" in out and "x); bubble" in out
 
-
-def test_dpp_refused_with_one_cuda_connection(monkeypatch):
-    """On CUDA with CUDA_DEVICE_MAX_CONNECTIONS=1 --use-dpp is refused by name, not left to hang."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from megatron_lite.config.validation import ConfigError
-    from megatron_lite.training.pretrain import _check_dpp_on_cuda
-
-    args = SimpleNamespace(use_dpp=True, pipeline_model_parallel_size=2)
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    with pytest.raises(ConfigError, match=r"^--use-dpp cannot run with CUDA_DEVICE_MAX_CONNECTIONS=1"):
-        _check_dpp_on_cuda(args, cuda)
-    _check_dpp_on_cuda(args, torch.device("cpu"))  # gloo has no hardware queues
-    _check_dpp_on_cuda(SimpleNamespace(use_dpp=False, pipeline_model_parallel_size=2), cuda)
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "8")
-    _check_dpp_on_cuda(args, cuda)
