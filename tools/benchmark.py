@@ -137,6 +137,8 @@ def run_hf_baseline(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=F
 
 
 def _time(step, steps, warmup, profile=False) -> float:
+    """Seconds per step over `steps` after `warmup`; `profile` (True, or a Chrome-trace path
+    to write) profiles 3 more steps first."""
     for _ in range(warmup):
         step()
     if profile:
@@ -148,6 +150,8 @@ def _time(step, steps, warmup, profile=False) -> float:
                 step()
             torch.cuda.synchronize()
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
+        if isinstance(profile, str):  # per-stream busy and overlap: tools/bench/trace_streams.py
+            p.export_chrome_trace(profile)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -189,6 +193,8 @@ def _args():
     p.add_argument("--hf-baseline", action="store_true", help="time transformers instead")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps")
+    p.add_argument("--profile-trace", default=None, metavar="DIR",
+                   help="--profile, and write each rank's Chrome trace to DIR/rank<r>.json")
     return p.parse_args()
 
 
@@ -250,7 +256,12 @@ def main() -> None:
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     cfg = _config(a)
-    shape = (cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup, device, a.profile)
+    profile = a.profile
+    if a.profile_trace:
+        os.makedirs(a.profile_trace, exist_ok=True)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        profile = os.path.join(a.profile_trace, f"rank{rank}.json")
+    shape = (cfg, a.micro_batch_size, a.seq_length, a.steps, a.warmup, device, profile)
     if a.hf_baseline:
         sec, losses = run_hf_baseline(*shape)
     else:

@@ -7,7 +7,7 @@
 # tokens/s, TFLOP/s/GPU, the allocator's max allocated / max reserved (MB) per GPU, and for the
 # one-GPU run the peak host memory in use. Logs stay in WORKDIR.
 set -uo pipefail
-mode=${1:?usage: memory_scaling.sh 2gpu|1gpu WORKDIR [ITERATIONS]}
+mode=${1:?usage: memory_scaling.sh 2gpu|fsdp2-no-reshard|1gpu WORKDIR [ITERATIONS]}
 out=${2:-/tmp/memory_scaling}
 iters=${3:-8}  # the first two are warm-up, left out of the means
 mkdir -p "$out"
@@ -29,7 +29,7 @@ run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
       rss=$(ps -C python,python3,pt_main_thread -o rss= 2>/dev/null | awk '{s+=$1} END {print int(s/1024)}')
       echo "$(free -m | awk '/Mem:/ {print $3}') $rss"; done ) > "$out/$name.host_mb" &
   sampler=$!
-  timeout 560 torchrun --standalone --nproc_per_node "$n" pretrain_llama.py $LLAMA3_8B --train-iters "$iters" \
+  timeout ${RUN_TIMEOUT:-560} torchrun --standalone --nproc_per_node "$n" pretrain_llama.py $LLAMA3_8B --train-iters "$iters" \
     "$@" > "$out/$name.log" 2>&1
   rc=$?
   kill "$sampler" 2>/dev/null
@@ -50,8 +50,11 @@ case "$mode" in
     run dp2_fsdp2 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion
     [ "${4:-}" = "all" ] && run dp2_fsdp2_no_reshard 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
       --torch-fsdp2-no-reshard-after-forward ;;
+  fsdp2-no-reshard)  # the no-reshard FSDP2 run alone
+    run dp2_fsdp2_no_reshard 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
+      --torch-fsdp2-no-reshard-after-forward ;;
   1gpu)
     run gpu1_offload 1 "$iters" 2 --use-distributed-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0 \
       --overlap-cpu-optimizer-d2h-h2d ;;
-  *) echo "unknown mode $mode (2gpu or 1gpu)"; exit 2 ;;
+  *) echo "unknown mode $mode (2gpu, fsdp2-no-reshard or 1gpu)"; exit 2 ;;
 esac
