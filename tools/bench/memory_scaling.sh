@@ -27,7 +27,11 @@ run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
   # (pinned staging included), so the run's own share is told apart from the machine's.
   ( while sleep 2; do
       rss=$(ps -C python,python3,pt_main_thread -o rss= 2>/dev/null | awk '{s+=$1} END {print int(s/1024)}')
-      echo "$(free -m | awk '/Mem:/ {print $3}') $rss"; done ) > "$out/$name.host_mb" &
+      echo "$(free -m | awk '/Mem:/ {print $3}') $rss"
+      # Where host memory goes that RSS does not show (pinned/driver pages, kernel): MB.
+      awk '/^(AnonPages|Mlocked|Unevictable|Shmem|PageTables|SUnreclaim|AnonHugePages):/ \
+        {printf "%s %d ", $1, $2/1024} END {print ""}' /proc/meminfo >> "$out/$name.meminfo"; done ) \
+    > "$out/$name.host_mb" &
   sampler=$!
   timeout ${RUN_TIMEOUT:-560} torchrun --standalone --nproc_per_node "$n" pretrain_llama.py $LLAMA3_8B --train-iters "$iters" \
     "$@" > "$out/$name.log" 2>&1
@@ -42,6 +46,7 @@ run() { name=$1; n=$2; iters=$3; skip=$4; shift 4
   sort -n "$out/$name.host_mb" | tail -1 | awk -v base="$base" \
     '{printf "peak host memory in use (MB): %s (%s before the run)\n", $1, base}'
   sort -n -k2 "$out/$name.host_mb" | tail -1 | awk '{printf "peak RSS of the python processes (MB): %s\n", $2}'
+  [ -s "$out/$name.meminfo" ] && echo "last /proc/meminfo sample (MB): $(tail -1 "$out/$name.meminfo")"
   grep -m3 "error\|Error\|Traceback" "$out/$name.log"; }
 
 case "$mode" in
@@ -53,8 +58,8 @@ case "$mode" in
   fsdp2-no-reshard)  # the no-reshard FSDP2 run alone
     run dp2_fsdp2_no_reshard 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
       --torch-fsdp2-no-reshard-after-forward ;;
-  1gpu)
-    run gpu1_offload 1 "$iters" 2 --use-distributed-optimizer --optimizer-cpu-offload --optimizer-offload-fraction 1.0 \
-      --overlap-cpu-optimizer-d2h-h2d ;;
+  1gpu)  # OFFLOAD_FRACTION: 1.0 unless set
+    run gpu1_offload 1 "$iters" 2 --use-distributed-optimizer --optimizer-cpu-offload \
+      --optimizer-offload-fraction "${OFFLOAD_FRACTION:-1.0}" --overlap-cpu-optimizer-d2h-h2d ;;
   *) echo "unknown mode $mode (2gpu, fsdp2-no-reshard or 1gpu)"; exit 2 ;;
 esac

@@ -1,0 +1,46 @@
+"""tools/bench/trace_streams.py: the busy/idle/exposed-communication arithmetic on a synthetic
+Chrome trace whose answer is known."""
+import json
+
+import pytest
+
+from tools.bench.trace_streams import idle_gaps, kernel_class, summarize, union_length
+
+
+def _kernel(name, ts, dur, stream):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+
+def test_union_counts_overlaps_once():
+    assert union_length([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert union_length([]) == 0
+
+
+def test_kernel_classes():
+    assert kernel_class("ncclDevKernel_AllGather_RING_LL") == "nccl"
+    assert kernel_class("nvjet_sm90_tst_256x128") == "gemm"
+    assert kernel_class("cudnn_generated_fort_native_sdpa_sm90_flash_bprop") == "attention"
+    assert kernel_class("triton_poi_fused_gelu_0") == "other"
+
+
+def test_summary_of_a_known_trace(tmp_path):
+    # NCCL 0-10 us on stream 20, half hidden behind a GEMM 5-15 on stream 7, then 15 us idle,
+    # then an elementwise kernel 30-35: busy 20, idle 15, exposed NCCL 5.
+    events = [_kernel("ncclDevKernel_AllGather", 0, 10, 20), _kernel("nvjet_gemm", 5, 10, 7),
+              _kernel("elementwise", 30, 5, 7), {"ph": "X", "cat": "cpu_op", "name": "aten::mm",
+                                                  "ts": 0, "dur": 100}]
+    path = tmp_path / "rank0.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    r = summarize(str(path))
+    assert (r["window_ms"], r["busy_ms"], r["idle_ms"]) == pytest.approx((0.035, 0.020, 0.015))
+    assert (r["compute_ms"], r["nccl_ms"], r["nccl_exposed_ms"]) == pytest.approx((0.015, 0.010, 0.005))
+    assert r["streams"] == {"20": 0.01, "7": 0.01}
+    assert r["idle_gaps"] == [(15, "nvjet_gemm", "elementwise")]
+    assert idle_gaps([]) == []
+
+
+def test_a_trace_without_kernels_is_refused(tmp_path):
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps({"traceEvents": []}))
+    with pytest.raises(SystemExit, match="holds no GPU kernels"):
+        summarize(str(path))

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 13 benchmark: GPT 1.3B (24 layers, h 2048, 16 heads, ffn 8192), seq 2048, mbs 4, gbs 32,
+# bf16, mock data, through pretrain_gpt.py, on one GPU and on two in each layout of the issue.
+#   bash tools/bench/multi_gpu_layouts.sh WORKDIR [LAYOUTS...]   # default: all of them
+# Layouts: 1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4. Prints per run the mean ms/iteration over the
+# iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU and max allocated.
+# Extra environment for every launch (e.g. NCCL_PROTO) is passed through as set by the caller.
+set -uo pipefail
+out=${1:-/tmp/multi_gpu_layouts}; shift || true
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=.
+iters=${ITERS:-12}
+GPT13="--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --seq-length 2048
+  --max-position-embeddings 2048 --tokenizer-type NullTokenizer --vocab-size 50304
+  --micro-batch-size 4 --global-batch-size 32 --lr 1e-4 --min-lr 1e-5 --lr-decay-style cosine
+  --lr-warmup-iters 2 --bf16 --mock-data --attention-dropout 0 --hidden-dropout 0
+  --log-interval 1 --eval-iters 0 --seed 1234 --log-throughput --distributed-backend nccl
+  --train-iters $iters"
+
+run() { name=$1; n=$2; shift 2
+  timeout "${RUN_TIMEOUT:-150}" torchrun --standalone --nproc_per_node "$n" pretrain_gpt.py $GPT13 "$@" \
+    > "$out/$name.log" 2>&1
+  echo "== $name (rc $?, NCCL_PROTO=${NCCL_PROTO:-default}): $*"
+  grep -o "elapsed time per iteration (ms): [0-9.]*" "$out/$name.log" | awk -F': ' \
+    'NR>4 {s+=$2; k++} END {if (k) printf "mean ms/iteration over %d iterations: %.1f\n", k, s/k}'
+  grep -o "throughput per GPU (TFLOP/s/GPU): [0-9.]*" "$out/$name.log" | tail -1
+  grep "max allocated" "$out/$name.log" | tail -1 | sed 's/.*memory (MB)/memory (MB)/'
+  grep -m3 "error\|Error\|Traceback" "$out/$name.log"; }
+
+layouts=("$@"); [ ${#layouts[@]} -eq 0 ] && layouts=(1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4)
+for l in "${layouts[@]}"; do case $l in
+  1gpu) run 1gpu 1 ;;
+  dp2) run dp2 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ;;
+  tp2) run tp2 2 --tensor-model-parallel-size 2 --sequence-parallel ;;
+  tp2_overlap) run tp2_overlap 2 --tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap ;;
+  pp2) run pp2 2 --pipeline-model-parallel-size 2 ;;
+  pp2_vpp4) run pp2_vpp4 2 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3 ;;
+  *) echo "unknown layout $l"; exit 2 ;;
+esac; done
