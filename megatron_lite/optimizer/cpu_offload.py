@@ -125,9 +125,14 @@ class HybridOptimizer:
         self._ranges = _chunks([u.main.numel() for u in self.units], offload.chunk_elements)
         cuda = self.device.type == "cuda"
         self._overlap = offload.overlap_d2h_h2d and cuda
-        grad_bytes = max(sum(_padded(4 * u.main.numel()) for u in self.units[a:b]) for a, b in self._ranges)
+        # Staging holds one chunk. A unit larger than a chunk (Llama-3-8B's embedding and
+        # output layer: 525M elements each) goes through pageable memory instead: staging
+        # sized for it would pin 2 x 3 GB, which the pinned allocator rounds up to powers of
+        # two (2 x 6 GB), taken from a 128 GB host that already holds 96 GB of state.
+        staged = [r for r in self._ranges if not self._oversized(r)] or [(0, 0)]
+        grad_bytes = max(sum(_padded(4 * u.main.numel()) for u in self.units[a:b]) for a, b in staged)
         param_bytes = max(sum(_padded(u.target.numel() * u.target.element_size()) for u in self.units[a:b])
-                          for a, b in self._ranges)
+                          for a, b in staged)
         # Two buffer sets when copies overlap the host step (double buffering), else one.
         self._staging = [_Staging(grad_bytes, param_bytes, cuda) for _ in range(2 if self._overlap else 1)]
         self._d2h = torch.cuda.Stream(self.device) if self._overlap else None
@@ -172,9 +177,17 @@ class HybridOptimizer:
     def _stream(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def _fetch(self, c: int) -> list[torch.Tensor]:
-        """Start copying chunk c's gradients into its staging buffer; returns the views."""
+    def _oversized(self, r: tuple[int, int]) -> bool:
+        """A range that is one unit larger than a staging chunk (see __init__)."""
+        a, b = r
+        return b - a == 1 and self.units[a].main.numel() > self.offload.chunk_elements
+
+    def _fetch(self, c: int) -> list[torch.Tensor] | None:
+        """Start copying chunk c's gradients into its staging buffer; returns the views (None
+        for an oversized unit, copied when its turn comes: `_step_oversized`)."""
         a, b = self._ranges[c]
+        if self._oversized((a, b)):
+            return None
         staging = self._staging[c % len(self._staging)]
         views = _Staging.views(staging.grads, [u.main for u in self.units[a:b]], torch.float32)
         with self._stream(self._d2h):
@@ -211,6 +224,11 @@ class HybridOptimizer:
         depth = len(self._staging)
         for c, (a, b) in enumerate(self._ranges):
             views = pending.pop(c)
+            if views is None:
+                self._step_oversized(self.units[a], self.host_grads[a])
+                if c + depth < len(self._ranges):
+                    pending[c + depth] = self._fetch(c + depth)
+                continue
             staging = self._staging[c % depth]
             if staging.grads_arrived is not None:
                 staging.grads_arrived.synchronize()
@@ -228,3 +246,18 @@ class HybridOptimizer:
         if self._h2d is not None:
             # What runs next on the device (param all-gather, forward) reads the new values.
             torch.cuda.current_stream(self.device).wait_stream(self._h2d)
+
+    def _step_oversized(self, unit: HostUnit, grad: torch.Tensor) -> None:
+        """Step one unit larger than a staging chunk through pageable memory: its gradient
+        copied down in chunks, the host step, its model-dtype value copied up in chunks.
+        Synchronous on the current stream, which orders it after the gradients' producers and
+        before the next forward (the side streams never touch this unit)."""
+        unit.main.grad = host_copy(grad, self.offload.chunk_elements).view_as(unit.main)
+        try:
+            self.host_opt.step()  # only this unit has a gradient
+        finally:
+            unit.main.grad = None
+        value = unit.main.to(unit.target.dtype)  # fp32 -> model dtype, on the host
+        flat_out, flat_in, chunk = unit.target.view(-1), value.view(-1), self.offload.chunk_elements
+        for start in range(0, flat_in.numel(), chunk):
+            flat_out[start:start + chunk].copy_(flat_in[start:start + chunk])  # host -> device
