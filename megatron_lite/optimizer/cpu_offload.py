@@ -17,6 +17,9 @@ staging buffers, and pinning ~100 GB of a 128 GB host would starve everything el
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,11 @@ import torch
 from megatron_lite.optimizer.core import OptimizerConfig, build_inner_optimizer
 
 _ALIGN = 64  # bytes: each staged tensor starts aligned, whatever its dtype
+_MADV_DONTFORK = 10  # <sys/mman.h>, Linux
+# Only tensors this large are kept from forks: glibc serves them by mmap (its threshold tops
+# out at 32 MiB), so their pages go back to the kernel on free and never carry the flag into
+# a later small allocation that a forked child would need.
+_NO_FORK_MIN_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,41 @@ def host_copy(target: torch.Tensor, chunk: int = 1 << 26) -> torch.Tensor:
     for start in range(0, flat_in.numel(), chunk):
         flat_out[start:start + chunk].copy_(flat_in[start:start + chunk])
     return out
+
+
+def exclude_from_forks(t: torch.Tensor) -> None:
+    """Keep a large host tensor's pages out of processes forked later (madvise DONTFORK).
+
+    The DataLoader forks its workers at the first training step, when the fp32 host mains
+    (32 GB for Llama-3-8B) already exist, so parent and workers share them copy-on-write; the
+    first optimizer step then writes every page and the kernel copies each one: another 32 GB
+    of host memory that the workers keep for the whole run (the 1-GPU 8B run died of it on a
+    128 GB host). The workers never touch optimizer state. Best effort: Linux only, whole
+    pages inside the tensor's storage only."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu":
+        return
+    storage = t.untyped_storage()
+    if storage.nbytes() < _NO_FORK_MIN_BYTES:
+        return
+    page = mmap.PAGESIZE
+    lo = -(-storage.data_ptr() // page) * page
+    hi = (storage.data_ptr() + storage.nbytes()) // page * page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTFORK)
+
+
+def exclude_host_state_from_forks(optimizer) -> None:
+    """`exclude_from_forks` for every host main and host optimizer state tensor of an outer
+    optimizer whose inner one is a HybridOptimizer (else nothing); called before the data
+    workers start, after a checkpoint may have loaded host moments."""
+    inner = getattr(optimizer, "inner", None)
+    if not isinstance(inner, HybridOptimizer):
+        return
+    for unit in inner.units:
+        exclude_from_forks(unit.main)
+        for value in inner.host_opt.state.get(unit.main, {}).values():
+            if isinstance(value, torch.Tensor):
+                exclude_from_forks(value)
 
 
 def _chunks(numels: list[int], limit: int) -> list[tuple[int, int]]:

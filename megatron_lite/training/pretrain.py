@@ -23,6 +23,7 @@ from megatron_lite.config.startup_lines import format_args_dump, world_size_line
 from megatron_lite.config.validation import ConfigError, validate_args
 from megatron_lite.data.builders import build_data_iterators
 from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
+from megatron_lite.optimizer.cpu_offload import exclude_host_state_from_forks
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
 from megatron_lite.training import builders
 from megatron_lite.training.checkpointing import RunCheckpointing, use_checkpoint_args
@@ -192,6 +193,8 @@ def _prepare_loop(run: TrainingRun, state, tokenizer, data_config, batches, star
     """Data iterators, the setup report lines, and the Trainer with its hooks."""
     args, ps, env, logger = run.args, run.ps, run.env, run.logger
     logger.datetime_line("after model, optimizer, and learning rate scheduler are built")
+    # Before any data worker forks (at the first batch): see exclude_host_state_from_forks.
+    exclude_host_state_from_forks(run.optimizer)
     data_iter, valid_iter, test_iter = _data_iterators(run, state, tokenizer, data_config)
     logger.datetime_line("after dataloaders are built")
     logger.rank0("done with setup ...")
