@@ -2,7 +2,9 @@
 the same losses and gradients as the static schedule (bit for bit: each parameter accumulates
 its micro-batches in the same order), for PP 2/4 x VPP 2 x TP 1/2, with DP 2, both orders, and
 the plain 1F1B (VPP 1); and no deadlock when stages are slowed down at random. Some cases put
-the message headers on gloo groups of their own, as on an NCCL world (p2p.py).
+the message headers on gloo groups of their own, as on an NCCL world (p2p.py). Also that a
+message crosses a channel while both main threads are busy (the channel threads of
+dynamic_channels.py).
 
 Each world runs all its cases in one task (process and group start-up paid once). The delays
 are injected by wrapping the executor's forward and backward in sleeps on chosen pipeline ranks
@@ -13,6 +15,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from megatron_lite.data.mock import MockTokens
 from megatron_lite.data.samplers import micro_batch_iterator
@@ -22,11 +25,12 @@ from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
 from megatron_lite.models.init import gather_global
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
-from megatron_lite.pipeline_parallel.dynamic import BREADTH_FIRST, DEPTH_FIRST, DynamicPlan
+from megatron_lite.pipeline_parallel.dynamic import BREADTH_FIRST, DEPTH_FIRST, DynamicPlan, Message
+from megatron_lite.pipeline_parallel.dynamic_channels import Inbox, Outbox
 from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
 from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
-from megatron_lite.pipeline_parallel.schedules import compute_order
+from megatron_lite.pipeline_parallel.schedules import ACT, compute_order
 from megatron_lite.pipeline_parallel.trace import PipelineTrace
 from megatron_lite.training.train_step import forward_backward
 from tests.model_utils import tiny_config
@@ -165,3 +169,38 @@ def _stress(rank, world, tp, pp, runs, seed, header_twins=None):
                          ids=["pp2", "pp4", "pp2-tp2", "pp4-header-twins"])
 def test_random_stage_delays_never_deadlock(run_dist, tp, pp, runs, twins):
     assert run_dist(tp * pp, _stress, tp, pp, runs, 7 + pp, twins) == [runs] * (tp * pp)
+
+
+BUSY_S = 0.5
+
+
+def _hop_while_busy(rank, world):
+    """Rank 0 queues a message; then both main threads keep busy in Python (holding the GIL, as
+    when launching kernels) without polling. When rank 1 polls again, the payload must be
+    there already: the inbox thread posted its receive as the header came and saw it complete
+    (dynamic_channels.py), instead of the main thread posting it at that poll."""
+    ps = ParallelState.create(pp=2)
+    channels = PipelineChannels.create(ps, ring=False)
+    try:
+        msg, shape = Message(ACT, 0, 0), (4, 2, 8)
+        box = (Outbox(channels, ACT, 1, None) if rank == 0 else
+               Inbox(channels, ACT, 0, 1, shape, torch.float32, torch.device("cpu"), None))
+        dist.barrier(group=ps.pp_group)
+        if rank == 0:
+            box.put(msg, torch.full(shape, 3.0))
+        start = time.monotonic()
+        while time.monotonic() - start < BUSY_S:
+            pass
+        arrived = box.pump() if rank == 0 else box.poll()
+        if rank == 1 and arrived:
+            assert torch.equal(box.take(msg), torch.full(shape, 3.0))
+        dist.barrier(group=ps.pp_group)
+        box.close(bool(arrived))
+        return arrived
+    finally:
+        channels.destroy()
+        ps.destroy()
+
+
+def test_a_message_moves_while_the_main_threads_are_busy(run_dist):
+    assert run_dist(2, _hop_while_busy) == [True, 1]

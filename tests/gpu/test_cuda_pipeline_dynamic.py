@@ -1,12 +1,12 @@
 """`--use-dpp` over NCCL on 2 GPUs (PP 2 x VPP 2): the CUDA branches of the dynamic executor
 (headers on the host over gloo twins of the links, an NCCL send launched only once its data's
 event has completed and the channel's previous send is done, the NCCL receive posted only once
-its header has arrived, both from a side stream, readiness by polling NCCL works) give the
-static schedule's losses and gradients while a GPU-side straggler (`torch.cuda._sleep` on
-stage 0) reorders the computes; also with CUDA_DEVICE_MAX_CONNECTIONS=1 (one hardware queue
-for all streams, as Megatron launches set it), where the earlier versions, which posted
-receives ahead of their data, hung (measured on 2xH200). GPU kernels may sum in another order
-than the CPU's, so the check is to 1e-5, not bitwise.
+its header has arrived, both from a side stream by per-channel threads, readiness by polling
+NCCL works) give the static schedule's losses and gradients while a GPU-side straggler
+(`torch.cuda._sleep` on stage 0) reorders the computes; also with CUDA_DEVICE_MAX_CONNECTIONS=1
+(one hardware queue for all streams, as Megatron launches set it), where the earlier versions,
+which posted receives ahead of their data, hung (measured on 2xH200). GPU kernels may sum in
+another order than the CPU's, so the check is to 1e-5, not bitwise.
 
 `test_crossing_large_sends_complete` probes the one case the design does not rule out by
 construction (dynamic_executor.py): both ranks launch a send too large for NCCL's buffers to
@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.pipeline_parallel.dynamic import BREADTH_FIRST, DEPTH_FIRST, DynamicPlan, Message
-from megatron_lite.pipeline_parallel.dynamic_executor import _Inbox, _Outbox
+from megatron_lite.pipeline_parallel.dynamic_channels import Inbox, Outbox
 from megatron_lite.pipeline_parallel.executor import PipelineConfig
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
 from megatron_lite.pipeline_parallel.schedules import ACT
@@ -78,19 +78,21 @@ def _check(rank: int) -> None:
 
 def _crossing(rank: int) -> None:
     """Each rank sends a large message to the other; both sends are launched before either
-    receive is posted (a gloo barrier between), as when two neighbours finish at once."""
+    receive is posted (a gloo barrier between, and the inbox, whose thread posts the receive
+    once the header is there, created after it), as when two neighbours finish at once."""
     ps = ParallelState.create(pp=PP)
     channels = PipelineChannels.create(ps, ring=True, backend="nccl")
     barrier = ps.create_cpu_groups("pp")
     try:
         peer, stream, device = 1 - ps.pp_rank, torch.cuda.Stream(), torch.device("cuda", rank)
-        outbox = _Outbox(channels, ACT, peer, stream)
-        inbox = _Inbox(channels, ACT, peer, 1, (CROSSING_NUMEL,), torch.float32, device, stream)
+        outbox = Outbox(channels, ACT, peer, stream)
         outbox.put(Message(ACT, 0, 0), torch.full((CROSSING_NUMEL,), float(rank + 1), device=device))
         deadline = time.monotonic() + 60
-        while outbox.in_flight is None:  # until the header left and the NCCL send was launched
+        while outbox.launched == 0:  # until the header left and the NCCL send was launched
             outbox.pump()
+            time.sleep(1e-4)
         dist.barrier(group=barrier)
+        inbox = Inbox(channels, ACT, peer, 1, (CROSSING_NUMEL,), torch.float32, device, stream)
         while not (inbox.poll() == 1 and outbox.pump()):
             if time.monotonic() > deadline:
                 print(f"rank {rank}: crossing 256 MiB sends did not complete in 60 s "

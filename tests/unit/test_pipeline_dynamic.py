@@ -3,11 +3,17 @@
 transfer latency) finish without deadlock, run every compute once in dependency order, keep
 each chunk's micro-batches in order and stay within the static schedule's activation bound;
 with equal stages the dynamic orders are as fast as the static schedule; the window is what
-prevents the deadlock of a plain in-flight cap. Also MegatronDPP's launch flags, and the trace
-statistics telling a dynamic order from the static one."""
+prevents the deadlock of a plain in-flight cap. Also MegatronDPP's launch flags, the trace
+statistics telling a dynamic order from the static one, and the channel threads
+(dynamic_channels.py) on fake links: one payload in flight per channel, a header before its
+payload, a thread's failure raised on the main thread."""
+import queue
 import random
+import threading
+import time
 
 import pytest
+import torch
 
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.errors import ConfigError
@@ -20,6 +26,7 @@ from megatron_lite.pipeline_parallel.dynamic import (
     Message,
     Task,
 )
+from megatron_lite.pipeline_parallel.dynamic_channels import Inbox, Outbox
 from megatron_lite.pipeline_parallel.schedules import ACT, GRAD, Op, ScheduleError, in_flight_bound
 from megatron_lite.pipeline_parallel.simulate import ScheduleDeadlock, simulate, stage_durations
 from megatron_lite.pipeline_parallel.trace import TraceEvent, write_chrome_trace
@@ -221,3 +228,100 @@ def test_trace_stats_tell_the_dynamic_order_from_the_static(tmp_path, capsys):
     assert "dynamic breadth-first" in out and "dynamic depth-first" in out
     assert "step span" in out and "x); bubble" in out
 
+
+
+class _Work:
+    """A fake gloo work: wait() blocks until the test completes it."""
+
+    def __init__(self, done: bool = False):
+        self.done = threading.Event()
+        if done:
+            self.done.set()
+
+    def wait(self):
+        assert self.done.wait(10), "fake work never completed"
+
+    def is_completed(self):
+        return self.done.is_set()
+
+
+class _Links:
+    """Fake channels: logs every post, hands out queued headers, payload works the test
+    completes one by one."""
+
+    def __init__(self):
+        self.log, self.works, self.headers = [], [], queue.SimpleQueue()
+
+    def irecv_header(self, header, kind, peer):
+        work = _Work()
+
+        def wait(work=work):
+            header.copy_(torch.tensor(self.headers.get(timeout=10)))
+            work.done.set()
+        work.wait = wait
+        return work
+
+    def isend_header(self, header, kind, peer):
+        self.log.append(("header", tuple(header.tolist())))
+        return _Work(done=True)
+
+    def _payload(self, what):
+        self.log.append(what)
+        self.works.append(_Work())
+        return self.works[-1]
+
+    def irecv(self, buffer, kind, peer):
+        buffer.fill_(len(self.works))
+        return self._payload("recv")
+
+    def isend(self, tensor, kind, peer):
+        return self._payload(("send", tensor.item()))
+
+
+def _until(condition):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(1e-3)
+
+
+def test_inbox_posts_a_receive_per_header_one_in_flight():
+    links = _Links()
+    inbox = Inbox(links, ACT, 0, 2, (1,), torch.float32, torch.device("cpu"), None)
+    links.headers.put([0, 1])
+    links.headers.put([1, 1])
+    _until(lambda: links.log == ["recv"])
+    time.sleep(0.05)
+    assert links.log == ["recv"] and inbox.poll() == 0  # the second waits for the first
+    links.works[0].done.set()
+    _until(lambda: inbox.poll() == 1 and links.log == ["recv", "recv"])
+    links.works[1].done.set()
+    _until(lambda: inbox.poll() == 2)
+    assert inbox.take(Message(ACT, 1, 1)).item() == 1 and inbox.take(Message(ACT, 0, 1)).item() == 0
+    inbox.close(True)
+
+
+def test_outbox_sends_in_order_one_in_flight_header_first():
+    links = _Links()
+    outbox = Outbox(links, GRAD, 1, None)
+    outbox.put(Message(GRAD, 0, 0), torch.tensor(5.0))
+    outbox.put(Message(GRAD, 1, 0), torch.tensor(6.0))
+    _until(lambda: outbox.launched == 1)
+    time.sleep(0.05)
+    assert outbox.launched == 1 and not outbox.pump()
+    links.works[0].done.set()
+    _until(lambda: outbox.launched == 2)
+    assert not outbox.pump()
+    links.works[1].done.set()
+    _until(outbox.pump)
+    assert links.log == [("header", (0, 0)), ("send", 5.0), ("header", (1, 0)), ("send", 6.0)]
+    outbox.close(True)
+
+
+def test_a_channel_thread_failure_is_raised_on_the_main_thread():
+    links = _Links()
+    links.irecv_header = lambda *a: (_ for _ in ()).throw(ConnectionError("peer gone"))
+    inbox = Inbox(links, GRAD, 3, 1, (1,), torch.float32, torch.device("cpu"), None)
+    with pytest.raises(RuntimeError, match="receiving grad from pipeline rank 3 failed"):
+        _until(lambda: inbox.poll() < 0)
+    inbox.close(False)
