@@ -15,7 +15,12 @@ backward, gradient finalization, optimizer step) timed between CUDA synchronizat
 Stragglers are GPU time (`torch.cuda._sleep` before a compute), so the stage itself is slower,
 not only its host: --slow-factor lengthens every compute of --slow-stage by that fraction of
 its measured time; --stall-prob lengthens a random compute of any stage by --stall-factor
-times its time (the same computes in every mode).
+times its time (the same computes in every mode). Caveat, measured on 2xH200 (GPT 1.3B, PP2
+VPP2, M 16, micro-batches of 1): there the computes are close to host-launch bound, and a GPU
+sleep queued before a compute lets the host queue the compute's kernels meanwhile, so
+--slow-stage 0 --slow-factor 0.3 made the static schedule faster (532 vs 597 ms/it). For a
+stage that is really slower, give it more layers: --first-stage-layers 14 (7 + 7 layers on
+rank 0 against 5 + 5 and the output layer on rank 1).
 """
 from __future__ import annotations
 
