@@ -331,9 +331,17 @@ _GROUPS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is reported in one `error:` line: its default prints
+    the whole usage first, some 200 lines here, above the line that names the flag."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser(extra_args_provider: ExtraArgsProvider | None = None) -> argparse.ArgumentParser:
     """A fresh parser with every megatron_lite flag (plus `extra_args_provider`'s, if given)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else None,
         description="megatron_lite arguments (Megatron-LM compatible)",
         # Abbreviations would let a typo of one flag silently set another (spec §10 names only).
@@ -357,8 +365,8 @@ def parse_args(
 
     `defaults` replaces parser defaults before parsing, so the command line still wins: this
     is how `pretrain_llama.py` turns on RMSNorm/SwiGLU/RoPE and `pretrain_gpt.py` picks
-    `GPT2BPETokenizer`. Unknown flags exit with argparse's usage error (status 2) naming
-    them, unless `ignore_unknown_args`.
+    `GPT2BPETokenizer`. Unknown flags exit with one `error:` line (status 2) naming them,
+    unless `ignore_unknown_args`.
     """
     parser = build_parser(extra_args_provider)
     if defaults:

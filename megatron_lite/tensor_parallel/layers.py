@@ -15,9 +15,10 @@ fusion, on by default as in Megatron), as Megatron's
 `LinearWithGradAccumulationAndAsyncCommunication` does. The row-parallel GEMM uses the same
 Function without a group for (c). Megatron runs with CUDA_DEVICE_MAX_CONNECTIONS=1 so that
 the collectives start before the GEMMs queued after them; here that cost 18% at TP2 on 2xH200
-(pretrain says so in one line), the hardware queues already overlapping them. With `tp_comm_overlap` (--tp-comm-overlap, SP only)
-the forward all-gather, the row-parallel reduce-scatter and its backward all-gather become
-ring collective matmuls (overlap.py), so none of them is exposed.
+(pretrain says so in one line), the hardware queues already overlapping them. With
+`tp_comm_overlap` (--tp-comm-overlap, SP only) the forward all-gather, the row-parallel
+reduce-scatter and its backward all-gather become ring collective matmuls (overlap.py), so
+none of them is exposed.
 """
 from __future__ import annotations
 
