@@ -163,6 +163,13 @@ def _add_training_args(parser):
     group.add_argument("--profile-step-start", type=int, default=10, help="First profiled step.")
     group.add_argument("--profile-step-end", type=int, default=12, help="Step at which profiling stops.")
     group.add_argument("--profile-ranks", nargs="+", type=int, default=[0], help="Global ranks to profile.")
+    _add_training_kernel_and_optimizer_args(group)
+    return parser
+
+
+def _add_training_kernel_and_optimizer_args(group) -> None:
+    """The rest of Megatron's training group: fusions, optimizer choice and offload, layer
+    implementation, batch-size schedule, weight-hash check and re-run engine."""
     # Fusion switches (spec §10): on by default, each with a --no-* flag.
     group.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
                        help=ACCEPTED_AS_IS["masked_softmax_fusion"])
@@ -216,7 +223,6 @@ def _add_training_args(parser):
                        help="Megatron-LM's re-run engine: only disabled is supported (Megatron-LM's default "
                        "is validate_results); a NaN loss stops the run with an error, without re-running "
                        "the step.")
-    return parser
 
 
 def _add_inference_args(parser):
