@@ -55,9 +55,11 @@ case "$mode" in
     run dp2_fsdp2 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion
     [ "${4:-}" = "all" ] && run dp2_fsdp2_no_reshard 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
       --torch-fsdp2-no-reshard-after-forward ;;
-  fsdp2-no-reshard)  # the no-reshard FSDP2 run alone
+  fsdp2-no-reshard)  # the no-reshard FSDP2 run alone, then with bf16 gradient reduce-scatters
     run dp2_fsdp2_no_reshard 2 "$iters" 2 --use-torch-fsdp2 --no-gradient-accumulation-fusion \
-      --torch-fsdp2-no-reshard-after-forward ;;
+      --torch-fsdp2-no-reshard-after-forward
+    [ "${4:-}" = "all" ] && run dp2_fsdp2_no_reshard_bf16_rs 2 "$iters" 2 --use-torch-fsdp2 \
+      --no-gradient-accumulation-fusion --torch-fsdp2-no-reshard-after-forward --grad-reduce-in-bf16 ;;
   1gpu)  # OFFLOAD_FRACTION: 1.0 unless set
     run gpu1_offload 1 "$iters" 2 --use-distributed-optimizer --optimizer-cpu-offload \
       --optimizer-offload-fraction "${OFFLOAD_FRACTION:-1.0}" --overlap-cpu-optimizer-d2h-h2d ;;

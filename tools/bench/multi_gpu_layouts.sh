@@ -3,7 +3,8 @@
 # bf16, mock data, through pretrain_gpt.py, on one GPU and on two in each layout of the issue.
 #   bash tools/bench/multi_gpu_layouts.sh WORKDIR [LAYOUTS...]   # default: all of them
 # Layouts: 1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4. Prints per run the mean ms/iteration over the
-# iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU and max allocated.
+# iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU and max allocated, and
+# for the pipeline layouts the traced bubble (tools/pipeline_trace_stats.py).
 # Extra environment for every launch (e.g. NCCL_PROTO) is passed through as set by the caller.
 set -uo pipefail
 out=${1:-/tmp/multi_gpu_layouts}; shift || true
@@ -18,13 +19,16 @@ GPT13="--num-layers 24 --hidden-size 2048 --num-attention-heads 16 --seq-length 
   --train-iters $iters"
 
 run() { name=$1; n=$2; shift 2
+  trace=(); [[ "$name" == pp* ]] && trace=(--pipeline-trace-file "$out/$name.trace.json")
   timeout "${RUN_TIMEOUT:-150}" torchrun --standalone --nproc_per_node "$n" pretrain_gpt.py $GPT13 "$@" \
-    > "$out/$name.log" 2>&1
+    "${trace[@]}" > "$out/$name.log" 2>&1
   echo "== $name (rc $?, NCCL_PROTO=${NCCL_PROTO:-default}): $*"
   grep -o "elapsed time per iteration (ms): [0-9.]*" "$out/$name.log" | awk -F': ' \
     'NR>4 {s+=$2; k++} END {if (k) printf "mean ms/iteration over %d iterations: %.1f\n", k, s/k}'
   grep -o "throughput per GPU (TFLOP/s/GPU): [0-9.]*" "$out/$name.log" | tail -1
   grep "max allocated" "$out/$name.log" | tail -1 | sed 's/.*memory (MB)/memory (MB)/'
+  # Pipeline layouts: the measured bubble next to the schedule's with these compute times.
+  [ ${#trace[@]} -gt 0 ] && python tools/pipeline_trace_stats.py --skip-steps 4 "$out/$name.trace.json" | tail -2
   grep -m3 "error\|Error\|Traceback" "$out/$name.log"; }
 
 layouts=("$@"); [ ${#layouts[@]} -eq 0 ] && layouts=(1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4)
