@@ -90,8 +90,13 @@ def _add_distributed_args(parser):
                        help="FSDP2: keep the layers gathered from a step's first forward to its last "
                        "backward (one all-gather per layer and step instead of two per micro-batch; "
                        "ZeRO-2-like memory).")
-    # MegatronDPP's dynamic pipeline (issue 18, pipeline_parallel/dynamic*.py), in the group
-    # where MegatronDPP declares its flags; config/dpp_flags.py checks them.
+    _add_dpp_args(group)
+    return parser
+
+
+def _add_dpp_args(group) -> None:
+    """MegatronDPP's dynamic pipeline (issue 18, pipeline_parallel/dynamic*.py), in the group
+    where MegatronDPP declares its flags; config/dpp_flags.py checks them."""
     group.add_argument("--use-dpp", action="store_true",
                        help="MegatronDPP's dynamic pipeline: each training step runs whichever forward or "
                        "backward has its input ready (same losses and gradients as the static schedule).")
@@ -107,7 +112,6 @@ def _add_distributed_args(parser):
     group.add_argument("--node-ips", type=str, default=None,
                        help=f"Comma-separated InfiniBand IPs of the nodes for {transport}.")
     group.add_argument("--multi-node", action="store_true", help=f"Multi-node RDMA mode of {transport}.")
-    return parser
 
 
 def _add_moe_args(parser):
