@@ -145,7 +145,10 @@ def _time(step, steps, warmup, profile=False) -> float:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof
 
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
+        # A trace also records the host (CPU ops, CUDA runtime calls): trace_streams.py tells
+        # a GPU waiting for the host from a host waiting for the GPU.
+        activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if isinstance(profile, str) else [])
+        with prof(activities=activities) as p:
             for _ in range(3):
                 step()
             torch.cuda.synchronize()

@@ -37,6 +37,17 @@ def test_summary_of_a_known_trace(tmp_path):
     assert r["streams"] == {"20": 0.01, "7": 0.01}
     assert r["idle_gaps"] == [(15, "nvjet_gemm", "elementwise")]
     assert idle_gaps([]) == []
+    assert (r["host_waited_ms"], r["kernel_launches"]) == (0, 0)  # no host events
+
+
+def test_host_waits_and_launches(tmp_path):
+    runtime = [{"ph": "X", "cat": "cuda_runtime", "name": name, "ts": ts, "dur": dur}
+               for name, ts, dur in (("cudaLaunchKernel", 0, 5), ("cudaLaunchKernel", 10, 5),
+                                     ("cudaStreamSynchronize", 20, 400), ("cudaEventSynchronize", 500, 100))]
+    path = tmp_path / "rank0.json"
+    path.write_text(json.dumps({"traceEvents": [_kernel("nvjet_gemm", 0, 10, 7), *runtime]}))
+    r = summarize(str(path))
+    assert r["host_waited_ms"] == pytest.approx(0.5) and r["kernel_launches"] == 2
 
 
 def test_a_trace_without_kernels_is_refused(tmp_path):

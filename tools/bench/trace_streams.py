@@ -6,6 +6,9 @@ exposed, idle time, and kernel time by class, from a Chrome trace of `torch.prof
 
 "Exposed NCCL" is time when a communication kernel runs and no compute kernel does: what
 overlap could still win. "Idle" is time with no kernel at all (host-bound gaps, waits).
+With host events in the trace (`--profile-trace` records them), "host waited" is the time the
+host spent blocked in CUDA synchronize calls: a GPU that idles while its host hardly ever
+waits is starved by the host (launch-bound), not by a dependency.
 """
 from __future__ import annotations
 
@@ -42,15 +45,25 @@ def union_length(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def gpu_events(path: str) -> list[dict]:
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
+def gpu_events(events: list[dict]) -> list[dict]:
     return [e for e in events if e.get("ph") == "X"
             and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
 
+def host_runtime(events: list[dict]) -> tuple[float, int]:
+    """(ms blocked in CUDA synchronize calls, number of kernel launches) from the host events
+    of a trace; (0, 0) without them."""
+    runtime = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"]
+    waited = sum(e["dur"] for e in runtime if "Synchronize" in e["name"])
+    launches = sum(1 for e in runtime if "LaunchKernel" in e["name"])
+    return waited / 1e3, launches
+
+
 def summarize(path: str) -> dict:
-    ev = gpu_events(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    ev = gpu_events(events)
+    waited, launches = host_runtime(events)
     if not ev:
         raise SystemExit(f"error: {path} holds no GPU kernels")
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in ev]
@@ -75,6 +88,7 @@ def summarize(path: str) -> dict:
         "top_kernels": [(n, c, round(t / 1e3, 2)) for n, (c, t) in top],
         "idle_gaps": gaps, "idle_gaps_over_50us_ms": round(sum(
             g for g, _, _ in idle_gaps(ev) if g > 50) / 1e3, 2),
+        "host_waited_ms": round(waited, 2), "kernel_launches": launches,
     }
 
 
@@ -100,6 +114,8 @@ def main() -> None:
               f"(exposed {r['nccl_exposed_ms']:.1f})")
         print(f"  kernel time by class (ms, summed over streams): {r['kernel_ms_by_class']}")
         print(f"  busy per stream (ms): {r['streams']}")
+        print(f"  host: {r['host_waited_ms']} ms blocked in CUDA synchronize calls, "
+              f"{r['kernel_launches']} kernel launches (0, 0: no host events in the trace)")
         print(f"  idle in gaps over 50 us: {r['idle_gaps_over_50us_ms']} ms; "
               "longest gaps (us, before, after):")
         for gap in r["idle_gaps"]:
