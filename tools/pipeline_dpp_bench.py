@@ -207,7 +207,7 @@ def main() -> None:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=timedelta(seconds=a.timeout_s))
     ps = ParallelState.create(pp=dist.get_world_size(), timeout=timedelta(seconds=a.timeout_s))
-    channels = PipelineChannels.create(ps, ring=a.vpp > 1)
+    channels = PipelineChannels.create(ps, ring=a.vpp > 1, dynamic=True)
     shape = dict(PRESETS[a.preset], max_position_embeddings=max(a.seq_length, 2048))
     if a.num_layers:
         shape["num_layers"] = a.num_layers

@@ -178,6 +178,10 @@ class HybridOptimizer:
                           for a, b in staged)
         # Two buffer sets when copies overlap the host step (double buffering), else one.
         self._staging = [_Staging(grad_bytes, param_bytes, cuda) for _ in range(2 if self._overlap else 1)]
+        # Pageable scratch of the oversized units, stepped one at a time: allocated at their
+        # first step (after the DataLoader forked: never shared with its workers) and reused,
+        # not ~3 GB allocated and page-faulted again every step.
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
         self._d2h = torch.cuda.Stream(self.device) if self._overlap else None
         self._h2d = torch.cuda.Stream(self.device) if self._overlap else None
         self.host_grads: list[torch.Tensor] = []  # set by the outer optimizer before each step
@@ -295,12 +299,29 @@ class HybridOptimizer:
         copied down in chunks, the host step, its model-dtype value copied up in chunks.
         Synchronous on the current stream, which orders it after the gradients' producers and
         before the next forward (the side streams never touch this unit)."""
-        unit.main.grad = host_copy(grad, self.offload.chunk_elements).view_as(unit.main)
+        n, chunk = unit.main.numel(), self.offload.chunk_elements
+        grads, values = self._oversized_scratch(unit)
+        host_grad, value = grads[:n], values[:n]  # [numel of the unit]
+        if value.dtype != unit.target.dtype:  # a unit kept in another dtype than the first one
+            value = torch.empty(n, dtype=unit.target.dtype)
+        flat_grad = grad.detach().reshape(-1)
+        for start in range(0, n, chunk):
+            host_grad[start:start + chunk].copy_(flat_grad[start:start + chunk])  # device -> host
+        unit.main.grad = host_grad.view_as(unit.main)
         try:
             self.host_opt.step()  # only this unit has a gradient
         finally:
             unit.main.grad = None
-        value = unit.main.to(unit.target.dtype)  # fp32 -> model dtype, on the host
-        flat_out, flat_in, chunk = unit.target.view(-1), value.view(-1), self.offload.chunk_elements
-        for start in range(0, flat_in.numel(), chunk):
-            flat_out[start:start + chunk].copy_(flat_in[start:start + chunk])  # host -> device
+        value.copy_(unit.main.view(-1))  # fp32 -> model dtype, on the host
+        flat_out = unit.target.view(-1)
+        for start in range(0, n, chunk):
+            flat_out[start:start + chunk].copy_(value[start:start + chunk])  # host -> device
+
+    def _oversized_scratch(self, unit: HostUnit) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 gradient, model-dtype value) flat host buffers for the largest oversized unit."""
+        if self._scratch is None:
+            big = [self.units[a] for a, b in self._ranges if self._oversized((a, b))]
+            n = max(u.main.numel() for u in big)
+            self._scratch = (torch.empty(n, dtype=torch.float32),
+                             torch.empty(n, dtype=unit.target.dtype))
+        return self._scratch

@@ -15,7 +15,7 @@ Shapes are known in advance (`[s/cp(/tp with SP), b, h]`, the same for every mic
 receives allocate their buffer without a shape handshake (spec §6.2).
 
 Headers. The dynamic schedule (`--use-dpp`, dynamic_executor.py) announces each message with a
-small int64 header that travels on the host: every link has a gloo twin when its group is NCCL
+small int64 header that travels on the host: in a dynamic run every NCCL link has a gloo twin
 (on a gloo world the link itself serves, headers set apart by their tag), so a header can be
 sent and received without launching a GPU kernel.
 """
@@ -44,12 +44,13 @@ class PipelineChannels:
     _owned: list = field(default_factory=list, repr=False)
 
     @classmethod
-    def create(cls, ps, ring: bool, backend: str | None = None,
+    def create(cls, ps, ring: bool, backend: str | None = None, dynamic: bool = False,
                header_twins: bool | None = None) -> PipelineChannels:
         """Collective over the whole world (every rank creates every group). `ring`: also link
-        the last rank back to the first (needed by the interleaved schedule). `header_twins`:
-        headers on gloo groups of their own (default: when the links are NCCL; tests ask for
-        them on gloo to run that layout on CPU)."""
+        the last rank back to the first (needed by the interleaved schedule). `dynamic`: the
+        run sends headers (--use-dpp). `header_twins`: headers on gloo groups of their own
+        (default: for a dynamic run over NCCL links; tests ask for them on gloo to run that
+        layout on CPU). A static run creates no twins: they would be idle gloo groups."""
         out = cls(ps.pp_rank, ps.pp_size)
         pp = ps.pp_size
         if pp == 1:
@@ -58,7 +59,7 @@ class PipelineChannels:
         # The same answer on every rank, so every rank creates the same groups in the same order.
         twins = header_twins
         if twins is None:
-            twins = "nccl" in str(backend or dist.get_backend()).lower()
+            twins = dynamic and "nccl" in str(backend or dist.get_backend()).lower()
         for pipeline in ps.grid.groups("pp"):
             for r in range(pp if ring else pp - 1):
                 a, b = pipeline[r], pipeline[(r + 1) % pp]

@@ -131,7 +131,7 @@ def build_executor(args, chunks, ps, env):
     channels = None
     if ps.pp_size > 1:
         ring = (args.virtual_pipeline_model_parallel_size or 1) > 1  # chunk c -> c+1 wraps around
-        channels = PipelineChannels.create(ps, ring=ring, backend=env.backend)
+        channels = PipelineChannels.create(ps, ring=ring, backend=env.backend, dynamic=args.use_dpp)
     trace = None
     if args.pipeline_trace or args.pipeline_trace_file:
         trace = PipelineTrace(env.rank, ps.pp_rank, env.device)

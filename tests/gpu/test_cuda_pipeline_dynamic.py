@@ -51,7 +51,7 @@ def _cycles_per_s() -> float:
 
 def _check(rank: int) -> None:
     ps = ParallelState.create(pp=PP)
-    channels = PipelineChannels.create(ps, ring=True, backend="nccl")
+    channels = PipelineChannels.create(ps, ring=True, backend="nccl", dynamic=True)
     try:
         static, grads, _, _ = train_once(ps, channels, LAYERS, VPP, M, PipelineConfig(overlap_p2p_comm=True),
                                          device="cuda")
@@ -81,7 +81,7 @@ def _crossing(rank: int) -> None:
     receive is posted (a gloo barrier between, and the inbox, whose thread posts the receive
     once the header is there, created after it), as when two neighbours finish at once."""
     ps = ParallelState.create(pp=PP)
-    channels = PipelineChannels.create(ps, ring=True, backend="nccl")
+    channels = PipelineChannels.create(ps, ring=True, backend="nccl", dynamic=True)
     barrier = ps.create_cpu_groups("pp")
     try:
         peer, stream, device = 1 - ps.pp_rank, torch.cuda.Stream(), torch.device("cuda", rank)

@@ -28,17 +28,7 @@ import os
 import torch
 import torch.distributed as dist
 
-
-def _time_ms(fn, iters: int = 20) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
+from tools.bench.nccl_probe import time_ms
 
 
 class Probe:
@@ -134,7 +124,7 @@ def _report(probe, what, shape, variants, args, rank):
     for name, fn in variants.items():
         try:
             err = (fn(*args).float() - ref.float()).abs().max().item()
-            ms = _time_ms(lambda fn=fn: fn(*args))
+            ms = time_ms(lambda fn=fn: fn(*args))
         except Exception as e:  # noqa: BLE001 - one variant failing must not hide the others
             if rank == 0:
                 why = f"{type(e).__name__}: {str(e)[:160]}"
