@@ -15,10 +15,11 @@ from megatron_lite.fused.cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron_lite.models.output_loss import ChunkLimits, OutputHead, output_loss
 from megatron_lite.models.rope import inverse_frequencies, rotary_cos_sin
 from megatron_lite.models.transformer import TransformerBlock
+from megatron_lite.tensor_parallel.collectives import split
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_lite.tensor_parallel.embedding import VocabParallelEmbedding
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, linear_with_tp
-from megatron_lite.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+from megatron_lite.tensor_parallel.sharding import mark_sequence_parallel
 
 TIED_EMBEDDING = "embedding.word_embeddings.weight"
 
@@ -35,18 +36,26 @@ class Embedding(nn.Module):
             self.position_embeddings = nn.Embedding(
                 config.max_position_embeddings, config.hidden_size,
                 dtype=config.params_dtype, device=device)
+            if config.sequence_parallel:
+                # Each TP rank adds the positions of its own sequence chunk (forward), so the
+                # table's gradient is a per-chunk partial: summed over TP like a norm's.
+                mark_sequence_parallel(self.position_embeddings.weight)
 
     def forward(self, input_ids, position_ids):  # [b, s] -> [s(/tp with SP), b, h]
-        if self.sequence_parallel and self.position_embeddings is None:
-            # Nothing to add over the whole sequence first: the TP sum lands already split.
-            return self.word_embeddings(input_ids, scatter_sequence=True)  # [s/tp, b, h]
+        if self.sequence_parallel:
+            # The TP sum of the vocabulary shards lands already split by one reduce-scatter
+            # (where an all-reduce and a split would move tp times more data), then each rank
+            # adds the positions of its chunk. Bit-identical to adding them before the split:
+            # for each token one shard holds its row and the others add exact zeros.
+            x = self.word_embeddings(input_ids, scatter_sequence=True)  # [s/tp, b, h]
+            if self.position_embeddings is not None:
+                local = split(position_ids, 1, self.tp_group)  # [b, s/tp]
+                x = x + self.position_embeddings(local).transpose(0, 1)  # [s/tp, b, h]
+            return x
         x = self.word_embeddings(input_ids)  # [b, s, h]
         if self.position_embeddings is not None:
             x = x + self.position_embeddings(position_ids)
-        x = x.transpose(0, 1).contiguous()  # [s, b, h]
-        if self.sequence_parallel:
-            x = scatter_to_sequence_parallel_region(x, self.tp_group)  # [s/tp, b, h]
-        return x
+        return x.transpose(0, 1).contiguous()  # [s, b, h]
 
 
 class GPTModel(nn.Module):
