@@ -1,7 +1,7 @@
 """`pretrain_*.py` on CUDA through torchrun, compared number by number: the same tiny model
 prints the same loss curve at TP=2+SP (fused vocab-parallel cross-entropy), DP=2 (with and
 without overlapped reduction, and with the distributed optimizer's overlapped param gather),
-and PP=2 x VPP=2 as on one GPU; bf16 training tracks fp32 over many steps; fp16 exercises the
+and PP=2 x VPP=2 as on one GPU, and GPT (learned positions) at TP=2+SP in fp32; bf16 training tracks fp32 over many steps; fp16 exercises the
 dynamic loss scaler. (These replace the print-only scripts tests/gpu/*.sh.)"""
 import re
 
@@ -64,6 +64,15 @@ def test_pp2_vpp2_fp32_equals_one_gpu():
     piped = _curve(2, "pretrain_gpt.py", *GPT_FP32, "--pipeline-model-parallel-size", "2",
                    "--num-layers-per-virtual-pipeline-stage", "1")
     _close(piped, single, rtol=1e-5)
+
+
+def test_gpt_tp2_sp_fp32_equals_one_gpu():
+    """GPT's learned positions under SP: the vocabulary shards are reduce-scattered, then each
+    TP rank adds its chunk's positions and the table's gradient is summed over TP."""
+    _two_gpus()
+    single = _curve(1, "pretrain_gpt.py", *GPT_FP32)
+    tp = _curve(2, "pretrain_gpt.py", *GPT_FP32, "--tensor-model-parallel-size", "2", "--sequence-parallel")
+    _close(tp, single, rtol=1e-5)
 
 
 def test_bf16_training_tracks_fp32(llama_bf16):
