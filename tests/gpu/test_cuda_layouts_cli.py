@@ -1,8 +1,9 @@
 """`pretrain_*.py` on CUDA through torchrun, compared number by number: the same tiny model
 prints the same loss curve at TP=2+SP (fused vocab-parallel cross-entropy), DP=2 (with and
 without overlapped reduction, and with the distributed optimizer's overlapped param gather),
-and PP=2 x VPP=2 as on one GPU, and GPT (learned positions) at TP=2+SP in fp32; bf16 training tracks fp32 over many steps; fp16 exercises the
-dynamic loss scaler. (These replace the print-only scripts tests/gpu/*.sh.)"""
+and PP=2 x VPP=2 as on one GPU, and GPT (learned positions) at TP=2+SP in fp32; bf16
+training tracks fp32 over many steps; fp16 exercises the dynamic loss scaler. (These replace
+the print-only scripts tests/gpu/*.sh.)"""
 import re
 
 import pytest
