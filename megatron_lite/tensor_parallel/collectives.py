@@ -2,9 +2,10 @@
 
 Every helper takes `group`: a ProcessGroup, or None meaning a group of size 1, for which the
 helper is the identity and no communication happens (a single-process run needs no
-torch.distributed). On NCCL the single-buffer collectives (`all_gather_into_tensor`,
-`reduce_scatter_tensor`) are used; gloo implements neither reduce_scatter nor (reliably)
-all_gather_into_tensor, so there the helpers fall back to `all_gather` into a list and
+torch.distributed). On NCCL the single-buffer collectives (`all_gather_single` /
+`reduce_scatter_single`, named `*_into_tensor` / `*_tensor` before torch 2.13) are used; gloo
+implements neither reduce_scatter nor (reliably) the single-buffer all-gather, so there the
+helpers fall back to `all_gather` into a list and
 all_reduce-then-take-own-chunk. The fallbacks move more bytes but only run in CPU tests.
 
 `async_op=True` returns a `Pending` whose `wait()` gives the result, so that a backward pass
