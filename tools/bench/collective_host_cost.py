@@ -10,9 +10,9 @@ calls (torch.distributed directly, and megatron_lite's `collectives` wrappers wi
 the layers use them), and the flight recorder's entries (`TORCH_FR_BUFFER_SIZE`, torch's
 default 2000) so that runs with it on and off can be compared.
 
-Measured on 2xH200 (torch 2.11): all-gather 36.9 us with the recorder, 22.5 without; our
-wrappers with their wait 40-53 us; reduce-scatter 24 us either way. At ~1,000 calls per step
-that is 40-50 ms of a host-bound TP2 step of 340-490 ms: a part, not the cause.
+Measured on 2xH200 (torch 2.11, two runs, the recorder on in both): torch's own calls 22-37 us,
+megatron_lite's wrappers with their wait 40-53 us (before a440ce3 trimmed them). At ~1,000 calls
+per step that is 40-50 ms of a host-bound TP2 step of 340-490 ms: a part, not the cause.
 """
 from __future__ import annotations
 
