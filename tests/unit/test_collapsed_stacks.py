@@ -31,3 +31,11 @@ def test_functions_add_their_lines():
 def test_a_line_without_count_is_refused():
     with pytest.raises(SystemExit, match="error: not a collapsed-stack line"):
         parse(["main (t.py:1);step (t.py:5)"])
+
+
+def test_a_missing_file_is_one_error_line(monkeypatch, tmp_path):
+    from tools.bench import collapsed_stacks
+
+    monkeypatch.setattr("sys.argv", ["collapsed_stacks.py", str(tmp_path / "none.txt")])
+    with pytest.raises(SystemExit, match=r"^error: cannot read .*none\.txt: No such file"):
+        collapsed_stacks.main()

@@ -68,8 +68,11 @@ def main() -> None:
     p.add_argument("--functions", action="store_true", help="aggregate a function's lines")
     p.add_argument("--threads", type=int, default=8, help="this many threads, most samples first")
     a = p.parse_args()
-    with open(a.stacks) as f:
-        by_root = parse(f, a.functions)
+    try:
+        with open(a.stacks) as f:
+            by_root = parse(f, a.functions)
+    except OSError as e:
+        raise SystemExit(f"error: cannot read {a.stacks}: {e.strerror}") from None
     summaries = [(root, *summarize(stacks, a.within)) for root, stacks in by_root.items()]
     summaries.sort(key=lambda r: -r[1])  # busiest threads first
     for root, total, inclusive, leaf in summaries[:a.threads]:
