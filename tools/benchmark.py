@@ -153,6 +153,8 @@ def _time(step, steps, warmup, profile=False) -> float:
                 step()
             torch.cuda.synchronize()
         print(p.key_averages().table(sort_by="cuda_time_total", row_limit=40), flush=True)
+        if ProfilerActivity.CPU in activities:  # where the host's own time goes (issue 13)
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), flush=True)
         if isinstance(profile, str):  # per-stream busy and overlap: tools/bench/trace_streams.py
             p.export_chrome_trace(profile)
     torch.cuda.synchronize()

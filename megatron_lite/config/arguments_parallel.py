@@ -47,28 +47,7 @@ def _add_distributed_args(parser):
                        help="Timeout of torch.distributed collectives, in minutes.")
     group.add_argument("--local-rank", type=int, default=None,
                        help="Local rank passed by older launchers (torchrun sets LOCAL_RANK instead).")
-    group.add_argument("--use-distributed-optimizer", action="store_true",
-                       help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
-    group.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
-                       help="Number of distributed-optimizer replicas across the data-parallel group.")
-    group.add_argument("--overlap-grad-reduce", action="store_true",
-                       help="Reduce gradient buckets asynchronously during backward.")
-    group.add_argument("--overlap-param-gather", action="store_true",
-                       help="All-gather updated parameters asynchronously during the next forward.")
-    group.add_argument("--no-align-grad-reduce", action="store_false", dest="align_grad_reduce",
-                       help="Let each pipeline stage launch its gradient reduction independently "
-                       "(refused: not supported).")
-    group.add_argument("--no-align-param-gather", action="store_false", dest="align_param_gather",
-                       help="Let each pipeline stage launch its parameter all-gathers independently "
-                       "(refused with virtual pipeline stages; without them alignment is off anyway).")
-    group.add_argument("--ddp-bucket-size", type=int, default=None,
-                       help="Gradient bucket size in elements.")
-    group.add_argument("--ddp-num-buckets", type=int, default=None,
-                       help="Split the gradients into this many buckets.")
-    group.add_argument("--ddp-pad-buckets-for-high-nccl-busbw", action="store_true",
-                       help="Pad buckets to a multiple of 2^16 for NCCL bus bandwidth.")
-    group.add_argument("--ddp-average-in-collective", action="store_true",
-                       help="Average inside the collective instead of pre-scaling by 1/DP.")
+    _add_ddp_args(group)
     group.add_argument("--context-parallel-size", type=int, default=1, help="Context-parallel size CP.")
     group.add_argument("--cp-comm-type", nargs="+", type=str, default=["p2p"],
                        help="Context-parallel attention communication: p2p, all_gather (allgather), a2a or "
@@ -92,6 +71,32 @@ def _add_distributed_args(parser):
                        "ZeRO-2-like memory).")
     _add_dpp_args(group)
     return parser
+
+
+def _add_ddp_args(group) -> None:
+    """Data-parallel gradient reduction and the distributed optimizer (data_parallel/ddp.py)."""
+    group.add_argument("--use-distributed-optimizer", action="store_true",
+                       help="Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    group.add_argument("--num-distributed-optimizer-instances", type=int, default=1,
+                       help="Number of distributed-optimizer replicas across the data-parallel group.")
+    group.add_argument("--overlap-grad-reduce", action="store_true",
+                       help="Reduce gradient buckets asynchronously during backward.")
+    group.add_argument("--overlap-param-gather", action="store_true",
+                       help="All-gather updated parameters asynchronously during the next forward.")
+    group.add_argument("--no-align-grad-reduce", action="store_false", dest="align_grad_reduce",
+                       help="Let each pipeline stage launch its gradient reduction independently "
+                       "(refused: not supported).")
+    group.add_argument("--no-align-param-gather", action="store_false", dest="align_param_gather",
+                       help="Let each pipeline stage launch its parameter all-gathers independently "
+                       "(refused with virtual pipeline stages; without them alignment is off anyway).")
+    group.add_argument("--ddp-bucket-size", type=int, default=None,
+                       help="Gradient bucket size in elements.")
+    group.add_argument("--ddp-num-buckets", type=int, default=None,
+                       help="Split the gradients into this many buckets.")
+    group.add_argument("--ddp-pad-buckets-for-high-nccl-busbw", action="store_true",
+                       help="Pad buckets to a multiple of 2^16 for NCCL bus bandwidth.")
+    group.add_argument("--ddp-average-in-collective", action="store_true",
+                       help="Average inside the collective instead of pre-scaling by 1/DP.")
 
 
 def _add_dpp_args(group) -> None:

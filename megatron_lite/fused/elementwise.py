@@ -17,11 +17,18 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@jit_fuser
 def gelu(h: torch.Tensor) -> torch.Tensor:
     """tanh-approximate GeLU: what Megatron's fused bias-GeLU computes (spec §11); the bias is
-    already added by the column-parallel linear."""
+    already added by the column-parallel linear's GEMM epilogue.
+
+    Not compiled, unlike its neighbours: eager `F.gelu` is already one kernel forward and one
+    backward, which is all Inductor makes of it, while a compiled call costs its guards and
+    runtime wrappers on the host, forward and backward (~340 us per layer and micro-batch
+    profiled on an H200 host, issue 13), which a tensor-parallel step cannot hide."""
     return F.gelu(h, approximate="tanh")
+
+
+gelu.reference = gelu  # the --no-bias-gelu-fusion path: the same single op
 
 
 @jit_fuser
