@@ -37,6 +37,10 @@ ACCEPTED_AS_IS = MappingProxyType({
     # Model computations megatron_lite has one way of doing.
     "openai_gelu":
         "OpenAI's tanh-approximated GeLU: already megatron_lite's GeLU (spec §10).",
+    "bias_gelu_fusion":
+        "--no-bias-gelu-fusion: disable the fused bias+GeLU kernel; megatron_lite adds the bias in "
+        "the GEMM's epilogue and its tanh GeLU is one kernel forward and one backward either way "
+        "(spec §11), so results are those of the unfused path.",
     "masked_softmax_fusion":
         "--no-masked-softmax-fusion: disable the fused scale-mask-softmax kernel; megatron_lite has "
         "none (flash/cuDNN attention fuse the softmax themselves, the unfused path is plain PyTorch "

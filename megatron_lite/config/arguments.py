@@ -174,7 +174,7 @@ def _add_training_kernel_and_optimizer_args(group) -> None:
     group.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
                        help=ACCEPTED_AS_IS["masked_softmax_fusion"])
     group.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
-                       help="Disable the fused bias+GeLU kernel.")
+                       help=ACCEPTED_AS_IS["bias_gelu_fusion"])
     group.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion",
                        help="Disable the fused bias+SwiGLU kernel.")
     group.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion",

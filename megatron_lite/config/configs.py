@@ -57,7 +57,7 @@ class ModelConfig:
     # Fusions (Megatron's flag names; spec §10 "Fusion switches"). On CUDA the first three
     # compile their PyTorch reference (fused/elementwise.py); the last is a Triton kernel.
     bias_swiglu_fusion: bool = True
-    bias_gelu_fusion: bool = True  # compiled tanh-GeLU on CUDA (off without biases, as in Megatron)
+    bias_gelu_fusion: bool = True  # kept for the checkpoint args; the GeLU is the same either way
     apply_rope_fusion: bool = True
     no_persist_layer_norm: bool = False  # True: RMSNorm unfused
     cross_entropy_loss_fusion: bool = False

@@ -1,6 +1,7 @@
 """Fused elementwise ops of the transformer layer (Megatron's bias-SwiGLU, bias-GeLU, RoPE and
 RMSNorm fusions, spec §11), each defined once as its PyTorch reference and compiled on CUDA by
-`jit_fuser`. The model calls the unfused reference when a `--no-*-fusion` flag asks."""
+`jit_fuser` (GeLU excepted: one eager kernel already). The model calls the unfused reference
+when a `--no-*-fusion` flag asks."""
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,6 @@ def gelu(h: torch.Tensor) -> torch.Tensor:
     runtime wrappers on the host, forward and backward (~340 us per layer and micro-batch
     profiled on an H200 host, issue 13), which a tensor-parallel step cannot hide."""
     return F.gelu(h, approximate="tanh")
-
-
-gelu.reference = gelu  # the --no-bias-gelu-fusion path: the same single op
 
 
 @jit_fuser

@@ -15,7 +15,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, ps, device=None):
         super().__init__()
         self.swiglu, self.swiglu_fusion = config.swiglu, config.bias_swiglu_fusion
-        self.squared_relu, self.gelu_fusion = config.squared_relu, config.bias_gelu_fusion
+        self.squared_relu = config.squared_relu
         ffn = config.ffn_hidden_size
         # SwiGLU: fc1 holds [gate; up] globally; stride 2 gives each TP rank [gate_i; up_i].
         self.linear_fc1 = ColumnParallelLinear(
@@ -38,6 +38,5 @@ class MLP(nn.Module):
         elif self.squared_relu:
             h = F.relu(h).pow(2)  # Megatron-LM's squared_relu (--squared-relu)
         else:
-            # tanh-approximate GeLU: what Megatron's fused bias-GeLU computes (spec §11).
-            h = gelu(h) if self.gelu_fusion else gelu.reference(h)
+            h = gelu(h)  # tanh-approximate, what Megatron's fused bias-GeLU computes (spec §11)
         return self.linear_fc2(h)  # [s, b, h] (or [s/tp, b, h] with SP)
