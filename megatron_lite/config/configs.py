@@ -54,10 +54,10 @@ class ModelConfig:
     # ParallelState has CP > 1.
     cp_comm_type: tuple[str, ...] = ("p2p",)
     label_smoothing: float = 0.0
-    # Fusions (Megatron's flag names; spec §10 "Fusion switches"). On CUDA the first three
-    # compile their PyTorch reference (fused/elementwise.py); the last is a Triton kernel.
+    # Fusions (Megatron's flag names; spec §10 "Fusion switches"). On CUDA SwiGLU, RoPE and
+    # RMSNorm compile their PyTorch reference (fused/elementwise.py); the cross entropy is a
+    # Triton kernel. (--no-bias-gelu-fusion changes nothing: config/accepted_as_is.py.)
     bias_swiglu_fusion: bool = True
-    bias_gelu_fusion: bool = True  # kept for the checkpoint args; the GeLU is the same either way
     apply_rope_fusion: bool = True
     no_persist_layer_norm: bool = False  # True: RMSNorm unfused
     cross_entropy_loss_fusion: bool = False
