@@ -1,5 +1,5 @@
 """The GPT MLP's GeLU is the tanh approximation that Megatron's fused bias-GeLU computes
-(spec §11), fused or not, value and gradient."""
+(spec §11), value and gradient; --no-bias-gelu-fusion leaves it so (config/accepted_as_is.py)."""
 import math
 
 import torch
@@ -23,4 +23,3 @@ def test_gelu_is_megatrons_tanh_approximation_value_and_gradient():
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=1e-7)
     exact = 0.5 * (1 + math.erf(1 / math.sqrt(2)))  # erf GeLU at 1: differs from tanh's
     assert abs(gelu(torch.tensor(1.0, dtype=torch.float64)).item() - exact) > 1e-5
-
