@@ -25,6 +25,7 @@ from megatron_lite.config.arguments_io import (
     _add_validation_args,
 )
 from megatron_lite.config.arguments_parallel import _add_distributed_args, _add_moe_args
+from megatron_lite.config.cuda_graph_flags import add_cuda_graph_args
 
 ExtraArgsProvider = Callable[[argparse.ArgumentParser], "argparse.ArgumentParser | None"]
 
@@ -223,6 +224,7 @@ def _add_training_kernel_and_optimizer_args(group) -> None:
                        help="Megatron-LM's re-run engine: only disabled is supported (Megatron-LM's default "
                        "is validate_results); a NaN loss stops the run with an error, without re-running "
                        "the step.")
+    add_cuda_graph_args(group)
 
 
 def _add_inference_args(parser):

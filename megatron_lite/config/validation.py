@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from megatron_lite.config.cuda_graph_flags import check_cuda_graph_flags
 from megatron_lite.config.dpp_flags import check_dpp_flags
 from megatron_lite.config.errors import ConfigError
 from megatron_lite.config.errors import flag as _flag
@@ -80,6 +81,8 @@ def validate_args(
     _check_data_and_tokenizer(args, warn)
     _check_checkpointing(args)
     check_memory_flags(args)
+    check_cuda_graph_flags(args, torch.cuda.is_available() if cuda_available is None else cuda_available,
+                           warn)
     check_megatron_flags_late(args)
     # Progress counters start at zero; a checkpoint load overwrites them (spec §4.5).
     args.consumed_train_samples = 0

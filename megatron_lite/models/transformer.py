@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_lite.config.configs import ModelConfig
 from megatron_lite.context_parallel.core import RECORD, REPLAY, stash_mode
 from megatron_lite.models.attention import SelfAttention
+from megatron_lite.models.cuda_graphs import BlockGraphs
 from megatron_lite.models.mlp import MLP
 from megatron_lite.models.norms import Norm
 
@@ -62,6 +63,12 @@ class TransformerBlock(nn.Module):
         self.layers = nn.ModuleList(
             TransformerLayer(config, ps, n, rng_tracker, device) for n in layer_numbers)
         self.final_layernorm = make_norm(config, device) if final_norm else None
+        # --cuda-graph-impl local: captured at the first training forward after
+        # enable_cuda_graphs() (the training loop calls it after the warm-up steps).
+        self.cuda_graphs_enabled, self.cuda_graphs = False, None
+
+    def enable_cuda_graphs(self) -> None:
+        self.cuda_graphs_enabled = True
 
     def _recompute_context(self, layers):
         """(forward context, recompute context) of one checkpoint over `layers`.
@@ -113,6 +120,10 @@ class TransformerBlock(nn.Module):
                     x = self._checkpointed([layer], x, rope) if i < n else layer(x, rope)
             else:
                 raise ValueError("--recompute-granularity full needs --recompute-method uniform|block")
+        elif self.cuda_graphs_enabled and self.training and torch.is_grad_enabled():
+            if self.cuda_graphs is None:
+                self.cuda_graphs = BlockGraphs.capture(layers, x, rope, self.rng_tracker)
+            x = self.cuda_graphs.run(x, rope)
         else:
             x = self._run(layers, x, rope)
         if self.final_layernorm is not None:

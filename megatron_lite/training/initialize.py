@@ -95,5 +95,6 @@ def build_parallel_state(tp: int, pp: int, cp: int, tied_embeddings: bool, order
 
 
 def seed_rank(seed: int, ps: ParallelState, device: torch.device,
-              data_parallel_random_init: bool = False) -> RNGTracker:
-    return build_rng_tracker(seed, ps.tp_rank, ps.pp_rank, device, ps.dp_rank, data_parallel_random_init)
+              data_parallel_random_init: bool = False, graph_safe: bool = False) -> RNGTracker:
+    return build_rng_tracker(seed, ps.tp_rank, ps.pp_rank, device, ps.dp_rank, data_parallel_random_init,
+                             graph_safe)

@@ -23,6 +23,7 @@ from megatron_lite.config.startup_lines import format_args_dump, world_size_line
 from megatron_lite.config.validation import ConfigError, validate_args
 from megatron_lite.data.builders import build_data_iterators
 from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
+from megatron_lite.models.cuda_graphs import enable_cuda_graphs
 from megatron_lite.optimizer.cpu_offload import exclude_host_state_from_forks
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
 from megatron_lite.training import builders
@@ -163,7 +164,8 @@ def _build(args, env, logger, start: float) -> TrainingRun:
                               "tp-cp-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-dp-pp",
                               hierarchical_cp=args.hierarchical_context_parallel_sizes,
                               timeout_minutes=args.distributed_timeout_minutes)
-    tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init)
+    tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init,
+                        graph_safe=args.te_rng_tracker or args.cuda_graph_impl == "local")
     logger.datetime_line("after megatron is initialized")
     logger.rank0(f"time to initialize megatron (seconds): {time.time() - start:.3f}")
     timers = Timers(args.timing_log_level, args.timing_log_option, sync_cuda=env.device.type == "cuda",
@@ -230,7 +232,16 @@ def _loop_hooks(run: TrainingRun, chores, data_iter, valid_iter) -> LoopHooks:
     args, ps, env, logger = run.args, run.ps, run.env, run.logger
     hash_interval = args.check_weight_hash_across_dp_replicas_interval
 
+    graphs_after = args.cuda_graph_warmup_steps if args.cuda_graph_impl == "local" else None
+    steps_run = [0]  # in this process (a resumed run warms up again)
+
     def step(num_microbatches):
+        if steps_run[0] == graphs_after:
+            logger.rank0(f"CUDA graphs: capturing every transformer layer after {graphs_after} warm-up "
+                         "iterations (--cuda-graph-impl local)")
+            for chunk in run.chunks:
+                enable_cuda_graphs(chunk)
+        steps_run[0] += 1
         result = train_step(run.executor, run.optimizer, data_iter, num_microbatches, ps, env.device,
                             run.timers, empty_unused_memory_level=args.empty_unused_memory_level,
                             nan_check=run.nan_check)

@@ -1,0 +1,97 @@
+"""The replay node of models/cuda_graphs.py on CPU. Stand-ins re-run each layer where a CUDA
+graph would replay and, like a graph, run no Python side effects (the fused wgrad's
+`grad_added_to_main_grad` flag is cleared after them): gradients must reach DDP's main_grad
+exactly as in the eager run, over micro-batches, the flag set by the replay itself."""
+import torch
+
+from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
+from megatron_lite.distributed.parallel_state import ParallelState
+from megatron_lite.models.cuda_graphs import BlockGraphs, _LayerGraph, _scratch_main_grads
+from tests.model_utils import build, tiny_batch, tiny_config
+
+
+class _Forward:
+    def __init__(self, g):
+        self.g = g
+
+    def replay(self):
+        g = self.g
+        with torch.enable_grad():
+            g.live = g.layer(g.x, None)  # [s, b, h]
+        g.out.copy_(g.live.detach())
+
+
+class _Backward:
+    def __init__(self, g):
+        self.g = g
+
+    def replay(self):
+        g = self.g
+        grads = torch.autograd.grad(g.live, (g.x, *g.params), g.grad_out, allow_unused=True)
+        g.grad_x.copy_(grads[0])
+        for dst, src in zip(g.grad_params, grads[1:]):
+            dst.copy_(src)
+        for p in g.params:
+            p.grad_added_to_main_grad = False  # a graph replays kernels, not Python
+
+
+def _stand_in_graphs(layers, x_like):
+    graphs = []
+    for layer in layers:
+        g = _LayerGraph(layer, x_like, fwd=object(), bwd=object())
+        g.fwd, g.bwd = _Forward(g), _Backward(g)
+        with _scratch_main_grads(g.params):  # which weights fuse, without touching main_grad
+            out = layer(g.x, None)
+            torch.autograd.grad(out, (g.x, *g.params), torch.zeros_like(out), allow_unused=True)
+            g.fused = [p for p in g.params if p.grad_added_to_main_grad]
+        g.out, g.grad_out, g.grad_x = torch.zeros_like(out), torch.zeros_like(out), torch.zeros_like(g.x)
+        g.grad_params = tuple(torch.zeros_like(p) for p in g.params)
+        graphs.append(g)
+    return graphs
+
+
+def _main_grads(graphed: bool):
+    ps = ParallelState.create()
+    cfg = tiny_config("gpt", gradient_accumulation_fusion=True)
+    model = build(cfg, ps)
+    ddp = DistributedDataParallel(model, ps, DDPConfig(overlap_grad_reduce=True))
+    if graphed:
+        block = model.decoder
+        graphs = _stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size))
+        assert graphs[0].fused, "the test needs fused weights"
+        block.cuda_graphs, block.cuda_graphs_enabled = BlockGraphs(graphs, None), True
+    losses = []
+    for i in range(3):
+        tokens, labels = tiny_batch(cfg, seed=i)
+        ddp.enable_grad_sync(i == 2)
+        loss = ddp(tokens, labels=labels).mean()
+        loss.backward()
+        losses.append(loss.item())
+    ddp.finish_grad_sync()
+    return losses, {n: (p.main_grad.clone(), p.grad) for n, p in model.named_parameters()}
+
+
+def test_replayed_layers_give_the_eager_losses_and_main_grads():
+    eager_losses, eager = _main_grads(graphed=False)
+    losses, graphed = _main_grads(graphed=True)
+    assert losses == eager_losses
+    assert graphed.keys() == eager.keys()
+    for name, (main_grad, grad) in graphed.items():
+        assert grad is None, name
+        assert torch.equal(main_grad, eager[name][0]), name
+        assert main_grad.abs().sum() > 0, name
+
+
+def test_a_changed_input_shape_is_one_clear_error():
+    ps = ParallelState.create()
+    cfg = tiny_config("gpt")
+    model = build(cfg, ps)
+    graphs = BlockGraphs([_LayerGraph(layer, torch.zeros(16, 2, cfg.hidden_size), object(), object())
+                          for layer in model.decoder.layers], None)
+    try:
+        graphs.run(torch.zeros(8, 2, cfg.hidden_size), None)
+    except RuntimeError as e:
+        assert str(e).startswith("CUDA graphs were captured for layer inputs of shape (16, 2, 64), not "
+                                 "(8, 2, 64)"), e
+    else:
+        raise AssertionError("no error")
