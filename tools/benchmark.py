@@ -33,6 +33,7 @@ from megatron_lite.context_parallel.split import split_batch
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
+from megatron_lite.models.cuda_graphs import enable_cuda_graphs
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.init import init_model_parameters
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
@@ -87,9 +88,9 @@ def _parallel_state(cp: int, tp: int, hierarchical):
 
 def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile=False, cp=1,
                       hierarchical=None, tp=1, num_micro_batches=1, check_for_nan=False,
-                      sync_nan_check=False):
+                      sync_nan_check=False, cuda_graphs=False):
     ps = _parallel_state(cp, tp, hierarchical)
-    tracker = build_rng_tracker(1234, ps.tp_rank, 0, device)
+    tracker = build_rng_tracker(1234, ps.tp_rank, 0, device, graph_safe=cuda_graphs)
     model = GPTModel(cfg, ps, rng_tracker=tracker, device=device)
     init_model_parameters(model, 1234, cfg.init_method_std, cfg.num_layers, ps.tp_rank, ps.tp_size)
     model = DistributedDataParallel(model, ps, DDPConfig(check_for_nan_in_grad=check_for_nan))
@@ -104,6 +105,8 @@ def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile
                        nan_check=None if sync_nan_check else nan_check)
         losses.append(r.loss_sum_count)
 
+    if cuda_graphs:  # captured in the first warm-up step (as pretrain does after its warm-up)
+        enable_cuda_graphs(model)
     sec = _time(step, steps, warmup, profile)
     nan_check.raise_if_found()
     return sec, losses
@@ -194,6 +197,8 @@ def _args():
                    help="with --check-for-nan-in-loss-and-grad: read it inside every step (one host sync) "
                         "instead of after the timing, as pretrain() does at log lines")
     p.add_argument("--cross-entropy-loss-fusion", action="store_true")
+    p.add_argument("--cuda-graph-impl", choices=["none", "local"], default="none",
+                   help="local: each transformer layer replayed as CUDA graphs (models/cuda_graphs.py)")
     p.add_argument("--no-fusion", action="store_true", help="eager SwiGLU, RoPE and RMSNorm")
     p.add_argument("--hf-baseline", action="store_true", help="time transformers instead")
     p.add_argument("--json", help="append the result as one JSON line to this file")
@@ -232,7 +237,7 @@ def _result(a, cfg, sec, losses, device) -> dict:
         "context_parallel": a.context_parallel_size,
         "cp_comm_type": a.cp_comm_type if a.context_parallel_size > 1 else None,
         "tensor_parallel": a.tensor_model_parallel_size, "sequence_parallel": a.sequence_parallel,
-        "tp_comm_overlap": a.tp_comm_overlap,
+        "tp_comm_overlap": a.tp_comm_overlap, "cuda_graphs": a.cuda_graph_impl,
         "micro_batches": a.num_micro_batches,
         "grad_accumulation_fusion": not a.no_gradient_accumulation_fusion,
         "nan_check": (("sync" if a.sync_nan_check else "deferred") if a.check_for_nan_in_loss_and_grad
@@ -272,7 +277,7 @@ def main() -> None:
     else:
         sec, losses = run_megatron_lite(*shape, cp, a.hierarchical_context_parallel_sizes, tp,
                                         a.num_micro_batches, a.check_for_nan_in_loss_and_grad,
-                                        a.sync_nan_check)
+                                        a.sync_nan_check, a.cuda_graph_impl == "local")
     result = _result(a, cfg, sec, losses, device)
     first = (cp == 1 and tp == 1) or dist.get_rank() == 0
     if cp > 1 or tp > 1:
