@@ -35,6 +35,36 @@ def _same_curve(flags, nproc=1):
         assert abs(graphed[it] - loss) <= 1e-5 * loss, (it, eager, graphed)
 
 
+def test_graph_safe_tracker_draws_what_the_state_copying_one_draws():
+    """distributed/random.py: installing state objects (graph-safe) or copying state tensors
+    in and out, the same seed gives the same numbers inside and outside fork()."""
+    from megatron_lite.distributed.random import MODEL_PARALLEL_RNG, build_rng_tracker
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    runs = []
+    for safe in (False, True):
+        tracker = build_rng_tracker(7, 1, 0, device, graph_safe=safe)
+        draws = []
+        for _ in range(3):
+            with tracker.fork():
+                draws.append(torch.rand(5, device=device))
+            draws.append(torch.rand(5, device=device))
+        saved = tracker.state_dict()
+        with tracker.fork():
+            after = torch.rand(5, device=device)
+        tracker.load_state_dict(saved)
+        with tracker.fork():
+            again = torch.rand(5, device=device)
+        assert torch.equal(after, again), safe
+        runs.append((torch.stack(draws), saved[MODEL_PARALLEL_RNG]))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_graphed_layers_print_the_eager_curve_fp32_without_dropout():
+    _same_curve(["--attention-dropout", "0", "--hidden-dropout", "0"])
+
+
 def test_graphed_layers_print_the_eager_curve_fp32():
     _same_curve([])
 
