@@ -22,8 +22,6 @@ _NOT_YET = (
     ("--recompute-granularity", lambda a: a.recompute_granularity is not None,
      "recomputation re-runs the forward inside the backward"),
     ("--tp-comm-overlap", lambda a: a.tp_comm_overlap, "its side-stream rings are not captured"),
-    ("--overlap-param-gather", lambda a: a.overlap_param_gather,
-     "its waits are forward hooks on the layers' modules, which a replay skips"),
     ("--use-torch-fsdp2", lambda a: a.use_torch_fsdp2, "FSDP2 gathers parameters in hooks a replay skips"),
 )
 

@@ -24,6 +24,10 @@ the pool's blocks are reused as in eager execution). It differs where training n
 * The RNG states are saved before the warm-up and restored after the capture: a run with
   graphs draws the same numbers as one without.
 
+Forward pre-hooks on a layer's modules (the distributed optimizer's param-gather waits under
+`--overlap-param-gather`) are called before its replay, as calling the modules would; the
+warm-up has already waited for the gathers in flight, so none is waited for inside a capture.
+
 A layer's graphs hold one micro-batch's activations in static buffers: its backward must run
 before its next forward, which holds without pipeline parallelism (forward and backward of
 each micro-batch in turn). Validation refuses the combinations this does not cover
@@ -53,6 +57,10 @@ class _LayerGraph:
         self.out = self.grad_out = self.grad_x = None
         self.grad_params: tuple = ()
         self.fused: list[torch.nn.Parameter] = []  # params whose wgrad the graph puts in main_grad
+        # The layer's modules' forward pre-hooks, which a replay would skip: the distributed
+        # optimizer's waits for its overlapped param all-gather (data_parallel/ddp.py).
+        self.pre_hooks = [(m, hook, hid in m._forward_pre_hooks_with_kwargs)
+                          for m in layer.modules() for hid, hook in m._forward_pre_hooks.items()]
 
 
 class _Replay(torch.autograd.Function):
@@ -148,6 +156,8 @@ class BlockGraphs:
             for dst, src in zip(self.rope, rope):
                 dst.copy_(src)  # one copy per block and micro-batch, shared by its layers
         for g in self.graphs:
+            for module, hook, with_kwargs in g.pre_hooks:  # as calling the modules would
+                hook(module, (), {}) if with_kwargs else hook(module, ())
             x = _Replay.apply(g, x, *g.params)
         return x
 

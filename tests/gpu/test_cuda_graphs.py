@@ -77,3 +77,10 @@ def test_graphed_layers_tp2_sp():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     _same_curve(["--tensor-model-parallel-size", "2", "--sequence-parallel"], nproc=2)
+
+
+def test_graphed_layers_dp2_distributed_optimizer_overlapped_gather():
+    """The replay calls the layers' param-gather waits (forward pre-hooks) itself."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _same_curve(["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"], nproc=2)

@@ -49,14 +49,18 @@ def test_defaults_leave_graphs_off():
      "--cuda-graph-impl local with --recompute-granularity is not supported yet"),
     ("--cuda-graph-impl local --tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap", 2,
      "--cuda-graph-impl local with --tp-comm-overlap is not supported yet"),
-    ("--cuda-graph-impl local --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather", 2,
-     "--cuda-graph-impl local with --overlap-param-gather is not supported yet"),
 ])
 def test_refusals_name_the_flag(extra, world, message):
     with pytest.raises(ConfigError) as e:
         make(extra, world)
     assert str(e.value).startswith(message), str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_overlapped_param_gather_is_accepted():
+    args, _ = make("--cuda-graph-impl local --use-distributed-optimizer --overlap-grad-reduce "
+                   "--overlap-param-gather", 2)
+    assert args.cuda_graph_impl == "local" and args.overlap_param_gather
 
 
 def test_local_needs_cuda():

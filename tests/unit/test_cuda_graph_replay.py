@@ -2,6 +2,8 @@
 graph would replay and, like a graph, run no Python side effects (the fused wgrad's
 `grad_added_to_main_grad` flag is cleared after them): gradients must reach DDP's main_grad
 exactly as in the eager run, over micro-batches, the flag set by the replay itself."""
+from collections import OrderedDict
+
 import torch
 
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
@@ -16,8 +18,15 @@ class _Forward:
 
     def replay(self):
         g = self.g
-        with torch.enable_grad():
-            g.live = g.layer(g.x, None)  # [s, b, h]
+        hooks = [(m, m._forward_pre_hooks) for m in g.layer.modules()]
+        try:
+            for m, _ in hooks:  # a graph replays kernels: no module hooks either
+                m._forward_pre_hooks = OrderedDict()
+            with torch.enable_grad():
+                g.live = g.layer(g.x, None)  # [s, b, h]
+        finally:
+            for m, h in hooks:
+                m._forward_pre_hooks = h
         g.out.copy_(g.live.detach())
 
 
@@ -43,7 +52,7 @@ def _stand_in_graphs(layers, x_like):
         with _scratch_main_grads(g.params):  # which weights fuse, without touching main_grad
             out = layer(g.x, None)
             torch.autograd.grad(out, (g.x, *g.params), torch.zeros_like(out), allow_unused=True)
-            g.fused = [p for p in g.params if p.grad_added_to_main_grad]
+            g.fused = [p for p in g.params if getattr(p, "grad_added_to_main_grad", False)]
         g.out, g.grad_out, g.grad_x = torch.zeros_like(out), torch.zeros_like(out), torch.zeros_like(g.x)
         g.grad_params = tuple(torch.zeros_like(p) for p in g.params)
         graphs.append(g)
@@ -95,3 +104,19 @@ def test_a_changed_input_shape_is_one_clear_error():
                                  "(8, 2, 64)"), e
     else:
         raise AssertionError("no error")
+
+
+def test_the_layers_forward_pre_hooks_run_before_each_replay():
+    """What a replay skips and the distributed optimizer's overlapped param gather needs."""
+    ps = ParallelState.create()
+    cfg = tiny_config("gpt")
+    model = build(cfg, ps)
+    calls = []
+    for i, layer in enumerate(model.decoder.layers):
+        layer.mlp.linear_fc1.register_forward_pre_hook(lambda m, args, i=i: calls.append(("fc1", i)))
+        layer.register_forward_pre_hook(lambda m, args, kwargs, i=i: calls.append(("layer", i)),
+                                        with_kwargs=True)
+    graphs = _stand_in_graphs(list(model.decoder.layers), torch.zeros(16, 2, cfg.hidden_size))
+    calls.clear()  # the stand-ins' setup called the layers
+    BlockGraphs(graphs, None).run(torch.zeros(16, 2, cfg.hidden_size), None)
+    assert calls == [("layer", 0), ("fc1", 0), ("layer", 1), ("fc1", 1)]
