@@ -33,7 +33,7 @@ from megatron_lite.context_parallel.split import split_batch
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
-from megatron_lite.models.cuda_graphs import enable_cuda_graphs
+from megatron_lite.models.cuda_graphs import enable_cuda_graphs, release_cuda_graphs
 from megatron_lite.models.gpt import GPTModel
 from megatron_lite.models.init import init_model_parameters
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
@@ -108,6 +108,7 @@ def run_megatron_lite(cfg: ModelConfig, mbs, seq, steps, warmup, device, profile
     if cuda_graphs:  # captured in the first warm-up step (as pretrain does after its warm-up)
         enable_cuda_graphs(model)
     sec = _time(step, steps, warmup, profile)
+    release_cuda_graphs(model)  # before destroy_process_group, which hangs while they live
     nan_check.raise_if_found()
     return sec, losses
 

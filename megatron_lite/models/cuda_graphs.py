@@ -36,6 +36,7 @@ each micro-batch in turn). Validation refuses the combinations this does not cov
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
@@ -160,6 +161,26 @@ class BlockGraphs:
                 hook(module, (), {}) if with_kwargs else hook(module, ())
             x = _Replay.apply(g, x, *g.params)
         return x
+
+
+def release_cuda_graphs(model: torch.nn.Module) -> int:
+    """Free every captured graph inside `model` and disarm its blocks; returns how many blocks
+    had graphs. Collective in effect: call it on every rank before destroying the process
+    groups, since a live graph holds the NCCL communicators its collectives were captured on
+    and destroy_process_group then hangs (seen on 2xH200 at TP2; torchtitan frees its graphs
+    before closing for the same reason)."""
+    blocks = [m for m in model.modules() if getattr(m, "cuda_graphs", None) is not None]
+    if not blocks:
+        return 0
+    if torch.cuda.is_initialized():  # CPU stand-ins in tests have no device to wait for
+        torch.cuda.synchronize()
+    for block in blocks:
+        for g in block.cuda_graphs.graphs:
+            g.fwd.reset()
+            g.bwd.reset()
+        block.cuda_graphs, block.cuda_graphs_enabled = None, False
+    gc.collect()  # autograd nodes that saw a replay hold their graph in a reference cycle
+    return len(blocks)
 
 
 def enable_cuda_graphs(model: torch.nn.Module) -> int:

@@ -23,7 +23,7 @@ from megatron_lite.config.startup_lines import format_args_dump, world_size_line
 from megatron_lite.config.validation import ConfigError, validate_args
 from megatron_lite.data.builders import build_data_iterators
 from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
-from megatron_lite.models.cuda_graphs import enable_cuda_graphs
+from megatron_lite.models.cuda_graphs import enable_cuda_graphs, release_cuda_graphs
 from megatron_lite.optimizer.cpu_offload import exclude_host_state_from_forks
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
 from megatron_lite.training import builders
@@ -311,6 +311,8 @@ def _teardown(run: TrainingRun) -> None:
     """Collective: free the p2p links, the layout's groups and the world, in that order."""
     if run.env.device.type == "cuda":
         torch.cuda.synchronize()
+        for chunk in run.chunks:
+            release_cuda_graphs(chunk)
     if run.executor.channels is not None:
         run.executor.channels.destroy()
     run.ps.destroy()

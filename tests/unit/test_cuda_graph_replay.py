@@ -8,13 +8,21 @@ import torch
 
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
-from megatron_lite.models.cuda_graphs import BlockGraphs, _LayerGraph, _scratch_main_grads
+from megatron_lite.models.cuda_graphs import (
+    BlockGraphs,
+    _LayerGraph,
+    _scratch_main_grads,
+    release_cuda_graphs,
+)
 from tests.model_utils import build, tiny_batch, tiny_config
 
 
 class _Forward:
     def __init__(self, g):
         self.g = g
+
+    def reset(self):
+        self.g.resets.append("fwd")
 
     def replay(self):
         g = self.g
@@ -34,6 +42,9 @@ class _Backward:
     def __init__(self, g):
         self.g = g
 
+    def reset(self):
+        self.g.resets.append("bwd")
+
     def replay(self):
         g = self.g
         grads = torch.autograd.grad(g.live, (g.x, *g.params), g.grad_out, allow_unused=True)
@@ -48,7 +59,7 @@ def _stand_in_graphs(layers, x_like):
     graphs = []
     for layer in layers:
         g = _LayerGraph(layer, x_like, fwd=object(), bwd=object())
-        g.fwd, g.bwd = _Forward(g), _Backward(g)
+        g.fwd, g.bwd, g.resets = _Forward(g), _Backward(g), []
         with _scratch_main_grads(g.params):  # which weights fuse, without touching main_grad
             out = layer(g.x, None)
             torch.autograd.grad(out, (g.x, *g.params), torch.zeros_like(out), allow_unused=True)
@@ -120,3 +131,17 @@ def test_the_layers_forward_pre_hooks_run_before_each_replay():
     calls.clear()  # the stand-ins' setup called the layers
     BlockGraphs(graphs, None).run(torch.zeros(16, 2, cfg.hidden_size), None)
     assert calls == [("layer", 0), ("fc1", 0), ("layer", 1), ("fc1", 1)]
+
+
+def test_release_frees_every_graph_and_disarms_the_block():
+    """What the teardown calls before destroy_process_group, which hangs on live NCCL graphs."""
+    ps = ParallelState.create()
+    cfg = tiny_config("gpt")
+    model = build(cfg, ps)
+    block = model.decoder
+    graphs = _stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size))
+    block.cuda_graphs, block.cuda_graphs_enabled = BlockGraphs(graphs, None), True
+    assert release_cuda_graphs(model) == 1
+    assert [g.resets for g in graphs] == [["fwd", "bwd"]] * len(graphs)
+    assert block.cuda_graphs is None and not block.cuda_graphs_enabled
+    assert release_cuda_graphs(model) == 0
