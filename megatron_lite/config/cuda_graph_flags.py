@@ -57,8 +57,6 @@ def check_cuda_graph_flags(args, cuda_available: bool, warn: Callable[[str], Non
     if args.cuda_graph_impl == "transformer_engine":
         raise ConfigError("--cuda-graph-impl transformer_engine needs Transformer Engine, which "
                           "megatron_lite does not use; use --cuda-graph-impl local")
-    if args.cuda_graph_warmup_steps < 0:
-        raise ConfigError(f"--cuda-graph-warmup-steps must be >= 0 (got {args.cuda_graph_warmup_steps})")
     if args.cuda_graph_impl != LOCAL:
         return
     other = [s for s in args.cuda_graph_scope if s != "full"]
