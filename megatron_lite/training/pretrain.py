@@ -26,6 +26,7 @@ from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_lite.models.cuda_graphs import enable_cuda_graphs, release_cuda_graphs
 from megatron_lite.optimizer.cpu_offload import exclude_host_state_from_forks
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
+from megatron_lite.pipeline_parallel.schedules import in_flight_per_chunk
 from megatron_lite.training import builders
 from megatron_lite.training.checkpointing import RunCheckpointing, use_checkpoint_args
 from megatron_lite.training.failures import report_failures
@@ -239,8 +240,11 @@ def _loop_hooks(run: TrainingRun, chores, data_iter, valid_iter) -> LoopHooks:
         if steps_run[0] == graphs_after:
             logger.rank0(f"CUDA graphs: capturing every transformer layer after {graphs_after} warm-up "
                          "iterations (--cuda-graph-impl local)")
-            for chunk in run.chunks:
-                enable_cuda_graphs(chunk)
+            # Micro-batches of each chunk in flight at once under this step's schedule: that
+            # many copies of its graphs (1 each without pipeline parallelism).
+            slots = in_flight_per_chunk(run.executor.schedule(num_microbatches), len(run.chunks))
+            for chunk, n in zip(run.chunks, slots):
+                enable_cuda_graphs(chunk, n)
         steps_run[0] += 1
         result = train_step(run.executor, run.optimizer, data_iter, num_microbatches, ps, env.device,
                             run.timers, empty_unused_memory_level=args.empty_unused_memory_level,

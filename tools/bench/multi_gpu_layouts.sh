@@ -2,7 +2,7 @@
 # Issue 13 benchmark: GPT 1.3B (24 layers, h 2048, 16 heads, ffn 8192), seq 2048, mbs 4, gbs 32,
 # bf16, mock data, through pretrain_gpt.py, on one GPU and on two in each layout of the issue.
 #   bash tools/bench/multi_gpu_layouts.sh WORKDIR [LAYOUTS...]   # default: all of them
-# Layouts: 1gpu dp2 tp2 tp2_overlap tp2_graphs 1gpu_graphs pp2 pp2_vpp4 (_graphs: per-layer CUDA
+# Layouts: 1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4, and each with _graphs (per-layer CUDA
 # graphs, --cuda-graph-impl local). Prints per run the mean ms/iteration over the
 # iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU and max allocated, and
 # for the pipeline layouts the traced bubble (tools/pipeline_trace_stats.py).
@@ -38,9 +38,10 @@ for l in "${layouts[@]}"; do case $l in
   dp2) run dp2 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ;;
   tp2) run tp2 2 --tensor-model-parallel-size 2 --sequence-parallel ;;
   tp2_overlap) run tp2_overlap 2 --tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap ;;
-  tp2_graphs) run tp2_graphs 2 --tensor-model-parallel-size 2 --sequence-parallel --cuda-graph-impl local ;;
-  1gpu_graphs) run 1gpu_graphs 1 --cuda-graph-impl local ;;
   pp2) run pp2 2 --pipeline-model-parallel-size 2 ;;
   pp2_vpp4) run pp2_vpp4 2 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3 ;;
+  *_graphs) base=${l%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
+    [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
+    run "$l" $flags --cuda-graph-impl local ;;
   *) echo "unknown layout $l"; exit 2 ;;
 esac; done
