@@ -2,7 +2,6 @@
 graph would replay and, like a graph, run no Python side effects (the fused wgrad's
 `grad_added_to_main_grad` flag is cleared after them): gradients must reach DDP's main_grad
 exactly as in the eager run, over micro-batches, the flag set by the replay itself."""
-from collections import OrderedDict
 
 import torch
 
@@ -11,64 +10,11 @@ from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.models.cuda_graphs import (
     BlockGraphs,
     _LayerGraph,
-    _scratch_main_grads,
     _Slot,
     release_cuda_graphs,
 )
+from tests.cuda_graph_stand_ins import stand_in_graphs
 from tests.model_utils import build, tiny_batch, tiny_config
-
-
-class _Forward:
-    def __init__(self, g):
-        self.g = g
-
-    def reset(self):
-        self.g.resets.append("fwd")
-
-    def replay(self):
-        g = self.g
-        hooks = [(m, m._forward_pre_hooks) for m in g.layer.modules()]
-        try:
-            for m, _ in hooks:  # a graph replays kernels: no module hooks either
-                m._forward_pre_hooks = OrderedDict()
-            with torch.enable_grad():
-                g.live = g.layer(g.x, None)  # [s, b, h]
-        finally:
-            for m, h in hooks:
-                m._forward_pre_hooks = h
-        g.out.copy_(g.live.detach())
-
-
-class _Backward:
-    def __init__(self, g):
-        self.g = g
-
-    def reset(self):
-        self.g.resets.append("bwd")
-
-    def replay(self):
-        g = self.g
-        grads = torch.autograd.grad(g.live, (g.x, *g.params), g.grad_out, allow_unused=True)
-        g.grad_x.copy_(grads[0])
-        for dst, src in zip(g.grad_params, grads[1:]):
-            dst.copy_(src)
-        for p in g.params:
-            p.grad_added_to_main_grad = False  # a graph replays kernels, not Python
-
-
-def _stand_in_graphs(layers, x_like):
-    graphs = []
-    for layer in layers:
-        g = _LayerGraph(layer, x_like, fwd=object(), bwd=object())
-        g.fwd, g.bwd, g.resets = _Forward(g), _Backward(g), []
-        with _scratch_main_grads(g.params):  # which weights fuse, without touching main_grad
-            out = layer(g.x, None)
-            torch.autograd.grad(out, (g.x, *g.params), torch.zeros_like(out), allow_unused=True)
-            g.fused = [p for p in g.params if getattr(p, "grad_added_to_main_grad", False)]
-        g.out, g.grad_out, g.grad_x = torch.zeros_like(out), torch.zeros_like(out), torch.zeros_like(g.x)
-        g.grad_params = tuple(torch.zeros_like(p) for p in g.params)
-        graphs.append(g)
-    return graphs
 
 
 def _main_grads(graphed: bool):
@@ -78,7 +24,7 @@ def _main_grads(graphed: bool):
     ddp = DistributedDataParallel(model, ps, DDPConfig(overlap_grad_reduce=True))
     if graphed:
         block = model.decoder
-        graphs = _stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size))
+        graphs = stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size))
         assert graphs[0].fused, "the test needs fused weights"
         block.cuda_graphs, block.cuda_graphs_enabled = BlockGraphs([_Slot(graphs, None)]), True
     losses = []
@@ -128,7 +74,7 @@ def test_the_layers_forward_pre_hooks_run_before_each_replay():
         layer.mlp.linear_fc1.register_forward_pre_hook(lambda m, args, i=i: calls.append(("fc1", i)))
         layer.register_forward_pre_hook(lambda m, args, kwargs, i=i: calls.append(("layer", i)),
                                         with_kwargs=True)
-    graphs = _stand_in_graphs(list(model.decoder.layers), torch.zeros(16, 2, cfg.hidden_size))
+    graphs = stand_in_graphs(list(model.decoder.layers), torch.zeros(16, 2, cfg.hidden_size))
     calls.clear()  # the stand-ins' setup called the layers
     BlockGraphs([_Slot(graphs, None)]).run(torch.zeros(16, 2, cfg.hidden_size), None)
     assert calls == [("layer", 0), ("fc1", 0), ("layer", 1), ("fc1", 1)]
@@ -140,7 +86,7 @@ def test_release_frees_every_graph_and_disarms_the_block():
     cfg = tiny_config("gpt")
     model = build(cfg, ps)
     block = model.decoder
-    graphs = _stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size))
+    graphs = stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size))
     block.cuda_graphs, block.cuda_graphs_enabled = BlockGraphs([_Slot(graphs, None)]), True
     assert release_cuda_graphs(model) == 1
     assert [g.resets for g in graphs] == [["fwd", "bwd"]] * len(graphs)
@@ -158,7 +104,7 @@ def _pipelined_grads(slots: int | None):
     ddp = DistributedDataParallel(model, ps, DDPConfig(overlap_grad_reduce=True))
     block = model.decoder
     if slots is not None:
-        copies = [_Slot(_stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size)), None)
+        copies = [_Slot(stand_in_graphs(list(block.layers), torch.zeros(16, 2, cfg.hidden_size)), None)
                   for _ in range(slots)]
         block.cuda_graphs, block.cuda_graphs_enabled = BlockGraphs(copies), True
     gen = torch.Generator().manual_seed(3)
