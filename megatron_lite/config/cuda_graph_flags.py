@@ -15,8 +15,6 @@ LOCAL = "local"
 # A layer's graphs keep the activations of a fixed number of micro-batches (one per copy of the
 # block's graphs), and their input shapes must not change. Each entry: (flag, is it on, why).
 _NOT_YET = (
-    ("--use-dpp", lambda a: a.use_dpp,
-     "its readiness-driven order can hold more micro-batches of a chunk than the static schedule"),
     ("--context-parallel-size > 1", lambda a: a.context_parallel_size > 1,
      "the ring attention's point-to-point exchanges are not captured"),
     ("--recompute-granularity", lambda a: a.recompute_granularity is not None,

@@ -35,7 +35,8 @@ pipeline schedule the most that schedule ever holds of that chunk
 (schedules.in_flight_per_chunk). Each slot has a pool of its own: within a slot the replays
 come in the capture order, across slots they interleave. A forward takes a free slot and the
 backward of its first layer frees it; when none is free (a larger batch than the schedule the
-slots were counted for) the layers run eagerly. The block's output and input gradient leave it
+slots were counted for, or --use-dpp's readiness-driven order holding more of a chunk than the
+static one) the layers run eagerly. The block's output and input gradient leave it
 as copies, because a pipeline send of them may still be pending when the slot is replayed
 again. The capture skips torch.cuda.graph's device-wide synchronize: under pipeline parallelism
 it comes in the middle of a step (at the chunk's first forward after arming), where a receive

@@ -1,7 +1,8 @@
 """Per-layer CUDA graphs (`--cuda-graph-impl local`, models/cuda_graphs.py) on CUDA: replayed
 layers give the eager run's losses and gradients, dropout (default generator and the TP
 tracker's) and gradient-accumulation fusion included, on one GPU, at TP=2+SP (also with
---tp-comm-overlap), with the distributed optimizer, and under PP=2 (1F1B and interleaved)."""
+--tp-comm-overlap), with the distributed optimizer, and under PP=2 (1F1B, interleaved, and
+interleaved with --use-dpp)."""
 import re
 
 import pytest
@@ -107,3 +108,11 @@ def test_graphed_layers_pp2_vpp2():
         pytest.skip("needs 2 GPUs")
     _same_curve(["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
                 nproc=2)
+
+
+def test_graphed_layers_pp2_vpp2_dpp():
+    """--use-dpp: captured on the main thread while the channel threads send and receive."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _same_curve(["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                 "--use-dpp"], nproc=2)

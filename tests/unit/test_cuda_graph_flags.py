@@ -40,8 +40,6 @@ def test_defaults_leave_graphs_off():
     ("--enable-cuda-graph --cuda-graph-impl transformer_engine", 1, "--enable-cuda-graph contradicts"),
     ("--cuda-graph-impl local --cuda-graph-scope attn", 1, "--cuda-graph-scope attn is not supported"),
     ("--cuda-graph-impl local --cuda-graph-warmup-steps -1", 1, "--cuda-graph-warmup-steps must be >= 0"),
-    ("--cuda-graph-impl local --pipeline-model-parallel-size 2 --use-dpp", 2,
-     "--cuda-graph-impl local with --use-dpp is not supported yet"),
     ("--cuda-graph-impl local --context-parallel-size 2", 2,
      "--cuda-graph-impl local with --context-parallel-size > 1 is not supported yet"),
     ("--cuda-graph-impl local --recompute-granularity full --recompute-method uniform "
@@ -59,6 +57,8 @@ def test_refusals_name_the_flag(extra, world, message):
     ("--pipeline-model-parallel-size 2", 2),
     ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --global-batch-size 8", 2),
     ("--tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap", 2),
+    ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --global-batch-size 8 "
+     "--use-dpp", 2),
 ])
 def test_pipelines_and_the_overlapped_tp_rings_are_accepted(extra, world):
     args, notes = make(f"--cuda-graph-impl local {extra}", world)
