@@ -7,8 +7,9 @@ on 2xH200 took as long with its communication replaced by local copies).
 
 Capture (`BlockGraphs.capture`) follows torch.cuda.make_graphed_callables: a warm-up forward
 and backward of every layer on a side stream, then every layer's forward graph in layer order
-and every backward graph in reverse order, all in one memory pool per slot (the order they run in, so
-the pool's blocks are reused as in eager execution). It differs where training needs it:
+and every backward graph in reverse order, all in one memory pool per slot (below; the order
+they run in, so the pool's blocks are reused as in eager execution). It differs where training
+needs it:
 
 * `capture_error_mode="thread_local"`: under torch's default "global" mode a CUDA call that is
   unsafe during a capture fails in any thread of the process, and the NCCL watchdog queries
@@ -259,9 +260,9 @@ def release_cuda_graphs(model: torch.nn.Module) -> int:
 
 def enable_cuda_graphs(model: torch.nn.Module, slots: int = 1) -> int:
     """Arm every transformer block inside `model` (wrappers included) to capture its layers,
-    `slots` times (schedules.in_flight_per_chunk), at its next training forward; returns how many blocks."""
+    `slots` times (schedules.in_flight_per_chunk), at its next training forward; returns how
+    many blocks."""
     blocks = [m for m in model.modules() if hasattr(type(m), "enable_cuda_graphs")]
     for block in blocks:
         block.enable_cuda_graphs(slots)
     return len(blocks)
-
