@@ -2,8 +2,8 @@
 # Issue 13 benchmark: GPT 1.3B (24 layers, h 2048, 16 heads, ffn 8192), seq 2048, mbs 4, gbs 32,
 # bf16, mock data, through pretrain_gpt.py, on one GPU and on two in each layout of the issue.
 #   bash tools/bench/multi_gpu_layouts.sh WORKDIR [LAYOUTS...]   # default: all of them
-# Layouts: 1gpu dp2 dp2_ctas (DP_MAX_CTAS) tp2 tp2_overlap tp2_graphs 1gpu_graphs pp2 pp2_vpp4
-# (_graphs: per-layer CUDA graphs, --cuda-graph-impl local). Prints per run the mean ms/iteration over the
+# Layouts: 1gpu dp2 tp2 tp2_overlap tp2_graphs 1gpu_graphs pp2 pp2_vpp4 (_graphs: per-layer CUDA
+# graphs, --cuda-graph-impl local). Prints per run the mean ms/iteration over the
 # iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU and max allocated, and
 # for the pipeline layouts the traced bubble (tools/pipeline_trace_stats.py).
 # Extra environment for every launch (e.g. NCCL_PROTO) is passed through as set by the caller.
@@ -36,7 +36,8 @@ layouts=("$@"); [ ${#layouts[@]} -eq 0 ] && layouts=(1gpu dp2 tp2 tp2_overlap pp
 for l in "${layouts[@]}"; do case $l in
   1gpu) run 1gpu 1 ;;
   dp2) run dp2 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ;;
-  dp2_ctas) # the DP reduce-scatters/all-gathers held to DP_MAX_CTAS (8) thread blocks
+  # dp2 with the DP reduce-scatters/all-gathers held to DP_MAX_CTAS (8) thread blocks each
+  dp2_ctas)
     printf 'dp:\n  max_ctas: %s\n' "${DP_MAX_CTAS:-8}" > "$out/nccl_dp.yaml"
     run dp2_ctas 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
       --nccl-communicator-config-path "$out/nccl_dp.yaml" ;;
