@@ -164,7 +164,8 @@ def _build(args, env, logger, start: float) -> TrainingRun:
                               args.context_parallel_size, not args.untie_embeddings_and_output_weights,
                               "tp-cp-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-dp-pp",
                               hierarchical_cp=args.hierarchical_context_parallel_sizes,
-                              timeout_minutes=args.distributed_timeout_minutes)
+                              timeout_minutes=args.distributed_timeout_minutes,
+                              nccl_comm_cfgs=args.nccl_comm_cfgs)
     tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init,
                         graph_safe=args.te_rng_tracker or args.cuda_graph_impl == "local")
     logger.datetime_line("after megatron is initialized")

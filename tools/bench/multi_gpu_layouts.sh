@@ -36,6 +36,11 @@ layouts=("$@"); [ ${#layouts[@]} -eq 0 ] && layouts=(1gpu dp2 tp2 tp2_overlap pp
 for l in "${layouts[@]}"; do case $l in
   1gpu) run 1gpu 1 ;;
   dp2) run dp2 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ;;
+  # dp2 with the DP reduce-scatters/all-gathers held to DP_MAX_CTAS (8) thread blocks each
+  dp2_ctas)
+    printf 'dp:\n  max_ctas: %s\n' "${DP_MAX_CTAS:-8}" > "$out/nccl_dp.yaml"
+    run dp2_ctas 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
+      --nccl-communicator-config-path "$out/nccl_dp.yaml" ;;
   tp2) run tp2 2 --tensor-model-parallel-size 2 --sequence-parallel ;;
   tp2_overlap) run tp2_overlap 2 --tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap ;;
   pp2) run pp2 2 --pipeline-model-parallel-size 2 ;;
