@@ -42,5 +42,9 @@ for l in "${layouts[@]}"; do case $l in
   1gpu_graphs) run 1gpu_graphs 1 --cuda-graph-impl local ;;
   pp2) run pp2 2 --pipeline-model-parallel-size 2 ;;
   pp2_vpp4) run pp2_vpp4 2 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3 ;;
+  # PP2 VPP4 with 13 layers on rank 0 and 11 on rank 1, which also holds the output layer
+  # (about 1.75 layers' work at vocabulary 50304), so both ranks get about the same work
+  pp2_vpp4_bal) run pp2_vpp4_bal 2 --pipeline-model-parallel-size 2 \
+    --pipeline-model-parallel-layout 'Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L' ;;
   *) echo "unknown layout $l"; exit 2 ;;
 esac; done
