@@ -17,8 +17,9 @@ def _add_distributed_args(parser):
     group.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                        help="Transformer layers on the last pipeline stage (default: even split).")
     group.add_argument("--pipeline-model-parallel-layout", type=str, default=None,
-                       help="Megatron-LM's custom layer-to-stage layout string, e.g. \"E|(t|)*3,m|m||L\" "
-                       "(refused: use --decoder-first/last-pipeline-num-layers).")
+                       help="Megatron-LM's layer-to-stage layout, stages in pipeline order separated by |: "
+                       "E embedding, t transformer layer, L loss, x*n and (...)*n repeat, e.g. "
+                       "\"Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L\" (PP 2 x VPP 4). Sets the VPP size itself.")
     group.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
                        help="Count the input embedding as one layer when splitting layers over stages.")
     group.add_argument("--account-for-loss-in-pipeline-split", action="store_true",

@@ -53,9 +53,7 @@ def check_megatron_flags_early(args, warn: Callable[[str], None]) -> None:
         # Never replaced by another tokenizer: a different vocabulary changes the model.
         raise ConfigError(f"--tokenizer-type {t} {NOT_SUPPORTED} (supported: {', '.join(SUPPORTED_TYPES)})")
     for dest, why in (("spec", "its layers are built from the model flags, not from a layer spec"),
-                      ("step_batch_size_schedule", "use --rampup-batch-size"),
-                      ("pipeline_model_parallel_layout", "use --decoder-first/last-pipeline-num-layers and "
-                       "--account-for-embedding/loss-in-pipeline-split")):
+                      ("step_batch_size_schedule", "use --rampup-batch-size")):
         if getattr(args, dest) is not None:
             raise ConfigError(f"{_flag(dest)} {NOT_SUPPORTED} ({why})")
     if args.rerun_mode != "disabled":

@@ -281,6 +281,15 @@ def _derive_batch_sizes(args) -> None:
              f"--eval-micro-batch-size ({eb}) x data-parallel size ({dp})")
 
 
+def _layout_conflicts(args) -> None:
+    """--pipeline-model-parallel-layout places every layer itself (Megatron's rule)."""
+    for dest in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank",
+                 "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                 "account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
+        _require(getattr(args, dest) in (None, False), f"--pipeline-model-parallel-layout sets the "
+                 f"stages itself: drop {_flag(dest)}")
+
+
 def _derive_pipeline_layout(args) -> None:
     pp, layers = args.pipeline_model_parallel_size, args.num_layers
     per_vstage = args.num_layers_per_virtual_pipeline_stage
@@ -296,12 +305,15 @@ def _derive_pipeline_layout(args) -> None:
              "--num-layers-per-virtual-pipeline-stage, with --decoder-first/last-pipeline-num-layers")
     accounted = dict(account_for_embedding=args.account_for_embedding_in_pipeline_split,
                      account_for_loss=args.account_for_loss_in_pipeline_split)
+    if args.pipeline_model_parallel_layout is not None:
+        _layout_conflicts(args)
     try:  # pipeline_parallel/layout.py owns the split rules; its messages name the flags
         vpp = (n_vstages if per_vstage is None
                else virtual_stages_per_rank(layers, pp, per_vstage, **accounted))
-        vpp = None if vpp == 1 else vpp  # spec §5.4: a virtual size of 1 is no interleaving
-        build_layout(layers, pp, vpp, first_stage_layers=args.decoder_first_pipeline_num_layers,
-                     last_stage_layers=args.decoder_last_pipeline_num_layers, **accounted)
+        layout = build_layout(layers, pp, vpp, first_stage_layers=args.decoder_first_pipeline_num_layers,
+                              last_stage_layers=args.decoder_last_pipeline_num_layers,
+                              layout=args.pipeline_model_parallel_layout, **accounted)
+        vpp = None if layout.vpp_size == 1 else layout.vpp_size  # spec §5.4: 1 is no interleaving
     except ValueError as e:
         raise ConfigError(str(e)) from None
     args.virtual_pipeline_model_parallel_size = vpp

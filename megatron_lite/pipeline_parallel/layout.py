@@ -6,11 +6,13 @@ rank feeds chunk c+1 of rank 0). Each virtual stage gets a number of layers and 
 dealt out consecutively in that order, which reproduces Megatron's offsets
 (`get_transformer_layer_offset` / `get_num_layers_to_build`) for the even split, the
 `--account-for-{embedding,loss}-in-pipeline-split` split and the uneven
-`--decoder-{first,last}-pipeline-num-layers` split. Layer numbers are global and 1-based, so
-parameter names (and checkpoints) do not depend on the layout.
+`--decoder-{first,last}-pipeline-num-layers` split, or takes the stages' sizes from Megatron's
+`--pipeline-model-parallel-layout` string. Layer numbers are global and 1-based, so parameter
+names (and checkpoints) do not depend on the layout.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -134,25 +136,67 @@ def _stage_sizes(num_layers: int, pp: int, vpp: int, first: int | None, last: in
     return sizes
 
 
+_LAYOUT_FLAG = "--pipeline-model-parallel-layout"
+
+
+def parse_layout(text: str, num_layers: int, pp_size: int) -> list[int]:
+    """Transformer layers per virtual stage (pipeline order) from Megatron's layout string:
+    stages separated by `|`, in each `E` (embedding), `t` (a transformer layer) and `L` (output
+    layer and loss); `x*n` and `(...)*n` repeat, commas are cosmetic. E.g. `Et*4|t*3|t*3|t*3|
+    t*3|t*3|t*3|t*2L` is PP 2 x VPP 4 with 13 layers on rank 0 and 11 plus the loss on rank 1.
+    The embedding must open the first stage and the loss close the last (where this
+    framework builds them); `m` (multi-token prediction) is refused. The number of stages over
+    PP is the VPP size (spec §5.4)."""
+    unrolled = text.replace(",", "")
+    for pattern in (r"\(([^)]+)\)\*(\d+)", r"(.)\*(\d+)"):  # (...)*n first, then x*n
+        unrolled = re.sub(pattern, lambda m: m.group(1) * int(m.group(2)), unrolled)
+    stages = unrolled.split("|")
+    bad = sorted(set(unrolled) - set("EtL|"))
+    if "m" in bad:
+        raise ValueError(f"{_LAYOUT_FLAG} {text}: multi-token prediction layers (m) are not supported")
+    if bad:
+        raise ValueError(f"{_LAYOUT_FLAG} {text}: unknown layer {bad[0]!r} (E embedding, t transformer "
+                         "layer, L loss; | separates stages)")
+    flat = "".join(stages)
+    if not stages[0].startswith("E") or flat.count("E") != 1:
+        raise ValueError(f"{_LAYOUT_FLAG} {text}: the embedding (E) must open the first stage, once")
+    if not stages[-1].endswith("L") or flat.count("L") != 1:
+        raise ValueError(f"{_LAYOUT_FLAG} {text}: the loss (L) must close the last stage, once")
+    if flat.count("t") != num_layers:
+        raise ValueError(f"{_LAYOUT_FLAG} {text}: {flat.count('t')} transformer layers (t), "
+                         f"--num-layers is {num_layers}")
+    if len(stages) % pp_size:
+        raise ValueError(f"{_LAYOUT_FLAG} {text}: {len(stages)} stages do not divide over "
+                         f"--pipeline-model-parallel-size {pp_size}")
+    return [stage.count("t") for stage in stages]
+
+
 def build_layout(num_layers: int, pp_size: int = 1, vpp_size: int | None = None, *,
                  first_stage_layers: int | None = None, last_stage_layers: int | None = None,
-                 account_for_embedding: bool = False, account_for_loss: bool = False) -> PipelineLayout:
-    """Layers of every (pipeline rank, chunk). `vpp_size` None or 1 means no interleaving.
+                 account_for_embedding: bool = False, account_for_loss: bool = False,
+                 layout: str | None = None) -> PipelineLayout:
+    """Layers of every (pipeline rank, chunk). `vpp_size` None or 1 means no interleaving;
+    `layout` (Megatron's string, `parse_layout`) sets the stages and so the VPP size itself.
     Raises ValueError, naming the flags, for a split that does not work out: this module owns
     those rules, and config/validation.py reports its messages at parse time."""
     vpp = vpp_size or 1
+    if layout is not None:
+        sizes = parse_layout(layout, num_layers, pp_size)
+        vpp = len(sizes) // pp_size
     if pp_size < 1 or vpp < 1 or num_layers < 1:
         raise ValueError(f"bad pipeline layout: {num_layers} layers, PP {pp_size}, VPP {vpp}")
     # The split is checked first: config/validation.py has always reported it before this.
-    sizes = _stage_sizes(num_layers, pp_size, vpp, first_stage_layers, last_stage_layers,
-                         account_for_embedding, account_for_loss)
+    if layout is None:
+        sizes = _stage_sizes(num_layers, pp_size, vpp, first_stage_layers, last_stage_layers,
+                             account_for_embedding, account_for_loss)
     check_virtual_pipeline(pp_size, vpp)
     stages, next_layer = [], 1
     for v, n in enumerate(sizes):
         if n < 0 or (n == 0 and 0 < v < len(sizes) - 1):
             # A middle stage without layers would only forward its input: almost surely a typo.
-            raise ValueError(f"virtual pipeline stage {v} would hold {n} transformer layers (--num-layers, "
-                             "--pipeline-model-parallel-size, --decoder-first/last-pipeline-num-layers)")
+            flags = (_LAYOUT_FLAG if layout is not None else "--num-layers, --pipeline-model-parallel-size, "
+                     "--decoder-first/last-pipeline-num-layers")
+            raise ValueError(f"virtual pipeline stage {v} would hold {n} transformer layers ({flags})")
         stages.append(tuple(range(next_layer, next_layer + n)))
         next_layer += n
     assert next_layer == num_layers + 1, (sizes, num_layers)

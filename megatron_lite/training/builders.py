@@ -123,7 +123,8 @@ def pipeline_layout(args) -> PipelineLayout:
         first_stage_layers=args.decoder_first_pipeline_num_layers,
         last_stage_layers=args.decoder_last_pipeline_num_layers,
         account_for_embedding=args.account_for_embedding_in_pipeline_split,
-        account_for_loss=args.account_for_loss_in_pipeline_split)
+        account_for_loss=args.account_for_loss_in_pipeline_split,
+        layout=args.pipeline_model_parallel_layout)
 
 
 def build_executor(args, chunks, ps, env):

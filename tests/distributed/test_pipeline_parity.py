@@ -131,6 +131,8 @@ def _cases(pp):
             ("llama", 8, 1, 3, {"first_stage_layers": 3, "last_stage_layers": 5}, cfg),
             ("gpt", 6, 2, 4, {"account_for_embedding": True, "account_for_loss": True},
              PipelineConfig(overlap_p2p_comm=True)),
+            # --pipeline-model-parallel-layout: rank 0 holds 3 + 2 layers, rank 1 1 + 2 and the loss
+            ("llama", 8, 2, 4, {"layout": "Et*3|t|t*2|t*2L"}, cfg),
             # raw loss sums back-propagated, grads divided by the token count broadcast from the
             # last stage (spec §6.4; mock data masks nothing, so it equals the mean of means)
             ("llama", 8, 2, 4, {}, PipelineConfig(calculate_per_token_loss=True)),

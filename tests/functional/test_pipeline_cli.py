@@ -1,6 +1,7 @@
 """End to end through torchrun on CPU: interleaved pipeline parallelism with tensor parallelism
 (PP=2 x VPP=2 x TP=2 on 4 processes) prints the same losses as one process, writes a Chrome
-trace, and an impossible schedule fails at start naming the flags (spec §6.2)."""
+trace, and an impossible schedule fails at start naming the flags (spec §6.2); a
+--pipeline-model-parallel-layout split prints the same losses too."""
 import json
 import re
 
@@ -61,3 +62,16 @@ def test_micro_batches_not_a_multiple_of_pp_fail_at_start():
     assert "--microbatch-group-size-per-virtual-pipeline-stage (2)" in err
     assert "--pipeline-model-parallel-size (2)" in err
     assert " iteration " not in err
+
+
+def test_a_layout_string_prints_the_single_process_losses():
+    """--pipeline-model-parallel-layout: PP 2 x VPP 2 with 3 layers on rank 0 (2 + 1) and 1 on
+    rank 1, whose last chunk holds only the final norm, output layer and loss."""
+    single = _losses(torchrun(1, "pretrain_gpt.py", *TINY_GPT).stdout)
+    proc = torchrun(2, "pretrain_gpt.py", *TINY_GPT, "--pipeline-model-parallel-size", "2",
+                    "--pipeline-model-parallel-layout", "Et*2|t|t|L")
+    piped = _losses(proc.stdout)
+    assert len(piped) == len(single) == 6, proc.stdout[-3000:]
+    for (head, loss), (ref_head, ref_loss) in zip(piped, single):
+        assert head == ref_head
+        assert abs(loss - ref_loss) <= 1.5e-6 * ref_loss, (loss, ref_loss)

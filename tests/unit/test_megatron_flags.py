@@ -20,9 +20,6 @@ REFUSALS = [
      "not from a layer spec)"),
     ("--step-batch-size-schedule 0:16",
      "--step-batch-size-schedule is not supported by megatron_lite (use --rampup-batch-size)"),
-    ("--pipeline-model-parallel-layout Et|tL", "--pipeline-model-parallel-layout is not supported by "
-     "megatron_lite (use --decoder-first/last-pipeline-num-layers and "
-     "--account-for-embedding/loss-in-pipeline-split)"),
     ("--rerun-mode validate_results", "--rerun-mode validate_results is not supported by megatron_lite (only "
      "disabled: a NaN loss stops the run with an error, without re-running the step)"),
     ("--max-tokens-to-oom 3600000", "--max-tokens-to-oom is a flag of Megatron-LM's inference server, which "

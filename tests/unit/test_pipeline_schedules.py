@@ -232,6 +232,54 @@ def test_layouts():
         build_layout(2, 4, first_stage_layers=1, last_stage_layers=1)
 
 
+def test_layout_strings():
+    """--pipeline-model-parallel-layout (Megatron's grammar): stages in pipeline order."""
+    balanced = build_layout(24, 2, layout="Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L")
+    assert balanced.vpp_size == 4
+    assert [len(c) for c in balanced.rank_layers(0)] == [4, 3, 3, 3]  # 13 layers
+    assert balanced.rank_layers(1) == [[5, 6, 7], [11, 12, 13], [17, 18, 19], [23, 24]]
+    # The even split spelled out is the default layout; commas and groups are cosmetic.
+    assert build_layout(8, 2, layout="Et*2|t*2|(t*2|)*1t,tL") == build_layout(8, 2, 2)
+    assert build_layout(6, 2, layout="Ettt|tttL") == build_layout(6, 2)
+    # Embedding or loss alone on their stage (the zero-layer ends account_for_* also makes).
+    assert build_layout(4, 2, 2, layout="E|t*2|t*2|L").stage_layers == ((), (1, 2), (3, 4), ())
+
+
+@pytest.mark.parametrize("layout,message", [
+    ("Et|t|tL", "3 transformer layers (t), --num-layers is 4"),
+    ("Et*2|t*2m|L", "multi-token prediction layers (m) are not supported"),
+    ("Et*2|tx|tL", "unknown layer 'x'"),
+    ("tE|t*3L", "the embedding (E) must open the first stage, once"),
+    ("Et*2|t*2|L|", "the loss (L) must close the last stage, once"),
+    ("Et*3|L|t", "the loss (L) must close the last stage, once"),
+    ("Et|t|t|t|L", "5 stages do not divide over --pipeline-model-parallel-size 2"),
+    ("Et*2||t*2|L",
+     "virtual pipeline stage 1 would hold 0 transformer layers (--pipeline-model-parallel-layout)"),
+])
+def test_bad_layout_strings_name_the_flag(layout, message):
+    with pytest.raises(ValueError) as e:
+        build_layout(4, 2, layout=layout)
+    assert message in str(e.value), str(e.value)
+
+
+def test_validation_takes_the_vpp_size_from_the_layout_and_refuses_other_split_flags():
+    from megatron_lite.config.validation import ConfigError
+    from tests.unit.test_arguments import make
+    args = make("--num-layers 8 --pipeline-model-parallel-size 2 --global-batch-size 8 "
+                "--pipeline-model-parallel-layout Et*3|t*2|t*2|tL", world=2)
+    assert args.virtual_pipeline_model_parallel_size == 2
+    args = make("--num-layers 8 --pipeline-model-parallel-size 2 --pipeline-model-parallel-layout Et*5|t*3L",
+                world=2)
+    assert args.virtual_pipeline_model_parallel_size is None
+    for extra in ("--num-layers-per-virtual-pipeline-stage 2", "--decoder-first-pipeline-num-layers 4",
+                  "--account-for-loss-in-pipeline-split"):
+        with pytest.raises(ConfigError) as e:
+            make(f"--num-layers 8 --pipeline-model-parallel-size 2 --global-batch-size 8 {extra} "
+                 "--pipeline-model-parallel-layout Et*3|t*2|t*2|tL", world=2)
+        flag = extra.split()[0]
+        assert str(e.value) == f"--pipeline-model-parallel-layout sets the stages itself: drop {flag}"
+
+
 def test_validation_rejects_a_layout_with_an_empty_middle_stage():
     from megatron_lite.config.arguments import parse_args
     from megatron_lite.config.validation import ConfigError, validate_args

@@ -45,6 +45,12 @@ for l in "${layouts[@]}"; do case $l in
   tp2_overlap) run tp2_overlap 2 --tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap ;;
   pp2) run pp2 2 --pipeline-model-parallel-size 2 ;;
   pp2_vpp4) run pp2_vpp4 2 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3 ;;
+  # PP2 VPP4 with 13 layers on rank 0 and 11 on rank 1, which also holds the output layer
+  # (about 1.75 layers' work at vocabulary 50304), so both ranks get about the same work
+  pp2_vpp4_bal) run pp2_vpp4_bal 2 --pipeline-model-parallel-size 2 \
+    --pipeline-model-parallel-layout 'Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L' ;;
+  pp2_vpp4_bal_graphs) run pp2_vpp4_bal_graphs 2 --pipeline-model-parallel-size 2 \
+    --pipeline-model-parallel-layout 'Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L' --cuda-graph-impl local ;;
   *_graphs) base=${l%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
     [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
     run "$l" $flags --cuda-graph-impl local ;;
