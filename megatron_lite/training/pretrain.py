@@ -313,7 +313,8 @@ def _final_evaluation(run: TrainingRun, trainer: Trainer, state, exit_reason, va
 
 
 def _teardown(run: TrainingRun) -> None:
-    """Collective: free the p2p links, the layout's groups and the world, in that order."""
+    """Collective: free the CUDA graphs (they hold the NCCL communicators their collectives
+    were captured on), the p2p links, the layout's groups and the world, in that order."""
     if run.env.device.type == "cuda":
         torch.cuda.synchronize()
         for chunk in run.chunks:
