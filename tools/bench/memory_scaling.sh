@@ -68,7 +68,9 @@ case "$mode" in
   tp2)  # issue 13: TP2 + SP against DP2's TFLOP/s, eagerly and with per-layer CUDA graphs
     run tp2_sp 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel
     run tp2_sp_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel \
-      --cuda-graph-impl local --cuda-graph-warmup-steps 1 ;;
+      --cuda-graph-impl local --cuda-graph-warmup-steps 1
+    [ "${4:-}" = "all" ] && run tp2_sp_overlap_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 \
+      --sequence-parallel --tp-comm-overlap --cuda-graph-impl local --cuda-graph-warmup-steps 1 ;;
   dp2)  # issue 13: the DP2 side of that comparison, eagerly and with per-layer CUDA graphs
     run dp2_distopt 2 "$iters" 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
     run dp2_distopt_graphs 2 "$iters" 2 --use-distributed-optimizer --overlap-grad-reduce \
