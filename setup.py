@@ -17,6 +17,7 @@ setup(
         "tensorboard",
         "nltk",
         "zstandard",
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest", "ruff", "transformers", "safetensors"],

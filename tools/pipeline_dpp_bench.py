@@ -5,13 +5,15 @@ injected on the GPU (issue 18).
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. \\
     torchrun --nproc_per_node 2 tools/pipeline_dpp_bench.py --preset gpt-1.3b --vpp 2 --micro-batches 16 \\
         [--first-stage-layers 14 --last-stage-layers 10] [--slow-stage 0 --slow-factor 0.3] \\
-        [--stall-prob 0.05 --stall-factor 3] [--trace-dir DIR] [--json FILE]
+        [--stall-prob 0.05 --stall-factor 3] [--cuda-graphs] [--trace-dir DIR] [--json FILE]
 
 Builds the model once (PP = the number of GPUs, bf16, fp32 main grads, Adam) and runs the
 static interleaved 1F1B schedule, then `--use-dpp` breadth-first and depth-first (and, with
 `--modes ...,static-m`, the static schedule with one group of all M micro-batches, as much
 activation memory as breadth-first), each for --warmup + --steps iterations (forward,
-backward, gradient finalization, optimizer step) timed between CUDA synchronizations.
+backward, gradient finalization, optimizer step) timed between CUDA synchronizations
+(`--cuda-graphs`: the transformer layers replayed as CUDA graphs, so that a compute's host
+launch, which the dynamic order waits for at every hop, is one graph per layer).
 Stragglers are GPU time (`torch.cuda._sleep` before a compute), so the stage itself is slower,
 not only its host: --slow-factor lengthens every compute of --slow-stage by that fraction of
 its measured time; --stall-prob lengthens a random compute of any stage by --stall-factor
@@ -39,11 +41,13 @@ from megatron_lite.config.configs import ModelConfig
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.distributed.random import build_rng_tracker
+from megatron_lite.models.cuda_graphs import enable_cuda_graphs, release_cuda_graphs
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer, OptimizerConfig
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
 from megatron_lite.pipeline_parallel.executor import PipelineConfig, PipelineExecutor
 from megatron_lite.pipeline_parallel.layout import build_layout
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
+from megatron_lite.pipeline_parallel.schedules import in_flight_per_chunk
 from megatron_lite.pipeline_parallel.trace import (
     PipelineTrace,
     bubble_stats,
@@ -77,6 +81,9 @@ def _args():
     p.add_argument("--slow-factor", type=float, default=0.3, help="extra time of --slow-stage's computes")
     p.add_argument("--stall-prob", type=float, default=0.0, help="chance of a stall per compute")
     p.add_argument("--stall-factor", type=float, default=3.0, help="stall length in compute times")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="every mode with per-layer CUDA graphs (--cuda-graph-impl local), captured "
+                        "in its first iteration")
     p.add_argument("--trace-dir", default=None, help="write each mode's Chrome trace here")
     p.add_argument("--json", default=None, help="append one JSON line per mode to this file")
     p.add_argument("--timeout-s", type=float, default=600.0,
@@ -157,6 +164,11 @@ def _run_mode(mode: str, a, b: _Setup, straggler, warmup: int, steps: int):
     executor = PipelineExecutor(b.ddp, b.ps, pcfg, b.channels, trace)
     if straggler is not None:
         straggler.wrap(executor)
+    if a.cuda_graphs:  # captured afresh for this mode's schedule, in its first iteration
+        slots = in_flight_per_chunk(executor.schedule(a.micro_batches), a.vpp)
+        for chunk, n in zip(b.ddp, slots):
+            release_cuda_graphs(chunk)
+            enable_cuda_graphs(chunk, n)
     if b.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(b.device)
     for i in range(warmup + steps):
@@ -189,7 +201,7 @@ def _report(mode, a, sec, trace, mem_gib, ps) -> dict | None:
             "micro_batches": a.micro_batches,
             "first_last_stage_layers": [a.first_stage_layers, a.last_stage_layers],
             "slow_stage": a.slow_stage, "slow_factor": a.slow_factor if a.slow_stage is not None else None,
-            "stall_prob": a.stall_prob, "ms_per_iteration": round(sec * 1e3, 2),
+            "stall_prob": a.stall_prob, "cuda_graphs": a.cuda_graphs, "ms_per_iteration": round(sec * 1e3, 2),
             "tokens_per_s": round(tokens / sec), "bubble": round(stats.bubble_fraction, 4),
             "step_span_ms": round(stats.mean_span_ms, 2), "compute_ms_per_rank": round(stats.mean_busy_ms, 2),
             "steps_out_of_static_order": f"{differ}/{runs}", "peak_mem_gib_rank0": round(mem_gib, 2),
@@ -214,7 +226,8 @@ def main() -> None:
     cfg = ModelConfig(**shape, params_dtype=torch.bfloat16)
     layout = build_layout(cfg.num_layers, ps.pp_size, a.vpp, first_stage_layers=a.first_stage_layers,
                           last_stage_layers=a.last_stage_layers)
-    chunks = build_model_chunks(cfg, ps, layout, 1234, build_rng_tracker(1234, 0, ps.pp_rank, device), device)
+    tracker = build_rng_tracker(1234, 0, ps.pp_rank, device, graph_safe=a.cuda_graphs)
+    chunks = build_model_chunks(cfg, ps, layout, 1234, tracker, device)
     ddp = [DistributedDataParallel(c, ps, DDPConfig()) for c in chunks]
     opt = MixedPrecisionOptimizer([(n, p) for c in ddp for n, p in c.module.named_parameters()],
                                   OptimizerConfig(lr=1e-5), ps)
@@ -230,6 +243,8 @@ def main() -> None:
     for mode in a.modes.split(","):
         sec, trace, mem = _run_mode(mode, a, b, straggler, a.warmup, a.steps)
         results.append(_report(mode, a, sec, trace, mem, ps))
+    for chunk in b.ddp:
+        release_cuda_graphs(chunk)  # before destroying the groups: live graphs hold NCCL comms
     channels.destroy()
     dist.destroy_process_group()
     if ps.rank != 0:

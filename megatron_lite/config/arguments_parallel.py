@@ -46,6 +46,10 @@ def _add_distributed_args(parser):
                        help="torch.distributed backend; default nccl with CUDA, else gloo.")
     group.add_argument("--distributed-timeout-minutes", type=int, default=10,
                        help="Timeout of torch.distributed collectives, in minutes.")
+    group.add_argument("--nccl-communicator-config-path", type=str, default=None,
+                       help="YAML file of NCCL options per process group, keyed by Megatron's group names "
+                       "(dp, dp_cp, cp, hcp, mp, tp, pp, embd, tp_dp_cp, tp_dp, tp_cp): cga_cluster_size, "
+                       "max_ctas, min_ctas, is_high_priority_stream.")
     group.add_argument("--local-rank", type=int, default=None,
                        help="Local rank passed by older launchers (torchrun sets LOCAL_RANK instead).")
     _add_ddp_args(group)

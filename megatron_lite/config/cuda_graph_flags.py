@@ -12,16 +12,13 @@ from collections.abc import Callable
 from megatron_lite.config.errors import ConfigError
 
 LOCAL = "local"
-# A layer's graphs keep one micro-batch's activations: its backward must come before its next
-# forward, and its input shapes must not change. Each entry: (flag, is it on, why refused).
+# A layer's graphs keep the activations of a fixed number of micro-batches (one per copy of the
+# block's graphs), and their input shapes must not change. Each entry: (flag, is it on, why).
 _NOT_YET = (
-    ("--pipeline-model-parallel-size > 1", lambda a: a.pipeline_model_parallel_size > 1,
-     "pipelined micro-batches would overwrite a layer's captured activations"),
     ("--context-parallel-size > 1", lambda a: a.context_parallel_size > 1,
      "the ring attention's point-to-point exchanges are not captured"),
     ("--recompute-granularity", lambda a: a.recompute_granularity is not None,
      "recomputation re-runs the forward inside the backward"),
-    ("--tp-comm-overlap", lambda a: a.tp_comm_overlap, "its side-stream rings are not captured"),
     ("--use-torch-fsdp2", lambda a: a.use_torch_fsdp2, "FSDP2 gathers parameters in hooks a replay skips"),
 )
 

@@ -22,6 +22,7 @@ from megatron_lite.config.errors import flag as _flag
 from megatron_lite.config.megatron_flags import check_megatron_flags_early, check_megatron_flags_late
 from megatron_lite.config.memory_flags import check_memory_flags
 from megatron_lite.config.ranges import check_ranges, check_rotary_dims
+from megatron_lite.distributed.nccl_config import load_nccl_comm_config
 from megatron_lite.pipeline_parallel.layout import build_layout, virtual_stages_per_rank
 from megatron_lite.pipeline_parallel.schedules import ScheduleError, check_schedule
 
@@ -84,6 +85,7 @@ def validate_args(
     check_cuda_graph_flags(args, torch.cuda.is_available() if cuda_available is None else cuda_available,
                            warn)
     check_megatron_flags_late(args)
+    _load_nccl_config(args, warn)
     # Progress counters start at zero; a checkpoint load overwrites them (spec §4.5).
     args.consumed_train_samples = 0
     args.consumed_valid_samples = 0
@@ -92,6 +94,18 @@ def validate_args(
     if not hasattr(args, "padded_vocab_size"):
         args.padded_vocab_size = None  # computed once the tokenizer is built (spec §3.7)
     return args
+
+
+def _load_nccl_config(args, warn) -> None:
+    """--nccl-communicator-config-path, read and checked here so a bad file stops the run
+    before any process group exists; args.nccl_comm_cfgs holds it by group token."""
+    args.nccl_comm_cfgs = {}
+    if args.nccl_communicator_config_path is None:
+        return
+    args.nccl_comm_cfgs = load_nccl_comm_config(args.nccl_communicator_config_path)
+    if args.distributed_backend != "nccl":
+        warn(f"--nccl-communicator-config-path has no effect with --distributed-backend "
+             f"{args.distributed_backend}: its options are NCCL communicators'")
 
 
 def _check_required(args) -> None:

@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from megatron_lite.context_parallel.comm import CPComm
+from megatron_lite.distributed.nccl_config import nccl_options
 from megatron_lite.distributed.rank_grid import (
     DEFAULT_ORDER,
     RankGrid,
@@ -40,6 +41,8 @@ class ParallelState:
     timeout: timedelta | None = None
     # token -> gloo twin of this rank's group (create_cpu_groups), for host-side agreement
     cpu_groups: dict = field(default_factory=dict)
+    # --nccl-communicator-config-path: token -> NCCL options for that group (nccl_config.py)
+    nccl_comm_cfgs: dict = field(default_factory=dict)
     _owned: list = field(default_factory=list, repr=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -54,9 +57,11 @@ class ParallelState:
         backend: str | None = None,
         hierarchical_cp: tuple[int, ...] | None = None,
         timeout: timedelta | None = None,
+        nccl_comm_cfgs: dict | None = None,
     ) -> ParallelState:
         """Build every group for this layout. Collective: all ranks of the world must call it.
-        `hierarchical_cp`: `--hierarchical-context-parallel-sizes` (inner, outer), for a2a+p2p."""
+        `hierarchical_cp`: `--hierarchical-context-parallel-sizes` (inner, outer), for a2a+p2p.
+        `nccl_comm_cfgs`: {group token: NCCL options} (nccl_config.load_nccl_comm_config)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         model_parallel = tp * pp * cp
@@ -66,39 +71,51 @@ class ParallelState:
                 f"x context ({cp}) parallel sizes"
             )
         grid = RankGrid(tp=tp, cp=cp, dp=world // model_parallel, pp=pp, order=order)
-        state = cls(grid=grid, rank=rank, timeout=timeout)
+        state = cls(grid=grid, rank=rank, timeout=timeout, nccl_comm_cfgs=dict(nccl_comm_cfgs or {}))
         for token in _GROUP_TOKENS:
-            state.groups[token], state.ranks[token] = state._new_groups(grid.groups(token), backend)
+            state.groups[token], state.ranks[token] = state._new_groups(grid.groups(token), backend,
+                                                                        token=token)
         # Whole-job agreements (timers, signals, checkpoint barriers, ZeRO-1 norms) get a group of
         # their own too, so they carry --distributed-timeout-minutes (DESIGN rule 11).
         state.groups["world"], state.ranks["world"] = state._new_groups([list(range(world))], backend)
         if hierarchical_cp and len(hierarchical_cp) > 1:
             inners, outers = hierarchical_cp_groups(grid.groups("cp"), hierarchical_cp[0])
-            state.groups["cp-inner"], state.ranks["cp-inner"] = state._new_groups(inners, backend)
-            state.groups["cp-outer"], state.ranks["cp-outer"] = state._new_groups(outers, backend)
+            for token, groups in (("cp-inner", inners), ("cp-outer", outers)):
+                state.groups[token], state.ranks[token] = state._new_groups(groups, backend, token=token)
         pipelines = grid.groups("pp")
         state.embedding_group, state.embedding_ranks = state._new_groups(
-            embedding_groups(pipelines, tied=tied_embeddings), backend, only_members=True
+            embedding_groups(pipelines, tied=tied_embeddings), backend, only_members=True, token="embedding"
         )
         state.position_embedding_group, state.position_embedding_ranks = state._new_groups(
-            position_embedding_groups(pipelines), backend, only_members=True
+            position_embedding_groups(pipelines), backend, only_members=True, token="position-embedding"
         )
         return state
 
-    def _new_groups(self, all_groups, backend, only_members=False):
+    def _new_groups(self, all_groups, backend, only_members=False, token=None):
         """Create one process group per rank list (every rank calls new_group for each, as
-        torch.distributed requires) and return this rank's group and its member list."""
+        torch.distributed requires) and return this rank's group and its member list. `token`
+        names the groups for --nccl-communicator-config-path."""
         mine, mine_ranks = None, []
+        options = self.pg_options(token, backend)
         for ranks in all_groups:
             group = None
             if dist.is_initialized() and len(ranks) > 1:
-                group = dist.new_group(ranks, backend=backend, timeout=self.timeout)
+                group = dist.new_group(ranks, backend=backend, timeout=self.timeout, pg_options=options)
                 self._owned.append(group)
             if self.rank in ranks:
                 mine, mine_ranks = group, list(ranks)
         if not mine_ranks and not only_members:
             raise AssertionError(f"rank {self.rank} is in no group of {all_groups}")
         return mine, mine_ranks
+
+    def pg_options(self, token: str | None, backend: str | None = None):
+        """The NCCL options configured for the `token` groups, or None (not configured, or
+        not an NCCL group: the options are NCCL's own)."""
+        if token not in self.nccl_comm_cfgs or not dist.is_initialized():
+            return None
+        if (backend or dist.get_backend()) != "nccl":
+            return None
+        return nccl_options(self.nccl_comm_cfgs[token])
 
     def create_cpu_groups(self, token: str):
         """Gloo twins of the `token` groups (None for a size-1 group); returns this rank's.

@@ -65,10 +65,11 @@ class TransformerBlock(nn.Module):
         self.final_layernorm = make_norm(config, device) if final_norm else None
         # --cuda-graph-impl local: captured at the first training forward after
         # enable_cuda_graphs() (the training loop calls it after the warm-up steps).
-        self.cuda_graphs_enabled, self.cuda_graphs = False, None
+        self.cuda_graphs_enabled, self.cuda_graphs, self.cuda_graph_slots = False, None, 1
 
-    def enable_cuda_graphs(self) -> None:
-        self.cuda_graphs_enabled = True
+    def enable_cuda_graphs(self, slots: int = 1) -> None:
+        """`slots`: micro-batches of this block in flight at once (schedules.in_flight_per_chunk)."""
+        self.cuda_graphs_enabled, self.cuda_graph_slots = True, slots
 
     def _recompute_context(self, layers):
         """(forward context, recompute context) of one checkpoint over `layers`.
@@ -122,8 +123,12 @@ class TransformerBlock(nn.Module):
                 raise ValueError("--recompute-granularity full needs --recompute-method uniform|block")
         elif self.cuda_graphs_enabled and self.training and torch.is_grad_enabled():
             if self.cuda_graphs is None:
-                self.cuda_graphs = BlockGraphs.capture(layers, x, rope, self.rng_tracker)
-            x = self.cuda_graphs.run(x, rope)
+                self.cuda_graphs = BlockGraphs.capture(layers, x, rope, self.rng_tracker,
+                                                       self.cuda_graph_slots)
+            replayed = self.cuda_graphs.run(x, rope)
+            # None: more micro-batches in flight than slots (e.g. a larger batch after a
+            # --rampup-batch-size step); this one runs eagerly, same numbers.
+            x = self._run(layers, x, rope) if replayed is None else replayed
         else:
             x = self._run(layers, x, rope)
         if self.final_layernorm is not None:

@@ -60,11 +60,13 @@ class PipelineChannels:
         twins = header_twins
         if twins is None:
             twins = dynamic and "nccl" in str(backend or dist.get_backend()).lower()
+        options = ps.pg_options("pp", backend)  # Megatron's "pp" settings: its p2p runs on that group
         for pipeline in ps.grid.groups("pp"):
             for r in range(pp if ring else pp - 1):
                 a, b = pipeline[r], pipeline[(r + 1) % pp]
                 for kind in (ACT, GRAD):
-                    group = dist.new_group(sorted({a, b}), backend=backend, timeout=ps.timeout)
+                    group = dist.new_group(sorted({a, b}), backend=backend, timeout=ps.timeout,
+                                           pg_options=options)
                     out._owned.append(group)
                     twin = group
                     if twins:

@@ -147,6 +147,20 @@ def compute_order(pp_size: int, vpp_size: int, num_microbatches: int, pp_rank: i
     return order + bwd[total - w:]
 
 
+def in_flight_per_chunk(schedule, vpp_size: int) -> list[int]:
+    """Per model chunk, the most micro-batches whose forward has run and backward has not at
+    any point of `schedule` (one rank's actions), at least 1: how many copies of a chunk's
+    CUDA graphs a step needs (models/cuda_graphs.py)."""
+    held, most = [0] * vpp_size, [1] * vpp_size
+    for a in schedule:
+        if a.op is Op.FORWARD:
+            held[a.chunk] += 1
+            most[a.chunk] = max(most[a.chunk], held[a.chunk])
+        elif a.op is Op.BACKWARD:
+            held[a.chunk] -= 1
+    return most
+
+
 # ---- communication implied by the order -------------------------------------------------
 def _input_of(op: Op, mb: int, chunk: int, pp: int, vpp: int, rank: int) -> Action | None:
     stage, last = virtual_stage(pp, rank, chunk), last_virtual_stage(pp, vpp)

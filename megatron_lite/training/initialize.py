@@ -88,10 +88,12 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 10,
 
 def build_parallel_state(tp: int, pp: int, cp: int, tied_embeddings: bool, order: str,
                          hierarchical_cp: list[int] | None = None,
-                         timeout_minutes: float | None = None) -> ParallelState:
+                         timeout_minutes: float | None = None,
+                         nccl_comm_cfgs: dict | None = None) -> ParallelState:
     return ParallelState.create(tp=tp, pp=pp, cp=cp, order=order, tied_embeddings=tied_embeddings,
                                 hierarchical_cp=tuple(hierarchical_cp) if hierarchical_cp else None,
-                                timeout=timedelta(minutes=timeout_minutes) if timeout_minutes else None)
+                                timeout=timedelta(minutes=timeout_minutes) if timeout_minutes else None,
+                                nccl_comm_cfgs=nccl_comm_cfgs)
 
 
 def seed_rank(seed: int, ps: ParallelState, device: torch.device,

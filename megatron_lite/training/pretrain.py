@@ -26,6 +26,7 @@ from megatron_lite.data.tokenizers import TokenizerError, build_tokenizer
 from megatron_lite.models.cuda_graphs import enable_cuda_graphs, release_cuda_graphs
 from megatron_lite.optimizer.cpu_offload import exclude_host_state_from_forks
 from megatron_lite.pipeline_parallel.chunks import build_model_chunks
+from megatron_lite.pipeline_parallel.schedules import in_flight_per_chunk
 from megatron_lite.training import builders
 from megatron_lite.training.checkpointing import RunCheckpointing, use_checkpoint_args
 from megatron_lite.training.failures import report_failures
@@ -163,7 +164,8 @@ def _build(args, env, logger, start: float) -> TrainingRun:
                               args.context_parallel_size, not args.untie_embeddings_and_output_weights,
                               "tp-cp-pp-dp" if args.use_tp_pp_dp_mapping else "tp-cp-dp-pp",
                               hierarchical_cp=args.hierarchical_context_parallel_sizes,
-                              timeout_minutes=args.distributed_timeout_minutes)
+                              timeout_minutes=args.distributed_timeout_minutes,
+                              nccl_comm_cfgs=args.nccl_comm_cfgs)
     tracker = seed_rank(args.seed, ps, env.device, args.data_parallel_random_init,
                         graph_safe=args.te_rng_tracker or args.cuda_graph_impl == "local")
     logger.datetime_line("after megatron is initialized")
@@ -239,8 +241,11 @@ def _loop_hooks(run: TrainingRun, chores, data_iter, valid_iter) -> LoopHooks:
         if steps_run[0] == graphs_after:
             logger.rank0(f"CUDA graphs: capturing every transformer layer after {graphs_after} warm-up "
                          "iterations (--cuda-graph-impl local)")
-            for chunk in run.chunks:
-                enable_cuda_graphs(chunk)
+            # Micro-batches of each chunk in flight at once under this step's schedule: that
+            # many copies of its graphs (1 each without pipeline parallelism).
+            slots = in_flight_per_chunk(run.executor.schedule(num_microbatches), len(run.chunks))
+            for chunk, n in zip(run.chunks, slots):
+                enable_cuda_graphs(chunk, n)
         steps_run[0] += 1
         result = train_step(run.executor, run.optimizer, data_iter, num_microbatches, ps, env.device,
                             run.timers, empty_unused_memory_level=args.empty_unused_memory_level,

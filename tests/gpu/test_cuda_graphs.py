@@ -1,6 +1,8 @@
 """Per-layer CUDA graphs (`--cuda-graph-impl local`, models/cuda_graphs.py) on CUDA: replayed
 layers give the eager run's losses and gradients, dropout (default generator and the TP
-tracker's) and gradient-accumulation fusion included, on one GPU and at TP=2+SP."""
+tracker's) and gradient-accumulation fusion included, on one GPU, at TP=2+SP (also with
+--tp-comm-overlap), with the distributed optimizer, and under PP=2 (1F1B, interleaved, and
+interleaved with --use-dpp)."""
 import re
 
 import pytest
@@ -84,3 +86,33 @@ def test_graphed_layers_dp2_distributed_optimizer_overlapped_gather():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     _same_curve(["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"], nproc=2)
+
+
+def test_graphed_layers_tp2_sp_tp_comm_overlap():
+    """The collective-matmul rings' point-to-point steps are captured with the GEMMs."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _same_curve(["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tp-comm-overlap"], nproc=2)
+
+
+def test_graphed_layers_pp2():
+    """1F1B holds two micro-batches on the first stage: two copies of its graphs."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _same_curve(["--pipeline-model-parallel-size", "2"], nproc=2)
+
+
+def test_graphed_layers_pp2_vpp2():
+    """Interleaved: each chunk captured mid-step, as many copies as it holds micro-batches."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _same_curve(["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
+                nproc=2)
+
+
+def test_graphed_layers_pp2_vpp2_dpp():
+    """--use-dpp: captured on the main thread while the channel threads send and receive."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _same_curve(["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                 "--use-dpp"], nproc=2)

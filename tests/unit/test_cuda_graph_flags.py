@@ -40,21 +40,29 @@ def test_defaults_leave_graphs_off():
     ("--enable-cuda-graph --cuda-graph-impl transformer_engine", 1, "--enable-cuda-graph contradicts"),
     ("--cuda-graph-impl local --cuda-graph-scope attn", 1, "--cuda-graph-scope attn is not supported"),
     ("--cuda-graph-impl local --cuda-graph-warmup-steps -1", 1, "--cuda-graph-warmup-steps must be >= 0"),
-    ("--cuda-graph-impl local --pipeline-model-parallel-size 2", 2,
-     "--cuda-graph-impl local with --pipeline-model-parallel-size > 1 is not supported yet"),
     ("--cuda-graph-impl local --context-parallel-size 2", 2,
      "--cuda-graph-impl local with --context-parallel-size > 1 is not supported yet"),
     ("--cuda-graph-impl local --recompute-granularity full --recompute-method uniform "
      "--recompute-num-layers 1", 1,
      "--cuda-graph-impl local with --recompute-granularity is not supported yet"),
-    ("--cuda-graph-impl local --tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap", 2,
-     "--cuda-graph-impl local with --tp-comm-overlap is not supported yet"),
 ])
 def test_refusals_name_the_flag(extra, world, message):
     with pytest.raises(ConfigError) as e:
         make(extra, world)
     assert str(e.value).startswith(message), str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("extra,world", [
+    ("--pipeline-model-parallel-size 2", 2),
+    ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --global-batch-size 8", 2),
+    ("--tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap", 2),
+    ("--pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 1 --global-batch-size 8 "
+     "--use-dpp", 2),
+])
+def test_pipelines_and_the_overlapped_tp_rings_are_accepted(extra, world):
+    args, notes = make(f"--cuda-graph-impl local {extra}", world)
+    assert (args.cuda_graph_impl, notes) == ("local", [])
 
 
 def test_overlapped_param_gather_is_accepted():

@@ -17,6 +17,7 @@ from megatron_lite.pipeline_parallel.schedules import (
     build,
     build_all,
     in_flight_bound,
+    in_flight_per_chunk,
     schedule_table,
     warmup_count,
 )
@@ -312,3 +313,23 @@ def test_executor_builds_each_schedule_once(monkeypatch):
     assert [(a[2], k["forward_only"]) for a, k in calls] == [(4, False), (4, True), (2, False)]
     assert executor.schedule(4) is executor.schedule(4)
     torch.testing.assert_close(first[0], first[1])  # same data, no optimizer step: same losses
+
+
+@pytest.mark.parametrize("pp,vpp,m,rank,expected", [
+    (1, 1, 4, 0, [1]),  # forward, backward, forward, ...
+    (2, 1, 8, 0, [2]), (2, 1, 8, 1, [1]),  # 1F1B: warm-up PP - r - 1, plus one
+    # Interleaved, N = 2, rank 0 (counted by hand): F0.0 F1.0 F0.1 F1.1 F2.0 B0.1 F3.0 B1.1 F2.1
+    # B0.0 ... holds micro-batches 0-3 of chunk 0 before its first backward, at most 2 of chunk 1.
+    (2, 2, 4, 0, [4, 2]),
+])
+def test_in_flight_per_chunk_counts_what_each_chunk_holds(pp, vpp, m, rank, expected):
+    assert in_flight_per_chunk(build(pp, vpp, m, rank), vpp) == expected
+
+
+@pytest.mark.parametrize("pp,vpp,m", [(2, 2, 8), (2, 4, 8), (4, 2, 8), (4, 2, 12)])
+def test_in_flight_per_chunk_covers_the_step_bound(pp, vpp, m):
+    """Per-chunk peaks add up to at least the rank's peak, and no chunk holds more than M."""
+    for rank in range(pp):
+        per_chunk = in_flight_per_chunk(build(pp, vpp, m, rank), vpp)
+        assert sum(per_chunk) >= in_flight_bound(pp, vpp, m, rank)
+        assert max(per_chunk) <= m

@@ -3,11 +3,13 @@
 #   bash tools/bench/memory_scaling.sh 2gpu WORKDIR   # DP2 + distributed optimizer vs FSDP2 (ZeRO-3,
 #                                                     # and without resharding after forward), 2 GPUs
 #   bash tools/bench/memory_scaling.sh 1gpu WORKDIR   # one GPU, --optimizer-cpu-offload fraction 1.0
+#   bash tools/bench/memory_scaling.sh tp2 WORKDIR    # TP2 + SP, eager and with CUDA graphs (issue 13)
+#   bash tools/bench/memory_scaling.sh dp2 WORKDIR    # DP2 + distributed optimizer, the same two ways
 # Prints per run: the memory estimate line, mean s/iteration over the steady iterations,
 # tokens/s, TFLOP/s/GPU, the allocator's max allocated / max reserved (MB) per GPU, and for the
 # one-GPU run the peak host memory in use. Logs stay in WORKDIR.
 set -uo pipefail
-mode=${1:?usage: memory_scaling.sh 2gpu|fsdp2-no-reshard|1gpu WORKDIR [ITERATIONS]}
+mode=${1:?usage: memory_scaling.sh 2gpu|fsdp2-no-reshard|1gpu|tp2|dp2 WORKDIR [ITERATIONS]}
 out=${2:-/tmp/memory_scaling}
 iters=${3:-8}  # the first two are warm-up, left out of the means
 mkdir -p "$out"
@@ -63,5 +65,15 @@ case "$mode" in
   1gpu)  # OFFLOAD_FRACTION: 1.0 unless set
     run gpu1_offload 1 "$iters" 2 --use-distributed-optimizer --optimizer-cpu-offload \
       --optimizer-offload-fraction "${OFFLOAD_FRACTION:-1.0}" --overlap-cpu-optimizer-d2h-h2d ;;
-  *) echo "unknown mode $mode (2gpu, fsdp2-no-reshard or 1gpu)"; exit 2 ;;
+  tp2)  # issue 13: TP2 + SP against DP2's TFLOP/s, eagerly and with per-layer CUDA graphs
+    run tp2_sp 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel
+    run tp2_sp_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel \
+      --cuda-graph-impl local --cuda-graph-warmup-steps 1
+    [ "${4:-}" = "all" ] && run tp2_sp_overlap_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 \
+      --sequence-parallel --tp-comm-overlap --cuda-graph-impl local --cuda-graph-warmup-steps 1 ;;
+  dp2)  # issue 13: the DP2 side of that comparison, eagerly and with per-layer CUDA graphs
+    run dp2_distopt 2 "$iters" 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
+    run dp2_distopt_graphs 2 "$iters" 2 --use-distributed-optimizer --overlap-grad-reduce \
+      --overlap-param-gather --cuda-graph-impl local --cuda-graph-warmup-steps 1 ;;
+  *) echo "unknown mode $mode (2gpu, fsdp2-no-reshard, 1gpu, tp2 or dp2)"; exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 # Issue 13 benchmark: GPT 1.3B (24 layers, h 2048, 16 heads, ffn 8192), seq 2048, mbs 4, gbs 32,
 # bf16, mock data, through pretrain_gpt.py, on one GPU and on two in each layout of the issue.
 #   bash tools/bench/multi_gpu_layouts.sh WORKDIR [LAYOUTS...]   # default: all of them
-# Layouts: 1gpu dp2 tp2 tp2_overlap tp2_graphs 1gpu_graphs pp2 pp2_vpp4 (_graphs: per-layer CUDA
+# Layouts: 1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4, and each with _graphs (per-layer CUDA
 # graphs, --cuda-graph-impl local). Prints per run the mean ms/iteration over the
 # iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU and max allocated, and
 # for the pipeline layouts the traced bubble (tools/pipeline_trace_stats.py).
@@ -36,15 +36,23 @@ layouts=("$@"); [ ${#layouts[@]} -eq 0 ] && layouts=(1gpu dp2 tp2 tp2_overlap pp
 for l in "${layouts[@]}"; do case $l in
   1gpu) run 1gpu 1 ;;
   dp2) run dp2 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather ;;
+  # dp2 with the DP reduce-scatters/all-gathers held to DP_MAX_CTAS (8) thread blocks each
+  dp2_ctas)
+    printf 'dp:\n  max_ctas: %s\n' "${DP_MAX_CTAS:-8}" > "$out/nccl_dp.yaml"
+    run dp2_ctas 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather \
+      --nccl-communicator-config-path "$out/nccl_dp.yaml" ;;
   tp2) run tp2 2 --tensor-model-parallel-size 2 --sequence-parallel ;;
   tp2_overlap) run tp2_overlap 2 --tensor-model-parallel-size 2 --sequence-parallel --tp-comm-overlap ;;
-  tp2_graphs) run tp2_graphs 2 --tensor-model-parallel-size 2 --sequence-parallel --cuda-graph-impl local ;;
-  1gpu_graphs) run 1gpu_graphs 1 --cuda-graph-impl local ;;
   pp2) run pp2 2 --pipeline-model-parallel-size 2 ;;
   pp2_vpp4) run pp2_vpp4 2 --pipeline-model-parallel-size 2 --num-layers-per-virtual-pipeline-stage 3 ;;
   # PP2 VPP4 with 13 layers on rank 0 and 11 on rank 1, which also holds the output layer
   # (about 1.75 layers' work at vocabulary 50304), so both ranks get about the same work
   pp2_vpp4_bal) run pp2_vpp4_bal 2 --pipeline-model-parallel-size 2 \
     --pipeline-model-parallel-layout 'Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L' ;;
+  pp2_vpp4_bal_graphs) run pp2_vpp4_bal_graphs 2 --pipeline-model-parallel-size 2 \
+    --pipeline-model-parallel-layout 'Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L' --cuda-graph-impl local ;;
+  *_graphs) base=${l%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
+    [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
+    run "$l" $flags --cuda-graph-impl local ;;
   *) echo "unknown layout $l"; exit 2 ;;
 esac; done
