@@ -53,7 +53,13 @@ def _workspace(group, nbytes: int):
     if hasattr(symm_mem, "enable_symm_mem_for_group"):
         symm_mem.enable_symm_mem_for_group(name)  # required by torch 2.11, idempotent
     current = getattr(symm_mem, "_group_name_to_workspace_tensor", {}).get(name)
-    if current is not None and current.numel() * current.element_size() < nbytes:
+    too_small = current is None or current.numel() * current.element_size() < nbytes
+    if too_small and torch.cuda.is_current_stream_capturing():
+        # Growing needs a host sync and a barrier, neither capturable; the eager warm-up
+        # iterations before a capture run the same shapes, so this means a shape changed.
+        raise RuntimeError(f"--tp-comm-overlap: the symmetric workspace of group {name} must "
+                           f"grow to {nbytes} bytes inside a CUDA graph capture")
+    if current is not None and too_small:
         torch.cuda.synchronize()
         dist.barrier(group=group)
         torch.cuda.synchronize()
