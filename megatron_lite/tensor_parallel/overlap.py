@@ -7,7 +7,10 @@ with copy engines.
 
 Each step sends one `[s/tp, b, .]` sequence chunk to a ring neighbour of the TP group while
 a GEMM on another chunk runs; on NCCL the transfers run on the group's communication stream,
-on gloo in its threads, so the CPU tests run the very same algorithm. Without overlap the
+on gloo in its threads, so the CPU tests run the very same algorithm. On CUDA, for a TP group
+inside one node, the chunks move by the copy engines through symmetric memory instead
+(copy_engine.py): each peer's chunk directly (one NVLink hop), without NCCL kernels competing
+with the GEMMs for SMs. Without overlap the
 collective is exposed: nothing independent of its result is left to compute.
 
     column forward   Y[c] = X_c W^T       X_c arrives around the ring (all-gather)
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_lite.tensor_parallel import copy_engine
 from megatron_lite.tensor_parallel.collectives import group_rank, group_size
 
 
@@ -60,9 +64,12 @@ def all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """Column-parallel forward: `all_gather(x) W^T + b` for x `[s/tp, b, in]`, weight
     `[out/tp, in]` -> `[s, b, out/tp]`, with each chunk's GEMM hiding the next chunk's transfer.
 
-    Chunks travel leftwards: at step i this rank holds rank (r + i)'s chunk."""
-    ring = _Ring(group)
+    Chunks travel leftwards: at step i this rank holds rank (r + i)'s chunk. On CUDA inside
+    a node the copy engines pull them instead (copy_engine.py)."""
     x = x.contiguous()
+    if copy_engine.usable(x, group):
+        return _ce_all_gather_linear(x, weight, bias, group)
+    ring = _Ring(group)
     chunk = x.size(0)
     y = x.new_empty((chunk * ring.size,) + tuple(x.shape[1:-1]) + (weight.size(0),))  # [s, b, out/tp]
     w_t = weight.t()  # [in, out/tp]
@@ -85,9 +92,12 @@ def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch
 
     The partial sum of sequence chunk c starts on rank c+1 and travels rightwards, each rank
     adding its own part, until rank c adds the last one; so at step i rank r works on chunk
-    r - 1 - i."""
-    ring = _Ring(group)
+    r - 1 - i. On CUDA inside a node each partial is pushed to its owner by the copy engines
+    instead (copy_engine.py)."""
     x = x.contiguous()
+    if copy_engine.usable(x, group):
+        return _ce_linear_reduce_scatter(x, weight, group)
+    ring = _Ring(group)
     chunk = x.size(0) // ring.size
     w_t = weight.t()  # [in/tp, out]
     shape = (chunk,) + tuple(x.shape[1:-1]) + (weight.size(0),)  # [s/tp, b, out]
@@ -111,10 +121,9 @@ def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None,
     """Row-parallel backward: gather the output gradient g `[s/tp, b, out]` to `[s, b, out]`
     and, when `weight` `[out, in/tp]` is given, compute `G W` `[s, b, in/tp]` chunk by chunk as
     the chunks arrive. Returns (gathered G, G W or None); G feeds the weight gradient."""
-    ring = _Ring(group)
     g = g.contiguous()
-    chunk = g.size(0)
-    full = g.new_empty((chunk * ring.size,) + tuple(g.shape[1:]))  # [s, b, out]
+    size, chunk = group_size(group), g.size(0)
+    full = g.new_empty((chunk * size,) + tuple(g.shape[1:]))  # [s, b, out]
     dx = None
     if weight is not None:
         dx = g.new_empty(tuple(full.shape[:-1]) + (weight.size(1),))  # [s, b, in/tp]
@@ -122,6 +131,12 @@ def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None,
     def rows(t, c):
         return t[c * chunk:(c + 1) * chunk]  # contiguous: the sequence dim is leading
 
+    if copy_engine.usable(g, group):
+        for c, cur in copy_engine.gather_chunks(g, group, lambda owner: rows(full, owner)):
+            if dx is not None:
+                _mm_into(rows(dx, c), cur, weight, None)  # [s/tp, b, in/tp]
+        return full, dx
+    ring = _Ring(group)
     rows(full, ring.rank).copy_(g)
     for i in range(ring.size):
         c = (ring.rank + i) % ring.size
@@ -132,3 +147,32 @@ def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None,
             _mm_into(rows(dx, c), rows(full, c), weight, None)  # [s/tp, b, in/tp]
         _wait(works)
     return full, dx
+
+
+def _ce_all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          group) -> torch.Tensor:
+    """all_gather_linear with copy-engine pulls: x `[s/tp, b, in]` -> `[s, b, out/tp]`."""
+    chunk, rank = x.size(0), group_rank(group)
+    y = x.new_empty((chunk * group_size(group),) + tuple(x.shape[1:-1]) + (weight.size(0),))
+    w_t = weight.t()  # [in, out/tp]
+
+    def into(owner: int) -> torch.Tensor:
+        return x if owner == rank else torch.empty_like(x)  # [s/tp, b, in]
+
+    for owner, cur in copy_engine.gather_chunks(x, group, into):
+        _mm_into(y[owner * chunk:(owner + 1) * chunk], cur, w_t, bias)  # [s/tp, b, out/tp]
+    return y
+
+
+def _ce_linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+    """linear_reduce_scatter with copy-engine pushes: x `[s, b, in/tp]` -> `[s/tp, b, out]`."""
+    chunk = x.size(0) // group_size(group)
+    w_t = weight.t()  # [in/tp, out]
+    shape = (chunk,) + tuple(x.shape[1:-1]) + (weight.size(0),)  # [s/tp, b, out]
+
+    def part(c: int) -> torch.Tensor:
+        p = x.new_empty(shape)
+        _mm_into(p, x[c * chunk:(c + 1) * chunk], w_t, None)  # this rank's share of chunk c
+        return p
+
+    return copy_engine.reduce_scatter_parts(part, shape, x.dtype, x.device, group)

@@ -7,6 +7,7 @@ import torch
 
 from megatron_lite.distributed.parallel_state import ParallelState
 from megatron_lite.pipeline_parallel.p2p import PipelineChannels
+from megatron_lite.tensor_parallel import copy_engine
 from megatron_lite.tensor_parallel.collectives import all_gather, reduce_scatter
 from megatron_lite.tensor_parallel.overlap import all_gather_linear, all_gather_matmul, linear_reduce_scatter
 from tests.model_utils import pipeline_step, tiny_config
@@ -78,3 +79,17 @@ def test_model_step_with_overlap_equals_without(run_dist, tp, pp):
             for name, g in grads.items():
                 torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, w=what, n=name: f"{w} {n}: {m}")
+
+
+def _copy_engine_usable(rank, world):
+    ps = ParallelState.create(tp=world)
+    try:
+        return copy_engine.usable(torch.zeros(4), ps.tp_group)
+    finally:
+        ps.destroy()
+
+
+def test_cpu_tensors_take_the_p2p_ring(run_dist):
+    """The copy-engine transfers (copy_engine.py) serve CUDA tensors of an NCCL group inside
+    one node only; gloo keeps the p2p ring these tests check."""
+    assert run_dist(2, _copy_engine_usable) == [False, False]

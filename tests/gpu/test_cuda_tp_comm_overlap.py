@@ -1,5 +1,6 @@
-"""--tp-comm-overlap on 2 GPUs over NCCL: the ring collective matmuls (tensor_parallel/overlap.py)
-equal the collectives followed by the GEMM in bf16, and `pretrain_gpt.py` at TP=2 with
+"""--tp-comm-overlap on 2 GPUs: the collective matmuls (tensor_parallel/overlap.py, with the
+copy-engine transfers of copy_engine.py inside one node) equal NCCL's collectives followed by
+the GEMM in bf16, and `pretrain_gpt.py` at TP=2 with
 sequence parallelism prints the same curve with and without the overlap."""
 import pytest
 import torch
@@ -31,6 +32,8 @@ w_col = torch.randn(1536, 1024, generator=g, device="cuda").to(torch.bfloat16) *
 bias = torch.randn(1536, generator=g, device="cuda").to(torch.bfloat16)
 w_row = torch.randn(1024, 768, generator=g, device="cuda").to(torch.bfloat16) * 0.03
 group = ps.tp_group
+from megatron_lite.tensor_parallel import copy_engine
+assert copy_engine.usable(x_sp, group), "the copy-engine path should serve a TP group inside one node"
 got = [all_gather_linear(x_sp, w_col, bias, group), linear_reduce_scatter(x_full, w_row, group),
        *all_gather_matmul(grad, w_row, group)]
 gathered = all_gather(grad, 0, group)
@@ -39,6 +42,13 @@ want = [torch.nn.functional.linear(all_gather(x_sp, 0, group), w_col, bias),
 for i, (a, b) in enumerate(zip(got, want)):
     # bf16 outputs: the ring adds the partial sums in another order than NCCL's reduce-scatter.
     torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=lambda m: f"#{i}: {m}")
+# Again with other shapes: the workspace grows once (the path that waits for every GPU first),
+# and back-to-back operations reuse it.
+for _ in range(3):
+    big = torch.randn(1024, 4, 1024, generator=g, device="cuda").to(torch.bfloat16)
+    torch.testing.assert_close(all_gather_linear(big, w_col, None, group).float(),
+                               torch.nn.functional.linear(all_gather(big, 0, group), w_col).float(),
+                               rtol=2e-2, atol=2e-2)
 torch.cuda.synchronize()
 print("primitives ok", flush=True)
 ps.destroy()

@@ -65,12 +65,15 @@ case "$mode" in
   1gpu)  # OFFLOAD_FRACTION: 1.0 unless set
     run gpu1_offload 1 "$iters" 2 --use-distributed-optimizer --optimizer-cpu-offload \
       --optimizer-offload-fraction "${OFFLOAD_FRACTION:-1.0}" --overlap-cpu-optimizer-d2h-h2d ;;
-  tp2)  # issue 13: TP2 + SP against DP2's TFLOP/s, eagerly and with per-layer CUDA graphs
-    run tp2_sp 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel
-    run tp2_sp_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel \
-      --cuda-graph-impl local --cuda-graph-warmup-steps 1
-    [ "${4:-}" = "all" ] && run tp2_sp_overlap_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 \
-      --sequence-parallel --tp-comm-overlap --cuda-graph-impl local --cuda-graph-warmup-steps 1 ;;
+  tp2)  # issue 13: TP2 + SP against DP2's TFLOP/s, eagerly and with per-layer CUDA graphs;
+        # 4th argument `all` adds --tp-comm-overlap under graphs, `overlap` runs that one alone
+    if [ "${4:-}" != "overlap" ]; then
+      run tp2_sp 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel
+      run tp2_sp_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 --sequence-parallel \
+        --cuda-graph-impl local --cuda-graph-warmup-steps 1
+    fi
+    case "${4:-}" in all|overlap) run tp2_sp_overlap_graphs 2 "$iters" 2 --tensor-model-parallel-size 2 \
+      --sequence-parallel --tp-comm-overlap --cuda-graph-impl local --cuda-graph-warmup-steps 1 ;; esac ;;
   dp2)  # issue 13: the DP2 side of that comparison, eagerly and with per-layer CUDA graphs
     run dp2_distopt 2 "$iters" 2 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
     run dp2_distopt_graphs 2 "$iters" 2 --use-distributed-optimizer --overlap-grad-reduce \
