@@ -17,8 +17,10 @@ Function without a group for (c). Megatron runs with CUDA_DEVICE_MAX_CONNECTIONS
 the collectives start before the GEMMs queued after them; here that cost 18% at TP2 on 2xH200
 (pretrain says so in one line), the hardware queues already overlapping them. With
 `tp_comm_overlap` (--tp-comm-overlap, SP only) the forward all-gather, the row-parallel
-reduce-scatter and its backward all-gather become ring collective matmuls (overlap.py), so
-none of them is exposed.
+reduce-scatter and its backward all-gather, and the column-parallel input-gradient
+reduce-scatter become ring collective matmuls (overlap.py), so none of them is exposed, and
+the column-parallel input is saved gathered (the ring builds it anyway), so backward has
+nothing to re-gather.
 """
 from __future__ import annotations
 
@@ -40,11 +42,7 @@ from megatron_lite.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tp_region,
 )
-from megatron_lite.tensor_parallel.overlap import (
-    all_gather_linear,
-    all_gather_matmul,
-    linear_reduce_scatter,
-)
+from megatron_lite.tensor_parallel.overlap import all_gather_matmul, linear_reduce_scatter
 from megatron_lite.tensor_parallel.sharding import mark_parallel, mark_sequence_parallel
 
 
@@ -65,22 +63,30 @@ class _LinearWithTP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad, overlap=False):
-        # Save the local input only: under SP it is 1/tp of the gathered one (the memory
-        # saving that motivates SP); backward gathers it again.
-        ctx.save_for_backward(x, weight)
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        ctx.overlap = sequence_parallel and overlap
         # The Parameter itself: a saved tensor may come back as a detached copy without
         # `main_grad` (non-reentrant activation checkpointing recomputes saved tensors).
         # (`fuse_wgrad` is decided by the caller: grad mode is off inside forward.)
         ctx.main_grad_param = weight if fuse_wgrad else None
-        if sequence_parallel and overlap:
-            return all_gather_linear(x, weight, bias, group)  # [s/tp, b, in] -> [s, b, out/tp]
+        if ctx.overlap:
+            # The ring leaves the gathered input behind: saved, it spares backward the
+            # re-gather (a collective competing with the GEMMs for SMs) for (tp-1)/tp of the
+            # input's memory more per layer, the --tp-comm-overlap trade.
+            full, y = all_gather_matmul(x, weight.t(), group, bias)  # [s, b, in], [s, b, out/tp]
+            ctx.save_for_backward(full, weight)
+            return y
+        # Save the local input only: under SP it is 1/tp of the gathered one (the memory
+        # saving that motivates SP); backward gathers it again.
+        ctx.save_for_backward(x, weight)
         if sequence_parallel:
             x = all_gather(x, 0, group)  # [s/tp, b, in] -> [s, b, in]
         return F.linear(x, weight, bias)  # [s, b, out/tp]
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out: [s, b, out/tp]
+        if ctx.overlap:
+            return _overlapped_column_backward(ctx, grad_out)
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         group, sp = ctx.group, ctx.sequence_parallel
@@ -105,6 +111,25 @@ class _LinearWithTP(torch.autograd.Function):
         if reducing is not None:
             grad_x = reducing.wait()
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _overlapped_column_backward(ctx, grad_out: torch.Tensor) -> tuple:
+    """_LinearWithTP's backward under --tp-comm-overlap: the input was saved gathered
+    `[s, b, in]`; the input gradient `grad_out W` is reduce-scattered to `[s/tp, b, in]` as a
+    ring collective matmul (each chunk's partial GEMM hiding a transfer), then the weight
+    gradient GEMM runs."""
+    total_x, weight = ctx.saved_tensors  # [s, b, in], [out/tp, in]
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        # linear_reduce_scatter(x, w) is reduce_scatter(x w^T); here w^T = W: [out/tp, in].
+        grad_x = linear_reduce_scatter(grad_out, weight.t(), ctx.group)  # [s/tp, b, in]
+    g2d = grad_out.reshape(-1, grad_out.size(-1))  # [s*b, out/tp]
+    if need_w:
+        grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)))
+    if need_b:
+        grad_b = g2d.sum(0)  # [out/tp]
+    return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class _LinearReduceScatter(torch.autograd.Function):

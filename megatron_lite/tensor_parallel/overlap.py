@@ -62,28 +62,9 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, bias: torch.
 def all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       group) -> torch.Tensor:
     """Column-parallel forward: `all_gather(x) W^T + b` for x `[s/tp, b, in]`, weight
-    `[out/tp, in]` -> `[s, b, out/tp]`, with each chunk's GEMM hiding the next chunk's transfer.
-
-    Chunks travel leftwards: at step i this rank holds rank (r + i)'s chunk. On CUDA inside
-    a node the copy engines pull them instead (copy_engine.py)."""
-    x = x.contiguous()
-    if copy_engine.usable(x, group):
-        return _ce_all_gather_linear(x, weight, bias, group)
-    ring = _Ring(group)
-    chunk = x.size(0)
-    y = x.new_empty((chunk * ring.size,) + tuple(x.shape[1:-1]) + (weight.size(0),))  # [s, b, out/tp]
-    w_t = weight.t()  # [in, out/tp]
-    cur = x  # [s/tp, b, in]
-    for i in range(ring.size):
-        owner = (ring.rank + i) % ring.size
-        works, nxt = [], None
-        if i < ring.size - 1:
-            nxt = torch.empty_like(x)  # [s/tp, b, in]; fresh: `cur` may still be in flight
-            works = ring.shift(cur, nxt, leftwards=True)
-        _mm_into(y[owner * chunk:(owner + 1) * chunk], cur, w_t, bias)  # [s/tp, b, out/tp]
-        _wait(works)
-        cur = nxt
-    return y
+    `[out/tp, in]` -> `[s, b, out/tp]`, with each chunk's GEMM hiding the next chunk's transfer
+    (all_gather_matmul; layers.py also keeps the gathered input it returns)."""
+    return all_gather_matmul(x, weight.t(), group, bias)[1]  # [s, b, out/tp]
 
 
 def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
@@ -116,17 +97,19 @@ def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch
     raise AssertionError("unreachable")
 
 
-def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None,
-                      group) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row-parallel backward: gather the output gradient g `[s/tp, b, out]` to `[s, b, out]`
-    and, when `weight` `[out, in/tp]` is given, compute `G W` `[s, b, in/tp]` chunk by chunk as
-    the chunks arrive. Returns (gathered G, G W or None); G feeds the weight gradient."""
+def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None, group,
+                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gather g `[s/tp, b, k]` to `[s, b, k]` and, when `weight` `[k, n]` is given, compute
+    `G weight (+ bias)` `[s, b, n]` chunk by chunk as the chunks arrive. Returns (gathered G,
+    product or None). Row-parallel backward: g the output gradient, weight W `[out, in/tp]`,
+    and G feeds the weight gradient. Column-parallel forward: g the input, weight W^T
+    `[in, out/tp]`, and G is saved for the weight gradient (no re-gather in backward)."""
     g = g.contiguous()
     size, chunk = group_size(group), g.size(0)
-    full = g.new_empty((chunk * size,) + tuple(g.shape[1:]))  # [s, b, out]
+    full = g.new_empty((chunk * size,) + tuple(g.shape[1:]))  # [s, b, k]
     dx = None
     if weight is not None:
-        dx = g.new_empty(tuple(full.shape[:-1]) + (weight.size(1),))  # [s, b, in/tp]
+        dx = g.new_empty(tuple(full.shape[:-1]) + (weight.size(1),))  # [s, b, n]
 
     def rows(t, c):
         return t[c * chunk:(c + 1) * chunk]  # contiguous: the sequence dim is leading
@@ -134,7 +117,7 @@ def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None,
     if copy_engine.usable(g, group):
         for c, cur in copy_engine.gather_chunks(g, group, lambda owner: rows(full, owner)):
             if dx is not None:
-                _mm_into(rows(dx, c), cur, weight, None)  # [s/tp, b, in/tp]
+                _mm_into(rows(dx, c), cur, weight, bias)  # [s/tp, b, n]
         return full, dx
     ring = _Ring(group)
     rows(full, ring.rank).copy_(g)
@@ -144,24 +127,9 @@ def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None,
         if i < ring.size - 1:  # receive chunk c+1 into its place while chunk c is multiplied
             works = ring.shift(rows(full, c), rows(full, (c + 1) % ring.size), leftwards=True)
         if dx is not None:
-            _mm_into(rows(dx, c), rows(full, c), weight, None)  # [s/tp, b, in/tp]
+            _mm_into(rows(dx, c), rows(full, c), weight, bias)  # [s/tp, b, n]
         _wait(works)
     return full, dx
-
-
-def _ce_all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          group) -> torch.Tensor:
-    """all_gather_linear with copy-engine pulls: x `[s/tp, b, in]` -> `[s, b, out/tp]`."""
-    chunk, rank = x.size(0), group_rank(group)
-    y = x.new_empty((chunk * group_size(group),) + tuple(x.shape[1:-1]) + (weight.size(0),))
-    w_t = weight.t()  # [in, out/tp]
-
-    def into(owner: int) -> torch.Tensor:
-        return x if owner == rank else torch.empty_like(x)  # [s/tp, b, in]
-
-    for owner, cur in copy_engine.gather_chunks(x, group, into):
-        _mm_into(y[owner * chunk:(owner + 1) * chunk], cur, w_t, bias)  # [s/tp, b, out/tp]
-    return y
 
 
 def _ce_linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:

@@ -78,6 +78,9 @@ def _activations(cfg: ModelConfig, lay: MemoryLayout) -> float:
     split = lay.tp if (cfg.sequence_parallel or lay.tp == 1) else 1  # norms/dropout under SP
     mlp = (6 if cfg.swiglu else 4) * cfg.ffn_hidden_size / h
     per_layer = sbh * (10 / split + (8 + mlp) / lay.tp)
+    if cfg.tp_comm_overlap and cfg.sequence_parallel:
+        # The QKV and FC1 inputs (2 sbh each of the 10) are held gathered (layers.py).
+        per_layer += 4 * sbh * (1 - 1 / split)
     layers = cfg.num_layers  # L/pp layers per stage x pp micro-batches in flight (1F1B)
     if cfg.recompute_granularity == "full":
         n = cfg.recompute_num_layers or 1
