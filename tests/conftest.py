@@ -17,6 +17,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_runtest_teardown(item, nextitem):
+    # The worker pools serve the tests that take `run_dist`; closed when the next test does not
+    # (they are rebuilt on demand), so their idle processes do not slow the torchrun tests.
+    if nextitem is None or "run_dist" not in getattr(nextitem, "fixturenames", ()):
+        registry = item.funcargs.get("_pools") if hasattr(item, "funcargs") else None
+        if registry is not None:
+            registry.close()
+
+
 @pytest.fixture(scope="session")
 def _pools():
     registry = PoolRegistry()

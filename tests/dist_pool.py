@@ -42,15 +42,17 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, sys_path) -> 
             break
         fn, args, kwargs = task
         try:
-            results.put((rank, True, fn(rank, world_size, *args, **kwargs)))
+            value = fn(rank, world_size, *args, **kwargs)
+            results.put((rank, True, value, len(os.listdir("/proc/self/task"))))
         except BaseException:  # noqa: BLE001 - the traceback goes back to the test
-            results.put((rank, False, traceback.format_exc()))
+            results.put((rank, False, traceback.format_exc(), 0))
     dist.destroy_process_group()
 
 
 class DistributedPool:
     def __init__(self, world_size: int):
         self.world_size = world_size
+        self.threads = 0  # the most threads a worker had after a task
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
@@ -70,10 +72,11 @@ class DistributedPool:
         failures = []
         for _ in range(self.world_size):
             try:
-                rank, ok, value = self._results.get(timeout=_TASK_TIMEOUT_S)
+                rank, ok, value, threads = self._results.get(timeout=_TASK_TIMEOUT_S)
             except queue.Empty:
                 raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks "
                                    f"within {_TASK_TIMEOUT_S}s") from None
+            self.threads = max(self.threads, threads)
             if ok:
                 out[rank] = value
             else:
@@ -92,8 +95,17 @@ class DistributedPool:
             p.join(timeout=10)
 
 
+# A model's gloo groups outlive the test that made it: the DDP hooks on its parameters close a
+# reference cycle through C++ that the garbage collector cannot see, so its process groups
+# (and their threads) stay alive. Each gloo group keeps threads that wake up now and then; at
+# ~450 per worker, idle pools took a fifth of a CPU each while later tests ran. A pool whose
+# workers pass this many threads is replaced after its task.
+_MAX_WORKER_THREADS = 120
+
+
 class PoolRegistry:
-    """One live pool per world size; a pool that saw a failure is replaced."""
+    """One live pool per world size; a pool that saw a failure, or whose workers piled up
+    threads (_MAX_WORKER_THREADS), is replaced."""
 
     def __init__(self):
         self._pools: dict[int, DistributedPool] = {}
@@ -103,11 +115,15 @@ class PoolRegistry:
         if pool is None:
             pool = self._pools[world_size] = DistributedPool(world_size)
         try:
-            return pool.run(fn, *args, **kwargs)
+            out = pool.run(fn, *args, **kwargs)
         except BaseException:
             pool.close()
             del self._pools[world_size]
             raise
+        if pool.threads > _MAX_WORKER_THREADS:
+            pool.close()
+            del self._pools[world_size]
+        return out
 
     def close(self) -> None:
         for pool in self._pools.values():
