@@ -55,12 +55,14 @@ for l in "${layouts[@]}"; do case $l in
   *_graphs) base=${l%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
     [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
     run "$l" $flags --cuda-graph-impl local ;;
-  # A one-line layout with _prof: the torch profiler over iterations 6-7, then where each
-  # GPU's time went (tools/bench/trace_streams.py: NCCL exposed or hidden, idle, by kernel class)
-  *_prof) base=${l%_prof}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
+  # A one-line layout, or one with _graphs, with _prof: the torch profiler over iterations 6-7,
+  # then where each GPU's time went (tools/bench/trace_streams.py: NCCL exposed or hidden,
+  # idle, by kernel class)
+  *_prof) base=${l%_prof}; graphs=(); [[ $base == *_graphs ]] && graphs=(--cuda-graph-impl local)
+    base=${base%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
     [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
     rm -rf "$out/$l.tb"
-    run "$l" $flags --profile --use-pytorch-profiler --profile-step-start 6 --profile-step-end 7 \
+    run "$l" $flags "${graphs[@]}" --profile --use-pytorch-profiler --profile-step-start 6 --profile-step-end 7 \
       --tensorboard-dir "$out/$l.tb"
     python tools/bench/trace_streams.py $(find "$out/$l.tb" -name '*.pt.trace.json' | sort) ;;
   *) echo "unknown layout $l"; exit 2 ;;
