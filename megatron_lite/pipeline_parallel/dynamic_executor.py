@@ -60,8 +60,8 @@ the GPU runs the launched computes in launch order; a host that runs ahead (fast
 graphs) queues many ready forwards, and a backward picked first once its gradient arrives
 still waits behind them, as does the peer waiting for that backward's output. With D > 0 the
 main loop picks only once at most D of its launched computes are unfinished (CUDA events),
-so the pick sees what arrived meanwhile; D = 1 still keeps one compute queued behind the
-running one, hiding the next launch. The static schedule has no such choice to lose. On CPU
+so the pick sees what arrived meanwhile; with D = 1 the next compute is launched while the
+previous one runs, which hides its launch. The static schedule has no such choice to lose. On CPU
 computes are synchronous and the limit never binds.
 
 Lock-step. The TP (and CP) ranks of a stage run collectives inside every forward and backward,
@@ -94,8 +94,9 @@ _SWITCH_INTERVAL_S = 1e-4
 
 class LaunchQueue:
     """This rank's launched computes not yet finished on its GPU, as events recorded after
-    each; `full()` while `depth` of them are unfinished. `depth` 0, or a CPU device, keeps no
-    events and is never full. `make_event`: a factory of objects with record() and query()."""
+    each; `full()` while more than `depth` of them are unfinished. `depth` 0, or a CPU device,
+    keeps no events and is never full. `make_event`: a factory of objects with record() and
+    query()."""
 
     def __init__(self, depth: int, device: torch.device, make_event: Callable | None = None):
         self.depth = depth if device.type == "cuda" or make_event is not None else 0
@@ -111,7 +112,7 @@ class LaunchQueue:
     def full(self) -> bool:
         while self.pending and self.pending[0].query():
             self.pending.popleft()
-        return len(self.pending) >= self.depth > 0
+        return len(self.pending) > self.depth > 0
 
 
 class _DynamicStep:

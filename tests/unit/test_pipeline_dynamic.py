@@ -347,17 +347,17 @@ class _FakeEvent:
         return self.index < self.gpu["finished"]
 
 
-def test_launch_queue_is_full_while_depth_computes_are_unfinished():
+def test_launch_queue_is_full_while_more_than_depth_computes_are_unfinished():
     gpu = {"launched": 0, "finished": 0}
     q = LaunchQueue(2, torch.device("cpu"), make_event=lambda: _FakeEvent(gpu))
     assert not q.full()
     q.launched()
-    assert not q.full()  # one unfinished of 2
     q.launched()
-    assert q.full()  # two unfinished: the next pick waits
+    assert not q.full()  # two unfinished: the next may be launched behind them
+    q.launched()
+    assert q.full()  # three: the next pick waits
     gpu["finished"] = 1
-    assert not q.full() and len(q.pending) == 1  # the finished one is dropped
-    q.launched()
+    assert not q.full() and len(q.pending) == 2  # the finished one is dropped
     gpu["finished"] = 3
     assert not q.full() and not q.pending
 
