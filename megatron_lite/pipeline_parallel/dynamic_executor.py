@@ -57,12 +57,13 @@ to 0.2 ms), never busy-waiting for long.
 
 GPU queue depth (`--dpp-gpu-queue-depth D`, 0 = no limit). A pick is made on the host, but
 the GPU runs the launched computes in launch order; a host that runs ahead (fast, or CUDA
-graphs) queues many ready forwards, and a backward picked first once its gradient arrives
-still waits behind them, as does the peer waiting for that backward's output. With D > 0 the
-main loop picks only once at most D of its launched computes are unfinished (CUDA events),
-so the pick sees what arrived meanwhile; with D = 1 the next compute is launched while the
-previous one runs, which hides its launch. The static schedule has no such choice to lose. On CPU
-computes are synchronous and the limit never binds.
+graphs) may queue many ready forwards, and a backward picked first once its gradient arrives
+then still waits behind them, as does the peer waiting for that backward's output. With
+D > 0 the main loop picks only once at most D of its launched computes are unfinished (CUDA
+events), so the pick sees what arrived meanwhile; with D = 1 the next compute is launched
+while the previous one runs, which hides its launch. On CPU computes are synchronous and the
+limit never binds. Whether this is what costs breadth-first on fast hosts is to be measured
+(README).
 
 Lock-step. The TP (and CP) ranks of a stage run collectives inside every forward and backward,
 so they must pick the same task. They receive the same messages in the same order (their
