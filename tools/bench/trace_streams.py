@@ -1,11 +1,14 @@
-"""Where a profiled GPU's time goes: per-stream busy time, NCCL time hidden behind compute or
-exposed, idle time, and kernel time by class, from a Chrome trace of `torch.profiler`
-(`tools/benchmark.py --profile-trace DIR` writes one per rank).
+"""Where a profiled GPU's time goes: per-stream busy time, communication time hidden behind
+compute or exposed, idle time, and kernel time by class, from a Chrome trace of
+`torch.profiler` (`tools/benchmark.py --profile-trace DIR` writes one per rank; so does
+pretrain's `--profile --use-pytorch-profiler`, under `--tensorboard-dir`).
 
     python tools/bench/trace_streams.py DIR/rank0.json [DIR/rank1.json ...]
 
-"Exposed NCCL" is time when a communication kernel runs and no compute kernel does: what
-overlap could still win. "Idle" is time with no kernel at all (host-bound gaps, waits).
+Communication is NCCL kernels, symmetric-memory barriers and copies (the copy engines'
+transfers of `--tp-comm-overlap`, and local copies, which a trace does not tell apart).
+"Exposed" is time when communication runs and no compute kernel does: what overlap could still
+win. "Idle" is time with no kernel at all (host-bound gaps, waits).
 With host events in the trace (`--profile-trace` records them), "host waited" is the time the
 host spent blocked in CUDA synchronize calls: a GPU that idles while its host hardly ever
 waits is starved by the host (launch-bound), not by a dependency.
@@ -16,15 +19,21 @@ import json
 import sys
 from collections import defaultdict
 
-# Kernel classes by name fragment, first match wins; everything else is "other".
+# Kernel classes by name fragment, first match wins; everything else is "other". "barrier":
+# symmetric memory's cross-GPU barriers (--tp-comm-overlap's copy-engine path), a wait for the
+# peers; copies (gpu_memcpy events, the copy engines' transfers among them) are "memcpy".
 CLASSES = (
     ("nccl", ("nccl",)),
+    ("barrier", ("barrier",)),
     ("gemm", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
 )
+COMMUNICATION = ("nccl", "barrier", "memcpy")
 
 
-def kernel_class(name: str) -> str:
+def kernel_class(name: str, category: str = "kernel") -> str:
+    if category == "gpu_memcpy":
+        return "memcpy"
     low = name.lower()
     for cls, keys in CLASSES:
         if any(k in low for k in keys):
@@ -68,21 +77,22 @@ def summarize(path: str) -> dict:
         raise SystemExit(f"error: {path} holds no GPU kernels")
     spans = [(e["ts"], e["ts"] + e["dur"]) for e in ev]
     window = max(e for _, e in spans) - min(s for s, _ in spans)
-    comm = [(e["ts"], e["ts"] + e["dur"]) for e in ev if kernel_class(e["name"]) == "nccl"]
-    compute = [(e["ts"], e["ts"] + e["dur"]) for e in ev if kernel_class(e["name"]) != "nccl"]
+    is_comm = [kernel_class(e["name"], e["cat"]) in COMMUNICATION for e in ev]
+    comm = [(e["ts"], e["ts"] + e["dur"]) for e, c in zip(ev, is_comm) if c]
+    compute = [(e["ts"], e["ts"] + e["dur"]) for e, c in zip(ev, is_comm) if not c]
     busy, comm_u, comp_u = union_length(spans), union_length(comm), union_length(compute)
     by_stream, by_class, by_name = defaultdict(list), defaultdict(float), defaultdict(lambda: [0, 0.0])
     for e in ev:
         by_stream[e.get("args", {}).get("stream", e.get("tid"))].append((e["ts"], e["ts"] + e["dur"]))
-        by_class[kernel_class(e["name"])] += e["dur"]
+        by_class[kernel_class(e["name"], e["cat"])] += e["dur"]
         by_name[e["name"][:90]][0] += 1
         by_name[e["name"][:90]][1] += e["dur"]
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
     gaps = idle_gaps(ev)[:10]
     return {
         "file": path, "window_ms": window / 1e3, "busy_ms": busy / 1e3,
-        "idle_ms": (window - busy) / 1e3, "compute_ms": comp_u / 1e3, "nccl_ms": comm_u / 1e3,
-        "nccl_exposed_ms": (busy - comp_u) / 1e3,
+        "idle_ms": (window - busy) / 1e3, "compute_ms": comp_u / 1e3, "comm_ms": comm_u / 1e3,
+        "comm_exposed_ms": (busy - comp_u) / 1e3,
         "streams": {str(k): round(union_length(v) / 1e3, 2) for k, v in by_stream.items()},
         "kernel_ms_by_class": {k: round(v / 1e3, 2) for k, v in sorted(by_class.items())},
         "top_kernels": [(n, c, round(t / 1e3, 2)) for n, (c, t) in top],
@@ -110,8 +120,8 @@ def main() -> None:
     for path in sys.argv[1:]:
         r = summarize(path)
         print(f"{r['file']}: window {r['window_ms']:.1f} ms, busy {r['busy_ms']:.1f}, "
-              f"idle {r['idle_ms']:.1f}, compute {r['compute_ms']:.1f}, nccl {r['nccl_ms']:.1f} "
-              f"(exposed {r['nccl_exposed_ms']:.1f})")
+              f"idle {r['idle_ms']:.1f}, compute {r['compute_ms']:.1f}, communication "
+              f"{r['comm_ms']:.1f} (exposed {r['comm_exposed_ms']:.1f})")
         print(f"  kernel time by class (ms, summed over streams): {r['kernel_ms_by_class']}")
         print(f"  busy per stream (ms): {r['streams']}")
         print(f"  host: {r['host_waited_ms']} ms blocked in CUDA synchronize calls, "
