@@ -3,13 +3,15 @@
 #   bash tools/bench/memory_scaling.sh 2gpu WORKDIR   # DP2 + distributed optimizer vs FSDP2 (ZeRO-3,
 #                                                     # and without resharding after forward), 2 GPUs
 #   bash tools/bench/memory_scaling.sh 1gpu WORKDIR   # one GPU, --optimizer-cpu-offload fraction 1.0
-#   bash tools/bench/memory_scaling.sh tp2 WORKDIR    # TP2 + SP, eager and with CUDA graphs (issue 13)
+#   bash tools/bench/memory_scaling.sh tp2 WORKDIR    # TP2 + SP, eager and with CUDA graphs (issue 13);
+#                                                     # ITERATIONS then `all` adds --tp-comm-overlap
+#                                                     # graphed, `overlap` runs only that
 #   bash tools/bench/memory_scaling.sh dp2 WORKDIR    # DP2 + distributed optimizer, the same two ways
 # Prints per run: the memory estimate line, mean s/iteration over the steady iterations,
 # tokens/s, TFLOP/s/GPU, the allocator's max allocated / max reserved (MB) per GPU, and for the
 # one-GPU run the peak host memory in use. Logs stay in WORKDIR.
 set -uo pipefail
-mode=${1:?usage: memory_scaling.sh 2gpu|fsdp2-no-reshard|1gpu|tp2|dp2 WORKDIR [ITERATIONS]}
+mode=${1:?usage: memory_scaling.sh 2gpu|fsdp2-no-reshard|1gpu|tp2|dp2 WORKDIR [ITERATIONS [all|overlap]]}
 out=${2:-/tmp/memory_scaling}
 iters=${3:-8}  # the first two are warm-up, left out of the means
 mkdir -p "$out"
