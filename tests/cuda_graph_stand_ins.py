@@ -9,12 +9,18 @@ import torch
 from megatron_lite.models.cuda_graphs import BlockGraphs, _LayerGraph, _scratch_main_grads, _Slot
 
 
-class _Forward:
+class _StandIn:
+    kind = ""  # "fwd" or "bwd": what reset() records
+
     def __init__(self, g):
         self.g = g
 
     def reset(self):
-        self.g.resets.append("fwd")
+        self.g.resets.append(self.kind)
+
+
+class _Forward(_StandIn):
+    kind = "fwd"
 
     def replay(self):
         g = self.g
@@ -30,12 +36,8 @@ class _Forward:
         g.out.copy_(g.live.detach())
 
 
-class _Backward:
-    def __init__(self, g):
-        self.g = g
-
-    def reset(self):
-        self.g.resets.append("bwd")
+class _Backward(_StandIn):
+    kind = "bwd"
 
     def replay(self):
         g = self.g
