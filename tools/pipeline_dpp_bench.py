@@ -10,7 +10,8 @@ injected on the GPU (issue 18).
 Builds the model once (PP = the number of GPUs, bf16, fp32 main grads, Adam) and runs the
 static interleaved 1F1B schedule, then `--use-dpp` breadth-first and depth-first (and, with
 `--modes ...,static-m`, the static schedule with one group of all M micro-batches, as much
-activation memory as breadth-first), each for --warmup + --steps iterations (forward,
+activation memory as breadth-first; a dynamic mode ending in `@D`, e.g. `breadth-first@1`,
+runs with `--dpp-gpu-queue-depth D`), each for --warmup + --steps iterations (forward,
 backward, gradient finalization, optimizer step) timed between CUDA synchronizations
 (`--cuda-graphs`: the transformer layers replayed as CUDA graphs, so that a compute's host
 launch, which the dynamic order waits for at every hop, is one graph per layer).
@@ -76,7 +77,9 @@ def _args():
     p.add_argument("--last-stage-layers", type=int, default=None, help="--decoder-last-pipeline-num-layers")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, from {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES[:3]),
+                   help=f"comma-separated, from {','.join(MODES)}; a dynamic one may end in @D, its "
+                   "--dpp-gpu-queue-depth (e.g. breadth-first@1)")
     p.add_argument("--slow-stage", type=int, default=None, help="pipeline rank made slower")
     p.add_argument("--slow-factor", type=float, default=0.3, help="extra time of --slow-stage's computes")
     p.add_argument("--stall-prob", type=float, default=0.0, help="chance of a stall per compute")
@@ -159,8 +162,10 @@ def _run_mode(mode: str, a, b: _Setup, straggler, warmup: int, steps: int):
     """(seconds per iteration, trace, peak GiB) of `steps` timed iterations after `warmup`."""
     trace = PipelineTrace(b.ps.rank, b.ps.pp_rank, b.device, max_steps=warmup + steps)
     static = mode.startswith("static")
+    order, _, depth = mode.partition("@")  # "breadth-first@1": --dpp-gpu-queue-depth 1
     pcfg = PipelineConfig(microbatch_group_size=_group_size(mode, a), overlap_p2p_comm=True,
-                          dynamic=not static, dynamic_order="breadth-first" if static else mode)
+                          dynamic=not static, dynamic_order="breadth-first" if static else order,
+                          dynamic_queue_depth=int(depth or 0))
     executor = PipelineExecutor(b.ddp, b.ps, pcfg, b.channels, trace)
     if straggler is not None:
         straggler.wrap(executor)

@@ -11,17 +11,18 @@ duplicate tied head write once (DCP deduplicates equal keys and offsets).
 from __future__ import annotations
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megatron_lite.checkpoint.fsdp_state import fsdp_model_state
 
 
 def build_tp_mesh(ps, device_type: str) -> DeviceMesh:
-    """A (rest, tp) mesh whose `tp` rows are exactly this layout's TP groups. Collective."""
-    # Rank order keeps TP fastest-varying (spec §5.1), so TP groups are rows of arange(world).
-    return init_device_mesh(device_type, (ps.world_size // ps.tp_size, ps.tp_size),
-                            mesh_dim_names=("rest", "tp"))["tp"]
+    """The 1-D mesh of this rank's TP group. Only the DTensors' global shapes and offsets come
+    from it (DCP runs its collectives on its own group, and nothing here redistributes), so it
+    gets no process groups of its own: init_device_mesh would build two per call (NCCL
+    communicators on GPUs) that nothing destroys."""
+    return DeviceMesh(device_type, torch.tensor(ps.ranks["tp"]), mesh_dim_names=("tp",), _init_backend=False)
 
 
 def wrap(tensor: torch.Tensor, param: torch.Tensor, mesh: DeviceMesh) -> DTensor:

@@ -115,6 +115,11 @@ def _add_dpp_args(group) -> None:
                        "runs many micro-batches through one chunk and holds the activations of the static "
                        "schedule with one group of all micro-batches; depth-first follows "
                        "--microbatch-group-size-per-virtual-pipeline-stage and holds fewer.")
+    group.add_argument("--dpp-gpu-queue-depth", type=int, default=None,
+                       help="With --use-dpp on GPUs: launch the next task only once at most this many of the "
+                       "rank's earlier tasks are unfinished on its GPU, so the pick sees the inputs that "
+                       "arrived meanwhile instead of queueing behind work launched ahead (default 0: no "
+                       "limit).")
     transport = "MegatronDPP's shared-memory/RDMA transport (no meaning here: accepted with a warning)"
     group.add_argument("--workload", type=int, default=None,
                        help=f"Bytes each copy thread moves in {transport}; MegatronDPP's default 1048576.")

@@ -113,6 +113,7 @@ RANGES: tuple[tuple[str, Domain], ...] = (
     ("hysteresis", POSITIVE),
     # distributed (TP/PP/CP and the virtual-pipeline sizes are checked in validation.py)
     ("microbatch_group_size_per_vp_stage", POSITIVE),
+    ("dpp_gpu_queue_depth", NON_NEGATIVE),
     ("cuda_graph_warmup_steps", NON_NEGATIVE),
     ("distributed_timeout_minutes", POSITIVE),
     ("local_rank", NON_NEGATIVE),

@@ -107,13 +107,13 @@ class SelfAttention(nn.Module):
             tp_group=ps.tp_group, bias=config.add_bias_linear or config.add_qkv_bias,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device,
             gradient_accumulation_fusion=config.gradient_accumulation_fusion,
-            tp_comm_overlap=config.tp_comm_overlap)
+            tp_comm_overlap=config.tp_comm_overlap, alternating=True)
         self.linear_proj = RowParallelLinear(
             config.query_projection_size, config.hidden_size, tp_group=ps.tp_group,
             bias=config.add_bias_linear, input_is_parallel=True,
             sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype, device=device,
             gradient_accumulation_fusion=config.gradient_accumulation_fusion,
-            tp_comm_overlap=config.tp_comm_overlap)
+            tp_comm_overlap=config.tp_comm_overlap, alternating=True)
         self.head_dim = d
         self.context_parallel = context_parallel_attention(config, ps, layer_number)
         # Set to record / replay by the transformer block around full-recompute checkpoints.

@@ -23,13 +23,13 @@ class MLP(nn.Module):
             bias=config.add_bias_linear, sequence_parallel=config.sequence_parallel,
             partition_stride=2 if self.swiglu else 1, params_dtype=config.params_dtype, device=device,
             gradient_accumulation_fusion=config.gradient_accumulation_fusion,
-            tp_comm_overlap=config.tp_comm_overlap)
+            tp_comm_overlap=config.tp_comm_overlap, alternating=True)
         self.linear_fc2 = RowParallelLinear(
             ffn, config.hidden_size, tp_group=ps.tp_group, bias=config.add_bias_linear,
             input_is_parallel=True, sequence_parallel=config.sequence_parallel,
             params_dtype=config.params_dtype, device=device,
             gradient_accumulation_fusion=config.gradient_accumulation_fusion,
-            tp_comm_overlap=config.tp_comm_overlap)
+            tp_comm_overlap=config.tp_comm_overlap, alternating=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_fc1(x)  # [s, b, ffn/tp] (x2 for SwiGLU)

@@ -55,6 +55,16 @@ a flag the main loop polls in place of `is_completed()`; computes are synchronou
 events. When nothing is ready the main loop yields the CPU (a short spin, then sleeps growing
 to 0.2 ms), never busy-waiting for long.
 
+GPU queue depth (`--dpp-gpu-queue-depth D`, 0 = no limit). A pick is made on the host, but
+the GPU runs the launched computes in launch order; a host that runs ahead (fast, or CUDA
+graphs) may queue many ready forwards, and a backward picked first once its gradient arrives
+then still waits behind them, as does the peer waiting for that backward's output. With
+D > 0 the main loop picks only once at most D of its launched computes are unfinished (CUDA
+events), so the pick sees what arrived meanwhile; with D = 1 the next compute is launched
+while the previous one runs, which hides its launch. On CPU computes are synchronous and the
+limit never binds. Whether this is what costs breadth-first on fast hosts is to be measured
+(README).
+
 Lock-step. The TP (and CP) ranks of a stage run collectives inside every forward and backward,
 so they must pick the same task. They receive the same messages in the same order (their
 senders are in lock-step too), so agreeing on how many payloads of each channel have completed
@@ -65,6 +75,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -81,6 +93,29 @@ _SLEEP_STEP_S, _MAX_SLEEP_S = 5e-6, 2e-4
 _SWITCH_INTERVAL_S = 1e-4
 
 
+class LaunchQueue:
+    """This rank's launched computes not yet finished on its GPU, as events recorded after
+    each; `full()` while more than `depth` of them are unfinished. `depth` 0, or a CPU device,
+    keeps no events and is never full. `make_event`: a factory of objects with record() and
+    query()."""
+
+    def __init__(self, depth: int, device: torch.device, make_event: Callable | None = None):
+        self.depth = depth if device.type == "cuda" or make_event is not None else 0
+        self.make_event = make_event or torch.cuda.Event
+        self.pending: deque = deque()
+
+    def launched(self) -> None:
+        if self.depth:
+            event = self.make_event()
+            event.record()  # on the current stream, after the compute's kernels
+            self.pending.append(event)
+
+    def full(self) -> bool:
+        while self.pending and self.pending[0].query():
+            self.pending.popleft()
+        return len(self.pending) > self.depth > 0
+
+
 class _DynamicStep:
     def __init__(self, executor, st, hooks):
         ex, ps = executor, executor.ps
@@ -89,6 +124,7 @@ class _DynamicStep:
         self.plan = DynamicPlan(ps.pp_size, ex.vpp_size, st.num_microbatches, ps.pp_rank,
                                 cfg.microbatch_group_size, cfg.dynamic_order)
         self.state = DynamicState(self.plan)
+        self.launches = LaunchQueue(cfg.dynamic_queue_depth, ex._device)
         # One side stream for every receive and send: only completed events are waited on it.
         self.stream = torch.cuda.Stream(ex._device) if ex._device.type == "cuda" else None
         shape = ex._activation_shape(st, 0)  # every micro-batch has the same shape
@@ -120,6 +156,11 @@ class _DynamicStep:
                 box.close(finished)
 
     def _next_task(self) -> Task:
+        polls = 0
+        while self.launches.full():  # local: the lock-step agreement below stays one per poll
+            self._pump()
+            polls += 1
+            _idle(polls)
         polls, since = 0, time.monotonic()
         while True:
             self._pump()
@@ -179,6 +220,7 @@ class _DynamicStep:
         received = None if msg is None else self.inboxes[msg.kind].take(msg)
         action = Action(task.op, task.microbatch, task.chunk, last=self.plan.is_last_backward(task))
         self.ex._compute(action, self.st, self.hooks, received)
+        self.launches.launched()
         self.state.complete(task)
         out = self.plan.output_of(task)
         if out is None:

@@ -36,6 +36,9 @@ class PipelineConfig:
     # with priorities `dynamic_order` (dynamic.py); evaluation keeps the static order.
     dynamic: bool = False
     dynamic_order: str = BREADTH_FIRST
+    # --dpp-gpu-queue-depth: a dynamic pick waits until at most this many of the rank's earlier
+    # computes are unfinished on its GPU (0: no limit; dynamic_executor.py says why).
+    dynamic_queue_depth: int = 0
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.fused.wgrad import accumulate_wgrad_
+from megatron_lite.tensor_parallel import copy_engine
 from megatron_lite.tensor_parallel.collectives import (
     all_gather,
     all_reduce,
@@ -44,6 +45,13 @@ from megatron_lite.tensor_parallel.mappings import (
 )
 from megatron_lite.tensor_parallel.overlap import all_gather_matmul, linear_reduce_scatter
 from megatron_lite.tensor_parallel.sharding import mark_parallel, mark_sequence_parallel
+
+# --tp-comm-overlap's copy-engine workspace regions (forward, backward), copy_engine.py: in a
+# transformer layer the column and row linears alternate FIRST and SECOND, so consecutive
+# transfers never share a region; any other linear (the output layer) takes FENCED.
+_COLUMN_REGIONS = (copy_engine.FIRST, copy_engine.SECOND)
+_ROW_REGIONS = (copy_engine.SECOND, copy_engine.FIRST)
+_FENCED_REGIONS = (copy_engine.FENCED, copy_engine.FENCED)
 
 
 def accumulates_in_main_grad(weight: torch.Tensor) -> bool:
@@ -62,9 +70,12 @@ class _LinearWithTP(torch.autograd.Function):
     uninitialized placeholder instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad, overlap=False):
+    def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad, regions=None):
+        # regions: None, or with --tp-comm-overlap the copy-engine workspace regions of the
+        # forward and the backward (copy_engine.py)
         ctx.group, ctx.sequence_parallel = group, sequence_parallel
-        ctx.overlap = sequence_parallel and overlap
+        ctx.overlap = sequence_parallel and regions is not None
+        ctx.regions = regions
         # The Parameter itself: a saved tensor may come back as a detached copy without
         # `main_grad` (non-reentrant activation checkpointing recomputes saved tensors).
         # (`fuse_wgrad` is decided by the caller: grad mode is off inside forward.)
@@ -73,7 +84,8 @@ class _LinearWithTP(torch.autograd.Function):
             # The ring leaves the gathered input behind: saved, it spares backward the
             # re-gather (a collective competing with the GEMMs for SMs) for (tp-1)/tp of the
             # input's memory more per layer, the --tp-comm-overlap trade.
-            full, y = all_gather_matmul(x, weight.t(), group, bias)  # [s, b, in], [s, b, out/tp]
+            # full: [s, b, in], y: [s, b, out/tp]
+            full, y = all_gather_matmul(x, weight.t(), group, bias, region=regions[0])
             ctx.save_for_backward(full, weight)
             return y
         # Save the local input only: under SP it is 1/tp of the gathered one (the memory
@@ -123,7 +135,8 @@ def _overlapped_column_backward(ctx, grad_out: torch.Tensor) -> tuple:
     grad_x = grad_w = grad_b = None
     if need_x:
         # linear_reduce_scatter(x, w) is reduce_scatter(x w^T); here w^T = W: [out/tp, in].
-        grad_x = linear_reduce_scatter(grad_out, weight.t(), ctx.group)  # [s/tp, b, in]
+        grad_x = linear_reduce_scatter(grad_out, weight.t(), ctx.group,
+                                       region=ctx.regions[1])  # [s/tp, b, in]
     g2d = grad_out.reshape(-1, grad_out.size(-1))  # [s*b, out/tp]
     if need_w:
         grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)))
@@ -138,22 +151,23 @@ class _LinearReduceScatter(torch.autograd.Function):
     multiplying the chunks that have arrived."""
 
     @staticmethod
-    def forward(ctx, x, weight, group, fuse_wgrad):
+    def forward(ctx, x, weight, group, fuse_wgrad, regions):
         ctx.save_for_backward(x, weight)
-        ctx.group, ctx.main_grad_param = group, weight if fuse_wgrad else None
-        return linear_reduce_scatter(x, weight, group)  # [s, b, in/tp] -> [s/tp, b, out]
+        ctx.group, ctx.main_grad_param, ctx.regions = group, weight if fuse_wgrad else None, regions
+        return linear_reduce_scatter(x, weight, group, region=regions[0])  # [s, b, in/tp] -> [s/tp, b, out]
 
     @staticmethod
     def backward(ctx, grad_out):  # [s/tp, b, out]
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
         # [s/tp, b, out] -> gathered [s, b, out], and its product with W [s, b, in/tp]
-        full, grad_x = all_gather_matmul(grad_out, weight if need_x else None, ctx.group)
+        full, grad_x = all_gather_matmul(grad_out, weight if need_x else None, ctx.group,
+                                         region=ctx.regions[1])
         grad_w = None
         if need_w:
             grad_w = _weight_grad(ctx.main_grad_param, full.reshape(-1, full.size(-1)),
                                   x.reshape(-1, x.size(-1)))  # [out, in/tp]
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 def _weight_grad(param, g2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
@@ -178,6 +192,7 @@ def linear_with_tp(
     gather_output: bool = False,
     fuse_wgrad: bool = False,
     overlap: bool = False,
+    alternating: bool = False,
 ) -> torch.Tensor:
     """Column-parallel `x W^T + b` for a weight owned elsewhere (e.g. the tied output layer,
     weight `[V/tp, h]`).
@@ -187,7 +202,9 @@ def linear_with_tp(
     vocab-parallel loss consumes the split output). `fuse_wgrad`: gradient-accumulation
     fusion, only for a weight this GEMM is the sole user of (the tied embedding also gets
     the lookup's gradient, which the placeholder would corrupt: it stays unfused).
-    `overlap`: the sequence-parallel all-gather as a ring collective matmul (overlap.py).
+    `overlap`: the sequence-parallel all-gather as a ring collective matmul (overlap.py);
+    `alternating`: a transformer layer's column-parallel linear, whose copy-engine transfers
+    may skip a barrier (copy_engine.py).
     """
     if gather_output and sequence_parallel:
         raise ValueError("gather_output is not supported together with sequence_parallel")
@@ -195,8 +212,11 @@ def linear_with_tp(
     if group_size(tp_group) == 1 and not fuse_wgrad:
         y = F.linear(x, weight, bias)  # [s, b, out]
     else:
+        regions = None
+        if overlap:
+            regions = _COLUMN_REGIONS if alternating else _FENCED_REGIONS
         y = _LinearWithTP.apply(x, weight, bias, tp_group, sequence_parallel, fuse_wgrad,
-                                overlap)  # [s, b, out/tp]
+                                regions)  # [s, b, out/tp]
     if gather_output:
         y = gather_from_tp_region(y, tp_group)  # [s, b, out/tp] -> [s, b, out]
     return y
@@ -207,7 +227,7 @@ def local_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """`x W^T + b` without communication (TP=1, or the row-parallel partial GEMM); through
     `_LinearWithTP` only when the weight gradient goes into `main_grad`, else plain autograd."""
     if fuse_wgrad and accumulates_in_main_grad(weight):
-        return _LinearWithTP.apply(x, weight, bias, None, False, True, False)
+        return _LinearWithTP.apply(x, weight, bias, None, False, True, None)
     return F.linear(x, weight, bias)
 
 
@@ -225,17 +245,20 @@ class ColumnParallelLinear(torch.nn.Module):
     many stacked parts (SwiGLU `[gate; up]`: 2), so each rank gets its chunk of every part.
     `gradient_accumulation_fusion`: the weight gradient accumulates into `weight.main_grad`
     when the weight has one (fused/wgrad.py). `tp_comm_overlap` (with sequence_parallel): the
-    input all-gather as a ring collective matmul (overlap.py).
+    input all-gather as a ring collective matmul (overlap.py). `alternating`: one of the four
+    SP linears of a transformer layer, whose copy-engine transfers skip a barrier
+    (copy_engine.py); False elsewhere (the output layer).
     Parameters start at zero; the model's init pass (models/init.py) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  partition_stride: int = 1, params_dtype: torch.dtype = torch.float32, device=None,
-                 gradient_accumulation_fusion: bool = False, tp_comm_overlap: bool = False):
+                 gradient_accumulation_fusion: bool = False, tp_comm_overlap: bool = False,
+                 alternating: bool = False):
         super().__init__()
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
-        self.tp_comm_overlap = tp_comm_overlap
+        self.tp_comm_overlap, self.alternating = tp_comm_overlap, alternating
         if gather_output and sequence_parallel:
             raise ValueError("gather_output is not supported together with sequence_parallel")
         self.input_size, self.output_size = input_size, output_size
@@ -262,7 +285,8 @@ class ColumnParallelLinear(torch.nn.Module):
         if consume_weight is not None:
             return consume_weight(x, self.weight, self.bias)
         return linear_with_tp(x, self.weight, self.bias, self.tp_group, self.sequence_parallel,
-                              self.gather_output, self.gradient_accumulation_fusion, self.tp_comm_overlap)
+                              self.gather_output, self.gradient_accumulation_fusion, self.tp_comm_overlap,
+                              self.alternating)
 
     def extra_repr(self) -> str:
         return (f"in={self.input_size}, out={self.output_size}, tp={group_size(self.tp_group)}, "
@@ -277,16 +301,18 @@ class RowParallelLinear(torch.nn.Module):
     summed over TP, or `[s/tp, b, out]` (reduce-scattered) with sequence_parallel.
     `gradient_accumulation_fusion`: as in ColumnParallelLinear. `tp_comm_overlap` (with
     sequence_parallel): GEMM and reduce-scatter as one ring collective matmul (overlap.py).
+    `alternating`: as in ColumnParallelLinear.
     Parameters start at zero; the model's init pass (models/init.py) fills them.
     """
 
     def __init__(self, input_size: int, output_size: int, *, tp_group, bias: bool = True,
                  input_is_parallel: bool = True, sequence_parallel: bool = False,
                  params_dtype: torch.dtype = torch.float32, device=None,
-                 gradient_accumulation_fusion: bool = False, tp_comm_overlap: bool = False):
+                 gradient_accumulation_fusion: bool = False, tp_comm_overlap: bool = False,
+                 alternating: bool = False):
         super().__init__()
         self.gradient_accumulation_fusion = gradient_accumulation_fusion
-        self.tp_comm_overlap = tp_comm_overlap
+        self.tp_comm_overlap, self.alternating = tp_comm_overlap, alternating
         if sequence_parallel and not input_is_parallel:
             # The SP reduce-scatter assumes the column-parallel layer before it split the input.
             raise ValueError("sequence_parallel requires input_is_parallel=True")
@@ -313,7 +339,8 @@ class RowParallelLinear(torch.nn.Module):
             x = scatter_to_tp_region(x, group)  # [s, b, in] -> [s, b, in/tp]
         if self.sequence_parallel and self.tp_comm_overlap:
             fuse = fuse and accumulates_in_main_grad(self.weight)
-            y = _LinearReduceScatter.apply(x, self.weight, group, fuse)  # [s, b, in/tp] -> [s/tp, b, out]
+            regions = _ROW_REGIONS if self.alternating else _FENCED_REGIONS
+            y = _LinearReduceScatter.apply(x, self.weight, group, fuse, regions)  # -> [s/tp, b, out]
         else:
             y = local_linear(x, self.weight, None, fuse)  # [s, b, out], partial sum over tp
             if self.sequence_parallel:

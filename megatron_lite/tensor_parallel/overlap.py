@@ -69,17 +69,18 @@ def all_gather_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return all_gather_matmul(x, weight.t(), group, bias)[1]  # [s, b, out/tp]
 
 
-def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group,
+                          region: int = copy_engine.FENCED) -> torch.Tensor:
     """Row-parallel forward: `reduce_scatter(x W^T)` for x `[s, b, in/tp]`, weight
     `[out, in/tp]` -> `[s/tp, b, out]` summed over TP, each partial GEMM hiding a transfer.
 
     The partial sum of sequence chunk c starts on rank c+1 and travels rightwards, each rank
     adding its own part, until rank c adds the last one; so at step i rank r works on chunk
     r - 1 - i. On CUDA inside a node each partial is pushed to its owner by the copy engines
-    instead (copy_engine.py)."""
+    instead (copy_engine.py), through `region` of its workspace."""
     x = x.contiguous()
     if copy_engine.usable(x, group):
-        return _ce_linear_reduce_scatter(x, weight, group)
+        return _ce_linear_reduce_scatter(x, weight, group, region)
     ring = _Ring(group)
     chunk = x.size(0) // ring.size
     w_t = weight.t()  # [in/tp, out]
@@ -99,13 +100,14 @@ def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch
     raise AssertionError("unreachable")
 
 
-def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None, group,
-                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None, group, bias: torch.Tensor | None = None,
+                      region: int = copy_engine.FENCED) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gather g `[s/tp, b, k]` to `[s, b, k]` and, when `weight` `[k, n]` is given, compute
     `G weight (+ bias)` `[s, b, n]` chunk by chunk as the chunks arrive. Returns (gathered G,
     product or None). Row-parallel backward: g the output gradient, weight W `[out, in/tp]`,
     and G feeds the weight gradient. Column-parallel forward: g the input, weight W^T
-    `[in, out/tp]`, and G is saved for the weight gradient (no re-gather in backward)."""
+    `[in, out/tp]`, and G is saved for the weight gradient (no re-gather in backward).
+    `region`: of the copy engines' workspace (copy_engine.py)."""
     g = g.contiguous()
     size, chunk = group_size(group), g.size(0)
     full = g.new_empty((chunk * size,) + tuple(g.shape[1:]))  # [s, b, k]
@@ -117,7 +119,7 @@ def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None, group,
         return t[c * chunk:(c + 1) * chunk]  # contiguous: the sequence dim is leading
 
     if copy_engine.usable(g, group):
-        for c, cur in copy_engine.gather_chunks(g, group, lambda owner: rows(full, owner)):
+        for c, cur in copy_engine.gather_chunks(g, group, lambda owner: rows(full, owner), region):
             if dx is not None:
                 _mm_into(rows(dx, c), cur, weight, bias)  # [s/tp, b, n]
         return full, dx
@@ -134,7 +136,7 @@ def all_gather_matmul(g: torch.Tensor, weight: torch.Tensor | None, group,
     return full, dx
 
 
-def _ce_linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> torch.Tensor:
+def _ce_linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group, region: int) -> torch.Tensor:
     """linear_reduce_scatter with copy-engine pushes: x `[s, b, in/tp]` -> `[s/tp, b, out]`."""
     chunk = x.size(0) // group_size(group)
     w_t = weight.t()  # [in/tp, out]
@@ -145,4 +147,4 @@ def _ce_linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, group) -> t
         _mm_into(p, x[c * chunk:(c + 1) * chunk], w_t, None)  # this rank's share of chunk c
         return p
 
-    return copy_engine.reduce_scatter_parts(part, shape, x.dtype, x.device, group)
+    return copy_engine.reduce_scatter_parts(part, shape, x.dtype, x.device, group, region)

@@ -139,7 +139,8 @@ def build_executor(args, chunks, ps, env):
     cfg = PipelineConfig(microbatch_group_size=args.microbatch_group_size_per_vp_stage,
                          overlap_p2p_comm=args.overlap_p2p_comm,
                          calculate_per_token_loss=args.calculate_per_token_loss,
-                         dynamic=args.use_dpp, dynamic_order=args.dpp_order or BREADTH_FIRST)
+                         dynamic=args.use_dpp, dynamic_order=args.dpp_order or BREADTH_FIRST,
+                         dynamic_queue_depth=args.dpp_gpu_queue_depth or 0)
     return PipelineExecutor(chunks, ps, cfg, channels, trace), trace
 
 

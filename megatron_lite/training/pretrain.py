@@ -131,10 +131,6 @@ def _initialize(argv, defaults):
     logger.rank0(world_size_line(args))
     if (notice := single_connection_notice(args, env.device, os.environ)) is not None:
         logger.rank0(notice)
-    if args.use_dpp and args.dpp_order == "depth-first" and env.device.type == "cuda":
-        # Issue 18, measured on 2 H200s: breadth-first beat the static schedule, depth-first lost.
-        logger.rank0("WARNING: --dpp-order depth-first was slower than the static schedule on GPUs "
-                     "(2xH200, PP2 VPP2: 651 vs 597 ms/it; breadth-first 558)")
     return args, env, logger
 
 

@@ -93,3 +93,53 @@ def test_cpu_tensors_take_the_p2p_ring(run_dist):
     """The copy-engine transfers (copy_engine.py) serve CUDA tensors of an NCCL group inside
     one node only; gloo keeps the p2p ring these tests check."""
     assert run_dist(2, _copy_engine_usable) == [False, False]
+
+
+def _regions_used(rank, world, tp, pp, vpp, family, recompute):
+    """The copy-engine workspace region of every overlapped transfer of one step, in program
+    order, recorded where layers.py calls the collective matmuls (gloo runs the ring, which
+    ignores the region, but the order is the one a GPU would see)."""
+    from megatron_lite.tensor_parallel import layers
+
+    used = []
+    originals = layers.all_gather_matmul, layers.linear_reduce_scatter
+
+    def gather(g, weight, group, bias=None, region=copy_engine.FENCED):
+        used.append(region)
+        return originals[0](g, weight, group, bias, region=region)
+
+    def scatter(x, weight, group, region=copy_engine.FENCED):
+        used.append(region)
+        return originals[1](x, weight, group, region=region)
+
+    layers.all_gather_matmul, layers.linear_reduce_scatter = gather, scatter
+    ps = ParallelState.create(tp=tp, pp=pp, tied_embeddings=family == "gpt")
+    channels = PipelineChannels.create(ps, ring=vpp > 1) if pp > 1 else None
+    try:
+        extra = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1} \
+            if recompute else {}
+        if family == "llama":
+            extra.update(num_query_groups=4, ffn_hidden_size=48)
+        cfg = tiny_config(family, num_layers=4, hidden_size=32, num_attention_heads=4,
+                          max_position_embeddings=SEQ, sequence_parallel=True, tp_comm_overlap=True, **extra)
+        pipeline_step(cfg, ps, channels, vpp=vpp, seq=SEQ, micro=MICRO, num_microbatches=4, seed=SEED)
+        return used, ps.pp_rank
+    finally:
+        layers.all_gather_matmul, layers.linear_reduce_scatter = originals
+        if channels is not None:
+            channels.destroy()
+        ps.destroy()
+
+
+@pytest.mark.parametrize("tp,pp,vpp,family,recompute", [
+    (2, 1, 1, "gpt", False), (2, 1, 1, "llama", True), (2, 2, 2, "gpt", False), (2, 2, 2, "llama", True),
+], ids=["tp2-gpt", "tp2-llama-recompute", "tp2-pp2-vpp2-gpt", "tp2-pp2-vpp2-llama-recompute"])
+def test_alternating_regions_never_repeat(run_dist, tp, pp, vpp, family, recompute):
+    """Transfers in FIRST or SECOND skip the barrier that waits for the previous readers, which
+    is safe only if no two consecutive transfers use the same one of them (copy_engine.py). The
+    output layer with its loss gathers through NCCL (models/output_loss.py), so here every
+    transfer is a layer's."""
+    for used, pp_rank in run_dist(tp * pp, _regions_used, tp, pp, vpp, family, recompute):
+        assert copy_engine.FIRST in used and copy_engine.SECOND in used, used
+        for i, (a, b) in enumerate(zip(used, used[1:])):
+            assert a == copy_engine.FENCED or a != b, f"pipeline rank {pp_rank}, transfer {i}: {used}"

@@ -32,8 +32,9 @@ def test_dpp_benchmark_tool_runs_its_modes(tmp_path):
     out = tmp_path / "bench.jsonl"
     torchrun(2, "tools/pipeline_dpp_bench.py", "--preset", "tiny", "--num-layers", "4", "--seq-length", "32",
              "--micro-batch-size", "2", "--micro-batches", "4", "--steps", "2", "--warmup", "1",
-             "--slow-stage", "1", "--stall-prob", "0.1", "--trace-dir", str(tmp_path), "--json", str(out))
+             "--slow-stage", "1", "--stall-prob", "0.1", "--trace-dir", str(tmp_path), "--json", str(out),
+             "--modes", "static,breadth-first,depth-first@1")
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["mode"] for r in rows] == ["static", "breadth-first", "depth-first"]
+    assert [r["mode"] for r in rows] == ["static", "breadth-first", "depth-first@1"]
     assert rows[0]["steps_out_of_static_order"] == "0/4" and all(r["ms_per_iteration"] > 0 for r in rows)
     assert (tmp_path / "breadth-first.json").exists()

@@ -5,7 +5,8 @@ its header has arrived, both from a side stream by per-channel threads, readines
 NCCL works) give the static schedule's losses and gradients while a GPU-side straggler
 (`torch.cuda._sleep` on stage 0) reorders the computes; also with CUDA_DEVICE_MAX_CONNECTIONS=1
 (one hardware queue for all streams, as Megatron launches set it), where the earlier versions,
-which posted receives ahead of their data, hung (measured on 2xH200). GPU kernels may sum in
+which posted receives ahead of their data, hung (measured on 2xH200); and with
+`--dpp-gpu-queue-depth 1`, each pick waiting for the GPU. GPU kernels may sum in
 another order than the CPU's, so the check is to 1e-5, not bitwise.
 
 `test_crossing_large_sends_complete` probes the one case the design does not rule out by
@@ -57,10 +58,12 @@ def _check(rank: int) -> None:
                                          device="cuda")
         sleep, reordered = _gpu_sleep(_cycles_per_s()), False
         for order in (BREADTH_FIRST, DEPTH_FIRST):
-            for seed in range(3):
+            # (seed, --dpp-gpu-queue-depth): the picks wait for the GPU with depth 1
+            for seed, depth in ((0, 0), (1, 0), (2, 0), (0, 1)):
+                cfg = PipelineConfig(dynamic=True, dynamic_order=order, dynamic_queue_depth=depth)
                 totals, d_grads, seq, peak = train_once(
-                    ps, channels, LAYERS, VPP, M, PipelineConfig(dynamic=True, dynamic_order=order),
-                    {(0, "F"): 0.004}, seed=seed, device="cuda", sleep=sleep)
+                    ps, channels, LAYERS, VPP, M, cfg, {(0, "F"): 0.004}, seed=seed, device="cuda",
+                    sleep=sleep)
                 assert peak <= DynamicPlan(PP, VPP, M, ps.pp_rank, None, order).warmup + 1
                 assert sorted(seq) == sorted(static_order(PP, VPP, M, ps.pp_rank))
                 reordered |= seq != static_order(PP, VPP, M, ps.pp_rank)

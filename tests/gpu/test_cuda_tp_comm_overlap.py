@@ -49,6 +49,23 @@ for _ in range(3):
     torch.testing.assert_close(all_gather_linear(big, w_col, None, group).float(),
                                torch.nn.functional.linear(all_gather(big, 0, group), w_col).float(),
                                rtol=2e-2, atol=2e-2)
+# Back to back in alternating regions, as a layer runs them (no barrier before the writes,
+# copy_engine.py), each with fresh data: a transfer that overwrote what a peer was still
+# reading would show as a mismatch. All queued before any result is checked.
+results = []
+for i in range(24):
+    region = (copy_engine.FIRST, copy_engine.SECOND)[i % 2]
+    a = torch.randn(512, 2, 1024, generator=g, device="cuda").to(torch.bfloat16)
+    if i % 4 < 2:
+        results.append((all_gather_matmul(a, w_col.t(), group, region=region)[1],
+                        torch.nn.functional.linear(all_gather(a, 0, group), w_col)))
+    else:
+        b = torch.randn(1024, 2, 768, generator=g, device="cuda").to(torch.bfloat16)
+        results.append((linear_reduce_scatter(b, w_row, group, region=region),
+                        reduce_scatter(b @ w_row.t(), 0, group)))
+for i, (a, b) in enumerate(results):
+    torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2,
+                               msg=lambda m: f"back to back #{i}: {m}")
 torch.cuda.synchronize()
 print("primitives ok", flush=True)
 ps.destroy()

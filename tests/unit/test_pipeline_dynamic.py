@@ -27,6 +27,7 @@ from megatron_lite.pipeline_parallel.dynamic import (
     Task,
 )
 from megatron_lite.pipeline_parallel.dynamic_channels import Inbox, Outbox
+from megatron_lite.pipeline_parallel.dynamic_executor import LaunchQueue
 from megatron_lite.pipeline_parallel.schedules import ACT, GRAD, Op, ScheduleError, in_flight_bound
 from megatron_lite.pipeline_parallel.simulate import ScheduleDeadlock, simulate, stage_durations
 from megatron_lite.pipeline_parallel.trace import TraceEvent, write_chrome_trace
@@ -184,12 +185,16 @@ def test_megatron_dpp_launch_flags_run_with_one_warning():
     assert len(transport) == 1 and "--node-ips" in transport[0] and "--num-gpus" in transport[0]
     assert "\n" not in transport[0]
     args, _ = _validate("--pipeline-model-parallel-size 2 --use-dpp --dpp-order depth-first")
-    assert args.dpp_order == DEPTH_FIRST
+    assert args.dpp_order == DEPTH_FIRST and args.dpp_gpu_queue_depth == 0
+    args, _ = _validate("--pipeline-model-parallel-size 2 --use-dpp --dpp-gpu-queue-depth 2")
+    assert args.dpp_gpu_queue_depth == 2
 
 
 @pytest.mark.parametrize("extra,words", [
     ("--use-dpp", "--pipeline-model-parallel-size > 1"),
     ("--pipeline-model-parallel-size 2 --dpp-order depth-first", "--dpp-order needs --use-dpp"),
+    ("--pipeline-model-parallel-size 2 --dpp-gpu-queue-depth 1", "--dpp-gpu-queue-depth needs --use-dpp"),
+    ("--pipeline-model-parallel-size 2 --use-dpp --dpp-gpu-queue-depth -1", "--dpp-gpu-queue-depth"),
     ("--pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 2 --use-dpp "
      "--microbatch-group-size-per-virtual-pipeline-stage 2", "depth-first"),
 ])
@@ -325,3 +330,41 @@ def test_a_channel_thread_failure_is_raised_on_the_main_thread():
     with pytest.raises(RuntimeError, match="receiving grad from pipeline rank 3 failed"):
         _until(lambda: inbox.poll() < 0)
     inbox.close(False)
+
+
+# ---- the GPU queue depth (--dpp-gpu-queue-depth, dynamic_executor.LaunchQueue) ----------------
+class _FakeEvent:
+    """Stands for a CUDA event: finished once the test says the GPU got past it."""
+
+    def __init__(self, gpu):
+        self.gpu, self.index = gpu, None
+
+    def record(self):
+        self.index = self.gpu["launched"]
+        self.gpu["launched"] += 1
+
+    def query(self):
+        return self.index < self.gpu["finished"]
+
+
+def test_launch_queue_is_full_while_more_than_depth_computes_are_unfinished():
+    gpu = {"launched": 0, "finished": 0}
+    q = LaunchQueue(2, torch.device("cpu"), make_event=lambda: _FakeEvent(gpu))
+    assert not q.full()
+    q.launched()
+    q.launched()
+    assert not q.full()  # two unfinished: the next may be launched behind them
+    q.launched()
+    assert q.full()  # three: the next pick waits
+    gpu["finished"] = 1
+    assert not q.full() and len(q.pending) == 2  # the finished one is dropped
+    gpu["finished"] = 3
+    assert not q.full() and not q.pending
+
+
+def test_launch_queue_without_a_limit_or_on_cpu_keeps_nothing():
+    for q in (LaunchQueue(0, torch.device("cpu"), make_event=lambda: pytest.fail("no event with depth 0")),
+              LaunchQueue(1, torch.device("cpu"))):  # CPU computes are synchronous: no CUDA events
+        for _ in range(3):
+            q.launched()
+        assert not q.full() and not q.pending

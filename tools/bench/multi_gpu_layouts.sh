@@ -3,9 +3,10 @@
 # bf16, mock data, through pretrain_gpt.py, on one GPU and on two in each layout of the issue.
 #   bash tools/bench/multi_gpu_layouts.sh WORKDIR [LAYOUTS...]   # default: all of them
 # Layouts: 1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4, and each with _graphs (per-layer CUDA
-# graphs, --cuda-graph-impl local). Prints per run the mean ms/iteration over the
-# iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU and max allocated, and
-# for the pipeline layouts the traced bubble (tools/pipeline_trace_stats.py).
+# graphs, --cuda-graph-impl local) or _prof (profiled, see that case). Prints per run the mean
+# ms/iteration over the iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU
+# and max allocated, and for the pipeline layouts the traced bubble
+# (tools/pipeline_trace_stats.py).
 # Extra environment for every launch (e.g. NCCL_PROTO) is passed through as set by the caller.
 set -uo pipefail
 out=${1:-/tmp/multi_gpu_layouts}; shift || true
@@ -54,5 +55,15 @@ for l in "${layouts[@]}"; do case $l in
   *_graphs) base=${l%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
     [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
     run "$l" $flags --cuda-graph-impl local ;;
+  # A one-line layout, or one with _graphs, with _prof: the torch profiler over iterations 6-7,
+  # then where each GPU's time went (tools/bench/trace_streams.py: NCCL exposed or hidden,
+  # idle, by kernel class)
+  *_prof) base=${l%_prof}; graphs=(); [[ $base == *_graphs ]] && graphs=(--cuda-graph-impl local)
+    base=${base%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
+    [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
+    rm -rf "$out/$l.tb"
+    run "$l" $flags "${graphs[@]}" --profile --use-pytorch-profiler --profile-step-start 6 --profile-step-end 7 \
+      --tensorboard-dir "$out/$l.tb"
+    python tools/bench/trace_streams.py $(find "$out/$l.tb" -name '*.pt.trace.json' | sort) ;;
   *) echo "unknown layout $l"; exit 2 ;;
 esac; done
