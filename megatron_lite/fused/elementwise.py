@@ -1,21 +1,31 @@
 """Fused elementwise ops of the transformer layer (Megatron's bias-SwiGLU, bias-GeLU, RoPE and
 RMSNorm fusions, spec §11), each defined once as its PyTorch reference and compiled on CUDA by
-`jit_fuser` (GeLU excepted: one eager kernel already). The model calls the unfused reference
-when a `--no-*-fusion` flag asks."""
+`jit_fuser` (GeLU excepted: one eager kernel already; SwiGLU: Triton kernels of its own). The
+model calls the unfused reference when a `--no-*-fusion` flag asks."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from megatron_lite.fused.jit import jit_fuser
+from megatron_lite.fused.swiglu import available as swiglu_kernel_available
+from megatron_lite.fused.swiglu import triton_swiglu
 from megatron_lite.models.rope import apply_rotary
 
 
-@jit_fuser
-def swiglu(h: torch.Tensor) -> torch.Tensor:
+def _swiglu_reference(h: torch.Tensor) -> torch.Tensor:
     """`[.., 2f]` -> `[.., f]`: silu(gate) * up, with h = [gate | up] on the last dim."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """`_swiglu_reference` by the Triton kernels of fused/swiglu.py on CUDA (Inductor's
+    compiled backward reads its inputs twice), eagerly elsewhere."""
+    return triton_swiglu(h) if swiglu_kernel_available(h) else _swiglu_reference(h)
+
+
+swiglu.reference = _swiglu_reference
 
 
 def gelu(h: torch.Tensor) -> torch.Tensor:
