@@ -80,9 +80,11 @@ def dense_reference(cfg: ModelConfig, data, m_global: int, seed: int = 1234):
 
 
 def pipeline_step(cfg: ModelConfig, ps, channels, *, vpp: int | None = 1, ddp_config: DDPConfig | None = None,
-                  seq: int = 16, micro: int = 2, num_microbatches: int = 4, seed: int = 1234):
+                  seq: int = 16, micro: int = 2, num_microbatches: int = 4, seed: int = 1234,
+                  loss_chunk_limits=None):
     """One forward-backward of `num_microbatches` mock micro-batches through the pipeline
-    executor and DDP: (loss totals summed over DP, global grads by name)."""
+    executor and DDP: (loss totals summed over DP, global grads by name). `loss_chunk_limits`
+    (models/output_loss.ChunkLimits) replaces the chunks' default, e.g. to force chunking."""
     import torch.distributed as dist
 
     from megatron_lite.data.mock import MockTokens
@@ -94,6 +96,9 @@ def pipeline_step(cfg: ModelConfig, ps, channels, *, vpp: int | None = 1, ddp_co
 
     tracker = build_rng_tracker(seed, ps.tp_rank, ps.pp_rank, "cpu")
     chunks = build_model_chunks(cfg, ps, build_layout(cfg.num_layers, ps.pp_size, vpp), seed, tracker)
+    if loss_chunk_limits is not None:
+        for c in chunks:
+            c.loss_chunk_limits = loss_chunk_limits
     ddp = [DistributedDataParallel(c, ps, ddp_config or DDPConfig()) for c in chunks]
     executor = PipelineExecutor(ddp, ps, PipelineConfig(), channels)
     data = micro_batch_iterator(MockTokens(64, seq, 128, seed), 0, micro, ps.dp_rank, ps.dp_size)

@@ -30,7 +30,8 @@ class Embedding(nn.Module):
         self.tp_group, self.sequence_parallel = ps.tp_group, config.sequence_parallel
         self.word_embeddings = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, tp_group=ps.tp_group,
-            params_dtype=config.params_dtype, device=device)
+            params_dtype=config.params_dtype, device=device,
+            gradient_accumulation_fusion=config.gradient_accumulation_fusion)
         self.position_embeddings = None
         if config.position_embedding_type == "learned_absolute":
             self.position_embeddings = nn.Embedding(
@@ -114,6 +115,12 @@ class GPTModel(nn.Module):
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 
+    def _head_is_tied_lookup(self) -> bool:
+        """Whether the head GEMM reads the embedding table of this stage's lookup while both
+        accumulate into its `main_grad` (gradient-accumulation fusion): then the head must
+        fuse too, since DDP's hook drops what autograd sums for a fused weight."""
+        return self.output_layer is None and self.config.gradient_accumulation_fusion
+
     # ---- forward --------------------------------------------------------------------------
     def _rope(self, position_ids):
         if self.config.position_embedding_type != "rope":
@@ -151,7 +158,7 @@ class GPTModel(nn.Module):
             cross_entropy = (fused_vocab_parallel_cross_entropy if self.config.cross_entropy_loss_fusion
                              else vocab_parallel_cross_entropy)
             head = OutputHead(self.output_weight(), self.output_layer, self.ps.tp_group,
-                              self.config.sequence_parallel)
+                              self.config.sequence_parallel, tied_lookup=self._head_is_tied_lookup())
             # Whole below ChunkLimits' threshold, else in sequence chunks (long sequences).
             return output_loss(x, labels, head, cross_entropy, self.config.label_smoothing,
                                self.loss_chunk_limits)  # [b, s]
@@ -160,7 +167,9 @@ class GPTModel(nn.Module):
             # all-gather of the distributed optimizer waits there (spec §8.3).
             logits = self.output_layer(x)  # [s, b, V/tp]
         else:
+            tied = self._head_is_tied_lookup()
             logits = linear_with_tp(x, self.embedding.word_embeddings.weight, None, self.ps.tp_group,
-                                    self.config.sequence_parallel)  # [s, b, V/tp]
+                                    self.config.sequence_parallel, fuse_wgrad=tied,
+                                    tied_lookup=tied)  # [s, b, V/tp]
         return logits.transpose(0, 1)
 

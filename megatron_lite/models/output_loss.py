@@ -18,10 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, linear_with_tp
+from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, linear_with_tp, local_linear
 from megatron_lite.tensor_parallel.mappings import (
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
@@ -59,6 +58,9 @@ class OutputHead:
     layer: ColumnParallelLinear | None
     tp_group: object
     sequence_parallel: bool
+    # The tied weight of this stage's fused embedding lookup (GPTModel._head_is_tied_lookup):
+    # the head's GEMMs accumulate into main_grad too, without a placeholder gradient.
+    tied_lookup: bool = False
 
 
 def sequence_chunk_length(seq_len: int, batch: int, vocab_part: int,
@@ -98,7 +100,8 @@ def _whole_loss(x, target, head: OutputHead, cross_entropy: CrossEntropy, label_
     if head.layer is not None:
         logits = head.layer(x)  # [s, b, V/tp]
     else:
-        logits = linear_with_tp(x, head.weight, None, head.tp_group, head.sequence_parallel)  # [s, b, V/tp]
+        logits = linear_with_tp(x, head.weight, None, head.tp_group, head.sequence_parallel,
+                                fuse_wgrad=head.tied_lookup, tied_lookup=head.tied_lookup)  # [s, b, V/tp]
     return cross_entropy(logits, target, head.tp_group, label_smoothing)  # [s, b]
 
 
@@ -118,7 +121,7 @@ def _chunked_loss(x, weight, bias, target, head: OutputHead, cross_entropy: Cros
     target_chunks = target.split(chunk_len, dim=0)  # each [c, b]
     losses = []
     for x_c, t_c in zip(x_chunks, target_chunks):
-        args = (x_c, weight, bias, t_c, group, cross_entropy, label_smoothing)
+        args = (x_c, weight, bias, t_c, group, cross_entropy, label_smoothing, head.tied_lookup)
         if torch.is_grad_enabled():
             # Non-reentrant: the outer graph stays one graph (one AccumulateGrad per weight,
             # so DDP's grad hooks fire once), and recompute replays chunk by chunk in backward.
@@ -128,6 +131,8 @@ def _chunked_loss(x, weight, bias, target, head: OutputHead, cross_entropy: Cros
     return torch.cat(losses, dim=0)  # [s, b]
 
 
-def _chunk_loss(x_c, weight, bias, t_c, group, cross_entropy: CrossEntropy, label_smoothing: float):
-    logits = F.linear(x_c, weight, bias)  # [c, b, h] -> [c, b, V/tp], local GEMM, no collective
+def _chunk_loss(x_c, weight, bias, t_c, group, cross_entropy: CrossEntropy, label_smoothing: float,
+                tied_lookup: bool):
+    # [c, b, h] -> [c, b, V/tp], local GEMM, no collective
+    logits = local_linear(x_c, weight, bias, fuse_wgrad=tied_lookup, tied_lookup=tied_lookup)
     return cross_entropy(logits, t_c, group, label_smoothing)  # [c, b]

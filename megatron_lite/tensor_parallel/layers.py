@@ -70,10 +70,10 @@ class _LinearWithTP(torch.autograd.Function):
     uninitialized placeholder instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad, regions=None):
+    def forward(ctx, x, weight, bias, group, sequence_parallel, fuse_wgrad, regions=None, placeholder=True):
         # regions: None, or with --tp-comm-overlap the copy-engine workspace regions of the
-        # forward and the backward (copy_engine.py)
-        ctx.group, ctx.sequence_parallel = group, sequence_parallel
+        # forward and the backward (copy_engine.py); placeholder: see _weight_grad
+        ctx.group, ctx.sequence_parallel, ctx.placeholder = group, sequence_parallel, placeholder
         ctx.overlap = sequence_parallel and regions is not None
         ctx.regions = regions
         # The Parameter itself: a saved tensor may come back as a detached copy without
@@ -117,12 +117,13 @@ class _LinearWithTP(torch.autograd.Function):
         if need_w or need_b:
             g2d = grad_out.reshape(-1, grad_out.size(-1))  # [s*b, out/tp]
         if need_w:
-            grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)))
+            grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)),
+                                  ctx.placeholder)
         if need_b:
             grad_b = g2d.sum(0)  # [out/tp]
         if reducing is not None:
             grad_x = reducing.wait()
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def _overlapped_column_backward(ctx, grad_out: torch.Tensor) -> tuple:
@@ -139,10 +140,11 @@ def _overlapped_column_backward(ctx, grad_out: torch.Tensor) -> tuple:
                                        region=ctx.regions[1])  # [s/tp, b, in]
     g2d = grad_out.reshape(-1, grad_out.size(-1))  # [s*b, out/tp]
     if need_w:
-        grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)))
+        grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)),
+                              ctx.placeholder)
     if need_b:
         grad_b = g2d.sum(0)  # [out/tp]
-    return grad_x, grad_w, grad_b, None, None, None, None
+    return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 class _LinearReduceScatter(torch.autograd.Function):
@@ -170,17 +172,21 @@ class _LinearReduceScatter(torch.autograd.Function):
         return grad_x, grad_w, None, None, None
 
 
-def _weight_grad(param, g2d: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+def _weight_grad(param, g2d: torch.Tensor, x2d: torch.Tensor,
+                 placeholder: bool = True) -> torch.Tensor | None:
     """`[out, in]` weight gradient of g2d `[T, out]`, x2d `[T, in]`; with `param` (fusion on)
-    accumulated into `param.main_grad` instead, returning a placeholder."""
+    accumulated into `param.main_grad` instead, returning a placeholder (or None, when
+    `placeholder` is False: another fused user of the weight returns it)."""
     if param is None:
         return g2d.t().matmul(x2d)  # [out, in]
     accumulate_wgrad_(param.main_grad, g2d, x2d)  # main_grad [out, in] += g2d^T x2d, in place
     param.grad_added_to_main_grad = True
-    # Returning None would skip the param's AccumulateGrad node and with it DDP's
-    # post-accumulate hook, which counts the param ready for its bucket's reduction. An
-    # uninitialized tensor costs no kernel; the hook discards it (Megatron does the same).
-    return torch.empty_like(param)
+    # Returning None from the weight's only user would skip its AccumulateGrad node and with
+    # it DDP's post-accumulate hook, which counts the param ready for its bucket's reduction.
+    # An uninitialized tensor costs no kernel; the hook discards it (Megatron does the same).
+    # With two fused users (the tied head beside its embedding lookup) one placeholder is
+    # enough: two would cost a `[V, h]` add of garbage in autograd.
+    return torch.empty_like(param) if placeholder else None
 
 
 def linear_with_tp(
@@ -193,6 +199,7 @@ def linear_with_tp(
     fuse_wgrad: bool = False,
     overlap: bool = False,
     alternating: bool = False,
+    tied_lookup: bool = False,
 ) -> torch.Tensor:
     """Column-parallel `x W^T + b` for a weight owned elsewhere (e.g. the tied output layer,
     weight `[V/tp, h]`).
@@ -200,8 +207,9 @@ def linear_with_tp(
     x: `[s, b, in]`, or `[s/tp, b, in]` with sequence_parallel. Returns `[s, b, out/tp]`, or
     `[s, b, out]` when gather_output (not allowed with sequence_parallel, as in Megatron: the
     vocab-parallel loss consumes the split output). `fuse_wgrad`: gradient-accumulation
-    fusion, only for a weight this GEMM is the sole user of (the tied embedding also gets
-    the lookup's gradient, which the placeholder would corrupt: it stays unfused).
+    fusion. `tied_lookup`: the weight is also the embedding table of a lookup in the same
+    graph that accumulates into `main_grad` as well (VocabParallelEmbedding's fused lookup):
+    this GEMM then returns no placeholder gradient, the lookup's is the one DDP's hook sees.
     `overlap`: the sequence-parallel all-gather as a ring collective matmul (overlap.py);
     `alternating`: a transformer layer's column-parallel linear, whose copy-engine transfers
     may skip a barrier (copy_engine.py).
@@ -216,18 +224,18 @@ def linear_with_tp(
         if overlap:
             regions = _COLUMN_REGIONS if alternating else _FENCED_REGIONS
         y = _LinearWithTP.apply(x, weight, bias, tp_group, sequence_parallel, fuse_wgrad,
-                                regions)  # [s, b, out/tp]
+                                regions, not tied_lookup)  # [s, b, out/tp]
     if gather_output:
         y = gather_from_tp_region(y, tp_group)  # [s, b, out/tp] -> [s, b, out]
     return y
 
 
 def local_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 fuse_wgrad: bool = False) -> torch.Tensor:
+                 fuse_wgrad: bool = False, tied_lookup: bool = False) -> torch.Tensor:
     """`x W^T + b` without communication (TP=1, or the row-parallel partial GEMM); through
     `_LinearWithTP` only when the weight gradient goes into `main_grad`, else plain autograd."""
     if fuse_wgrad and accumulates_in_main_grad(weight):
-        return _LinearWithTP.apply(x, weight, bias, None, False, True, None)
+        return _LinearWithTP.apply(x, weight, bias, None, False, True, None, not tied_lookup)
     return F.linear(x, weight, bias)
 
 

@@ -1,7 +1,9 @@
 """Gradient-accumulation fusion on CUDA: the bf16/fp16 x bf16/fp16 -> fp32 wgrad GEMM
-accumulates in place (beta = 1) and is more exact than the unfused bf16 GEMM + add; a bf16
-model's main grads match the unfused path to bf16 resolution; and `pretrain_gpt.py` at TP=2
-with sequence parallelism prints the same curve with and without the fusion."""
+accumulates in place (beta = 1) and is more exact than the unfused bf16 GEMM + add; the fused
+embedding lookup's row sums are deterministic and exact to fp32; a bf16 model's main grads
+(untied Llama, and GPT whose tied head and lookup both fuse) match the unfused path to bf16
+resolution; and `pretrain_gpt.py` at TP=2 with sequence parallelism prints the same curve
+with and without the fusion."""
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ import megatron_lite.fused.wgrad as wgrad
 import megatron_lite.tensor_parallel.layers as layers
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
+from megatron_lite.tensor_parallel.embedding import _LookupIntoMainGrad
 from tests.functional.test_checkpoint_cli import _rows
 from tests.functional.test_pretrain_cli import torchrun
 from tests.gpu.test_cuda_checkpoint import CUDA_GPT
@@ -41,9 +44,29 @@ def test_mixed_dtype_wgrad_accumulates_in_place_in_fp32(dtype):
     assert fused_err < unfused_err / 4, (fused_err, unfused_err)
 
 
-def _bf16_step(fused: bool):
+def test_fused_lookup_sums_rows_deterministically_in_fp32():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab, hidden = 64, 512
+    ids = torch.randint(0, vocab, (8, 1024), device="cuda", generator=g)  # ~128 repeats per row
+    grad = torch.randn(8, 1024, hidden, device="cuda", generator=g).to(torch.bfloat16)
+    sums = []
+    for _ in range(2):
+        table = torch.nn.Parameter(torch.randn(vocab, hidden, device="cuda", generator=g).to(torch.bfloat16))
+        table.main_grad = torch.zeros(vocab, hidden, device="cuda")
+        table.grad_added_to_main_grad = False
+        out = _LookupIntoMainGrad.apply(ids, table)
+        out.backward(grad)
+        assert table.grad_added_to_main_grad
+        sums.append(table.main_grad)
+    assert torch.equal(sums[0], sums[1])  # same bits: rows summed in a fixed order
+    exact = torch.zeros(vocab, hidden, dtype=torch.float64, device="cuda")
+    exact.index_add_(0, ids.reshape(-1), grad.reshape(-1, hidden).double())
+    torch.testing.assert_close(sums[0].double(), exact, rtol=1e-5, atol=1e-4)
+
+
+def _bf16_step(fused: bool, family: str = "llama"):
     ps = ParallelState.create()
-    cfg = tiny_config("llama", params_dtype=torch.bfloat16, gradient_accumulation_fusion=fused,
+    cfg = tiny_config(family, params_dtype=torch.bfloat16, gradient_accumulation_fusion=fused,
                       hidden_size=256, num_attention_heads=8, ffn_hidden_size=512, vocab_size=512,
                       max_position_embeddings=256)
     model = build(cfg, ps, device="cuda")
@@ -59,7 +82,8 @@ def _bf16_step(fused: bool):
     return torch.stack(losses), {n: p.main_grad.clone() for n, p in model.named_parameters()}
 
 
-def test_bf16_model_main_grads_match_the_unfused_path(monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "gpt"], ids=["untied", "tied"])
+def test_bf16_model_main_grads_match_the_unfused_path(monkeypatch, family):
     seen = []
     real = layers.accumulate_wgrad_
 
@@ -67,11 +91,11 @@ def test_bf16_model_main_grads_match_the_unfused_path(monkeypatch):
         seen.append((main_grad.dtype, x.dtype))
         real(main_grad, g, x)
 
-    unfused_losses, unfused = _bf16_step(False)
+    unfused_losses, unfused = _bf16_step(False, family)
     monkeypatch.setattr(layers, "accumulate_wgrad_", counting)
-    fused_losses, fused = _bf16_step(True)
-    # 2 layers x (qkv, proj, fc1, fc2) + the untied output layer, per micro-batch; each a
-    # bf16 x bf16 -> fp32 GEMM (aten::addmm.dtype_out) into the fp32 main_grad.
+    fused_losses, fused = _bf16_step(True, family)
+    # 2 layers x (qkv, proj, fc1, fc2) + the output layer (untied, or the tied table), per
+    # micro-batch; each a bf16 x bf16 -> fp32 GEMM (aten::addmm.dtype_out) into main_grad.
     assert seen == [(torch.float32, torch.bfloat16)] * (3 * 9), seen
     torch.testing.assert_close(fused_losses, unfused_losses, rtol=0, atol=0)
     for name, g in fused.items():
