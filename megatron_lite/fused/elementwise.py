@@ -1,13 +1,15 @@
 """Fused elementwise ops of the transformer layer (Megatron's bias-SwiGLU, bias-GeLU, RoPE and
 RMSNorm fusions, spec §11), each defined once as its PyTorch reference and compiled on CUDA by
-`jit_fuser` (GeLU excepted: one eager kernel already; SwiGLU: Triton kernels of its own). The
-model calls the unfused reference when a `--no-*-fusion` flag asks."""
+`jit_fuser` (GeLU excepted: one eager kernel already; SwiGLU and RMSNorm: Triton kernels of
+their own). The model calls the unfused reference when a `--no-*-fusion` flag asks."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from megatron_lite.fused.jit import jit_fuser
+from megatron_lite.fused.rmsnorm import available as rms_norm_kernel_available
+from megatron_lite.fused.rmsnorm import triton_rms_norm
 from megatron_lite.fused.swiglu import available as swiglu_kernel_available
 from megatron_lite.fused.swiglu import triton_swiglu
 from megatron_lite.models.rope import apply_rotary
@@ -39,12 +41,26 @@ def gelu(h: torch.Tensor) -> torch.Tensor:
     return F.gelu(h, approximate="tanh")
 
 
-@jit_fuser
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm with fp32 statistics, output in x's dtype times gamma."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y.to(x.dtype) * weight
+
+
+_compiled_rms_norm = jit_fuser(_rms_norm_reference)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`_rms_norm_reference` by the Triton kernels of fused/rmsnorm.py on CUDA (Inductor's
+    split it into more kernels and passes), compiled for rows too wide for them, eagerly on
+    the CPU."""
+    if rms_norm_kernel_available(x, weight):
+        return triton_rms_norm(x, weight, eps)
+    return _compiled_rms_norm(x, weight, eps)
+
+
+rms_norm.reference = _rms_norm_reference
 
 
 @jit_fuser

@@ -104,3 +104,26 @@ def test_triton_swiglu_takes_strided_gradients():
     h_ref = h.detach().float().requires_grad_()
     swiglu.reference(h_ref).backward(g.float())
     torch.testing.assert_close(h.grad.float(), h_ref.grad, rtol=8e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 2, 2048), (37, 3, 1000), (5, 4096)])
+def test_triton_rms_norm_matches_fp32_reference(dtype, shape):
+    """Against the reference on the same inputs in fp64 (bf16 values exactly representable):
+    the output within one rounding, dx and gamma's gradient (summed over all rows, rows not a
+    multiple of a program's 16) within a few; gamma scaled so the rounding of y/gamma matters."""
+    from megatron_lite.fused.rmsnorm import available
+
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, device="cuda") * 2 + 0.5).to(dtype)
+    w = (torch.rand(shape[-1], device="cuda") * 2).to(dtype)
+    assert available(x, w)
+    out, (dx, dw) = _fwd_bwd(lambda a, b: rms_norm(a, b, 1e-5), x, w)
+    ref, (ref_dx, ref_dw) = _fwd_bwd(lambda a, b: rms_norm.reference(a, b, 1e-5), x.double(), w.double())
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    assert out.dtype == dx.dtype == dw.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx.double(), ref_dx, rtol=tol, atol=tol)
+    # gamma's gradient sums ~10^4 rows: relative to its scale
+    scale = ref_dw.abs().max()
+    assert ((dw.double() - ref_dw).abs().max() / scale).item() < tol, (dw, ref_dw)
