@@ -62,8 +62,9 @@ then still waits behind them, as does the peer waiting for that backward's outpu
 D > 0 the main loop picks only once at most D of its launched computes are unfinished (CUDA
 events), so the pick sees what arrived meanwhile; with D = 1 the next compute is launched
 while the previous one runs, which hides its launch. On CPU computes are synchronous and the
-limit never binds. Whether this is what costs breadth-first on fast hosts is to be measured
-(README).
+limit never binds. Measured on 2xH200 (README), it did not recover what breadth-first loses
+on fast hosts (the static schedule in breadth-first's order loses as much) and mostly cost
+time; it helped depth-first only with an uneven, graphed pipeline, hence off by default.
 
 Lock-step. The TP (and CP) ranks of a stage run collectives inside every forward and backward,
 so they must pick the same task. They receive the same messages in the same order (their
