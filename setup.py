@@ -20,7 +20,12 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "ruff", "transformers", "safetensors"],
+        # triton: the CPU tests run the Triton kernels under its interpreter (Triton 3.6, as the
+        # CUDA builds of torch 2.11 ship); its interpreter turns 1-element arrays into loop
+        # bounds with int(), which numpy 2.4 refuses.
+        "test": ["pytest", "ruff", "transformers", "safetensors",
+                 "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+                 "numpy<2.4"],
         "apex": ["apex"],
         "te": ["transformer_engine"],
     },
