@@ -196,10 +196,12 @@ def static_order_mismatches(events: list[TraceEvent], group_size: int | None = N
     return sum(order != static[r] for r, order in runs.values()), len(runs)
 
 
-def mean_durations(events: list[TraceEvent], skip_steps: int = 1) -> dict:
-    """Mean compute time in ms per (pp rank, "F" | "B")."""
+def mean_durations(events: list[TraceEvent], skip_steps: int = 1, per_chunk: bool = False) -> dict:
+    """Mean compute time in ms per (pp rank, "F" | "B"), or per (pp rank, chunk, "F" | "B")
+    with `per_chunk` (chunks of one rank may hold different layers: layout_search.fit_costs)."""
     acc: dict = {}
     for e in events:
         if e.step >= skip_steps:
-            acc.setdefault((e.pp_rank, e.op), []).append((e.end_us - e.start_us) / 1e3)
+            key = (e.pp_rank, e.chunk, e.op) if per_chunk else (e.pp_rank, e.op)
+            acc.setdefault(key, []).append((e.end_us - e.start_us) / 1e3)
     return {k: sum(v) / len(v) for k, v in acc.items()}
