@@ -2,7 +2,7 @@
 # Issue 13 benchmark: GPT 1.3B (24 layers, h 2048, 16 heads, ffn 8192), seq 2048, mbs 4, gbs 32,
 # bf16, mock data, through pretrain_gpt.py, on one GPU and on two in each layout of the issue.
 #   bash tools/bench/multi_gpu_layouts.sh WORKDIR [LAYOUTS...]   # default: all of them
-# Layouts: 1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4, and each with _graphs (per-layer CUDA
+# Layouts: 1gpu dp2 tp2 tp2_overlap pp2 pp2_vpp4 (and the cases below), and each with _graphs (per-layer CUDA
 # graphs, --cuda-graph-impl local) or _prof (profiled, see that case). Prints per run the mean
 # ms/iteration over the iterations after the first 4 (allocator and NCCL warm-up), TFLOP/s/GPU
 # and max allocated, and for the pipeline layouts the traced bubble
@@ -52,6 +52,12 @@ for l in "${layouts[@]}"; do case $l in
     --pipeline-model-parallel-layout 'Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L' ;;
   pp2_vpp4_bal_graphs) run pp2_vpp4_bal_graphs 2 --pipeline-model-parallel-size 2 \
     --pipeline-model-parallel-layout 'Et*4|t*3|t*3|t*3|t*3|t*3|t*3|t*2L' --cuda-graph-impl local ;;
+  # What tools/pipeline_layout_search.py found for this shape (README): the output layer alone
+  # on the last stage; then the search again from this run's own trace
+  pp2_vpp4_search) run pp2_vpp4_search 2 --pipeline-model-parallel-size 2 \
+    --pipeline-model-parallel-layout 'Et*3|t*3|t*3|t*3|t*4|t*4|t*4|L'
+    python tools/pipeline_layout_search.py "$out/pp2_vpp4_search.trace.json" --skip-steps 4 \
+      --num-layers 24 --layout 'Et*3|t*3|t*3|t*3|t*4|t*4|t*4|L' --top 3 ;;
   *_graphs) base=${l%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
     [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
     run "$l" $flags --cuda-graph-impl local ;;
