@@ -11,12 +11,17 @@ machines by a few percent, more than some of these choices are worth).
   rmsnorm  RMSNorm compiled by Inductor, not fused/rmsnorm.py
   tied     the tied embedding and head without gradient-accumulation fusion (the bf16 [V, h]
            gradients added by DDP's hook); the other linears keep theirs
-Interleave the variants (A B A B) and compare means; README's Performance section lists runs.
+Several choices with rounds run each in a fresh process, interleaved (A B A B ...), and print
+each one's mean step and TFLOP/s beside the first's (README's Performance section lists runs):
+
+    python tools/bench/kernel_ab.py --undo none,swiglu,rmsnorm --rounds 2 -- --preset llama-1b ...
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
@@ -40,13 +45,57 @@ def undo(choice: str) -> None:
         embedding.accumulates_in_main_grad = lambda weight: False
 
 
+def interleaved(choices: list[str], rounds: int, rest: list[str]) -> list[tuple[str, dict | None]]:
+    """Each choice once per round, in order, each in its own process: (choice, benchmark.py's
+    JSON result, or None where the run printed none)."""
+    runs = []
+    for _ in range(rounds):
+        for choice in choices:
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--undo", choice, "--", *rest],
+                                  capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if not lines:
+                print(f"--undo {choice}: no result (rc {done.returncode}): {done.stderr.strip()[-400:]}",
+                      file=sys.stderr)
+            runs.append((choice, json.loads(lines[-1]) if lines else None))
+    return runs
+
+
+def summary(runs: list[tuple[str, dict | None]]) -> list[str]:
+    """A line per choice, in first-run order: runs, mean step ms (min-max), mean TFLOP/s/GPU, and
+    the first choice's mean step over this one's (above 1: this one is faster)."""
+    order = list(dict.fromkeys(choice for choice, _ in runs))
+    steps = {c: [r["step_ms"] for x, r in runs if x == c and r] for c in order}
+    tflops = {c: [r["tflops_per_gpu"] for x, r in runs if x == c and r] for c in order}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    base = steps[order[0]]
+    lines = []
+    for c in order:
+        if not steps[c]:
+            lines.append(f"--undo {c:9s} no result")
+            continue
+        ratio = f"{mean(base) / mean(steps[c]):.4f}x" if base else "-"
+        lines.append(f"--undo {c:9s} {len(steps[c])} runs  step {mean(steps[c]):.2f} ms "
+                     f"({min(steps[c]):.2f}-{max(steps[c]):.2f})  {mean(tflops[c]):.1f} TFLOP/s/GPU  "
+                     f"{ratio} vs --undo {order[0]}")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--undo", choices=UNDO, required=True)
+    p.add_argument("--undo", required=True, help=f"one of {', '.join(UNDO)}, or several, comma-separated")
+    p.add_argument("--rounds", type=int, default=1, help="runs of each choice, interleaved")
     p.add_argument("benchmark_args", nargs=argparse.REMAINDER, help="after --: tools/benchmark.py's")
     a = p.parse_args()
     rest = a.benchmark_args[1:] if a.benchmark_args[:1] == ["--"] else a.benchmark_args
-    undo(a.undo)
+    choices = a.undo.split(",")
+    bad = [c for c in choices if c not in UNDO]
+    if bad or a.rounds < 1:
+        p.error(f"--undo {bad[0]}: not one of {', '.join(UNDO)}" if bad else "--rounds must be >= 1")
+    if len(choices) > 1 or a.rounds > 1:
+        print("\n".join(summary(interleaved(choices, a.rounds, rest))))
+        return
+    undo(choices[0])
     from tools import benchmark
 
     sys.argv = ["tools/benchmark.py", *rest]
