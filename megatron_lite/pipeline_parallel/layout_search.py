@@ -58,7 +58,10 @@ def simulate_layout(sizes: list[int], pp: int, m: int, costs: StageCosts,
 
 def even_sizes(num_layers: int, stages: int) -> list[int]:
     """The even split (what `build_layout` gives without flags), extra layers on the earliest
-    stages when it does not divide (a start point for the search only)."""
+    stages when it does not divide (a start point for the search only); with fewer layers than
+    stages, one per middle stage and the rest on the first."""
+    if num_layers < stages:
+        return [num_layers - (stages - 2)] + [1] * (stages - 2) + [0]
     base, extra = divmod(num_layers, stages)
     return [base + (v < extra) for v in range(stages)]
 
@@ -95,6 +98,9 @@ def search_layouts(num_layers: int, pp: int, vpp: int, m: int, costs: StageCosts
     better, to the first better one two layers away (a pair of stages may need to change
     together). At most `budget` layouts are simulated. Ties go to the layout with fewer layers
     on its busiest rank (activation memory), then to the lexicographically smaller sizes."""
+    if num_layers < pp * vpp - 2:
+        raise ValueError(f"{num_layers} layers cannot give each of the {pp * vpp - 2} middle virtual "
+                         "stages one")
     seen: dict[tuple, float] = {}
 
     def span(sizes: list[int]) -> float:
@@ -105,6 +111,7 @@ def search_layouts(num_layers: int, pp: int, vpp: int, m: int, costs: StageCosts
 
     for start in (even_sizes(num_layers, pp * vpp), *starts):
         current = list(start)
+        span(current)  # ranked too, even where nothing moves
         while len(seen) < budget:
             best = min(_neighbours(current), key=lambda s: (span(s), s), default=None)
             if best is None or span(best) >= span(current) - 1e-9:

@@ -49,6 +49,12 @@ def test_search_finds_the_exhaustive_optimum(pp, vpp, m, layers):
         assert simulate_layout(sizes, pp, m, COSTS).span == pytest.approx(span)
 
 
+def test_search_needs_a_layer_per_middle_stage():
+    assert search_layouts(6, 2, 4, 8, COSTS, top=1)[0][1][1:-1] == [1] * 6
+    with pytest.raises(ValueError, match="5 layers cannot give each of the 6 middle virtual stages one"):
+        search_layouts(5, 2, 4, 8, COSTS)
+
+
 def test_search_beats_the_even_split_by_unloading_the_last_stage():
     # PP 2 x VPP 4, M 8, 24 layers: the even split and the hand-balanced layout of README's
     # 2-GPU table are both slower than what the search finds (a small last stage).
