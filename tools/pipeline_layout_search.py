@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-ms", type=float, nargs=2, default=(0.0, 0.0), metavar=("F", "B"))
     p.add_argument("--head-ms", type=float, nargs=2, default=(0.0, 0.0), metavar=("F", "B"),
                    help="what the last stage adds: final norm, output layer, loss")
+    p.add_argument("--try-group-sizes", type=int, nargs="+", default=(), metavar="N",
+                   help="also search with these --microbatch-group-size-per-virtual-pipeline-stage "
+                   "values and print the best layout of each")
     p.add_argument("--latency-ms", type=float, default=0.0, help="a transfer's latency in the simulation")
     p.add_argument("--skip-steps", type=int, default=1, help="leading traced steps left out (warm-up)")
     p.add_argument("--top", type=int, default=5)
@@ -112,11 +115,20 @@ def report(args) -> list[str]:
     lines.append(line)
     found = search_layouts(args.num_layers, args.pp, args.vpp, args.m, costs, group_size=args.group_size,
                            latency=args.latency_ms, starts=(sizes,), top=args.top)
-    for span, best in found:
-        bubble = simulate_layout(best, args.pp, args.m, costs, args.group_size, args.latency_ms).bubble
-        lines.append(f"{span:9.2f} ms ({current.span / span:.3f}x)  bubble {bubble:.4f}  "
-                     f"--pipeline-model-parallel-layout \"{layout_string(best)}\"")
+    lines += [_found_line(args, costs, best, current.span, args.group_size) for _, best in found]
+    for n in args.try_group_sizes:
+        _, best = search_layouts(args.num_layers, args.pp, args.vpp, args.m, costs, group_size=n,
+                                 latency=args.latency_ms, starts=(sizes,), top=1)[0]
+        lines.append(_found_line(args, costs, best, current.span, n) +
+                     f" --microbatch-group-size-per-virtual-pipeline-stage {n}")
     return lines
+
+
+def _found_line(args, costs: StageCosts, sizes: list[int], baseline: float, group_size: int | None) -> str:
+    """A searched layout: its simulated step, against the given layout's, bubble, and flag."""
+    sim = simulate_layout(sizes, args.pp, args.m, costs, group_size, args.latency_ms)
+    return (f"{sim.span:9.2f} ms ({baseline / sim.span:.3f}x)  bubble {sim.bubble:.4f}  "
+            f"--pipeline-model-parallel-layout \"{layout_string(sizes)}\"")
 
 
 def main(argv=None) -> int:

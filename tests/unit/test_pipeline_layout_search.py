@@ -123,6 +123,18 @@ def test_tool_from_given_costs_matches_the_search(capsys):
     assert out[2].endswith(f'--pipeline-model-parallel-layout "{layout_string(best)}"')
 
 
+def test_tool_tries_other_group_sizes(capsys):
+    argv = ["--num-layers", "12", "--pipeline-model-parallel-size", "2", "--num-micro-batches", "8",
+            "--layout", "Et*2|t*2|t*2|t*2|t*2|t*2L", "--layer-ms", "1", "2", "--head-ms", "3", "6",
+            "--top", "1", "--try-group-sizes", "4"]
+    assert tool.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    costs = StageCosts(layer=(1.0, 2.0), head=(3.0, 6.0))
+    span, best = search_layouts(12, 2, 3, 8, costs, group_size=4, starts=([2] * 6,), top=1)[0]
+    assert len(out) == 4 and out[3].split()[0] == f"{span:.2f}"
+    assert out[3].endswith(f'"{layout_string(best)}" --microbatch-group-size-per-virtual-pipeline-stage 4')
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--num-layers", "24", "--layer-ms", "1", "2"],
      "error: without a trace, give --pipeline-model-parallel-size, --num-micro-batches, "

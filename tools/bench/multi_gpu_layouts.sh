@@ -57,7 +57,7 @@ for l in "${layouts[@]}"; do case $l in
   pp2_vpp4_search) run pp2_vpp4_search 2 --pipeline-model-parallel-size 2 \
     --pipeline-model-parallel-layout 'Et*3|t*3|t*3|t*3|t*4|t*4|t*4|L'
     python tools/pipeline_layout_search.py "$out/pp2_vpp4_search.trace.json" --skip-steps 4 \
-      --num-layers 24 --layout 'Et*3|t*3|t*3|t*3|t*4|t*4|t*4|L' --top 3 ;;
+      --num-layers 24 --layout 'Et*3|t*3|t*3|t*3|t*4|t*4|t*4|L' --top 3 --try-group-sizes 4 8 ;;
   *_graphs) base=${l%_graphs}; flags=$(sed -n "s/^  $base) run $base \([0-9]\)\(.*\) ;;$/\1\2/p" "$0")
     [ -n "$flags" ] || { echo "unknown layout $l"; exit 2; }
     run "$l" $flags --cuda-graph-impl local ;;
