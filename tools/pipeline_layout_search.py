@@ -47,9 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None,
                    help="--microbatch-group-size-per-virtual-pipeline-stage (default PP)")
     p.add_argument("--layer-ms", type=float, nargs=2, default=None, metavar=("F", "B"))
-    p.add_argument("--embedding-ms", type=float, nargs=2, default=(0.0, 0.0), metavar=("F", "B"))
-    p.add_argument("--head-ms", type=float, nargs=2, default=(0.0, 0.0), metavar=("F", "B"),
-                   help="what the last stage adds: final norm, output layer, loss")
+    p.add_argument("--embedding-ms", type=float, nargs=2, default=None, metavar=("F", "B"),
+                   help="what the first stage adds (default 0 0)")
+    p.add_argument("--head-ms", type=float, nargs=2, default=None, metavar=("F", "B"),
+                   help="what the last stage adds: final norm, output layer, loss (default 0 0)")
     p.add_argument("--try-group-sizes", type=int, nargs="+", default=(), metavar="N",
                    help="also search with these --microbatch-group-size-per-virtual-pipeline-stage "
                    "values and print the best layout of each")
@@ -65,15 +66,23 @@ def _from_trace(args) -> tuple[StageCosts, list[int], float]:
     # Imported here: trace.py needs torch, given costs do not.
     from megatron_lite.pipeline_parallel.trace import bubble_stats, mean_durations, read_chrome_trace
 
+    given = [flag for flag, value in (("--layer-ms", args.layer_ms), ("--embedding-ms", args.embedding_ms),
+                                      ("--head-ms", args.head_ms)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: the costs come from the trace {args.trace}; give either")
     try:
         events = read_chrome_trace(args.trace)
-        args.pp = max(e.pp_rank for e in events) + 1
-        args.vpp = max(e.chunk for e in events) + 1
-        args.m = max(e.microbatch for e in events) + 1
+        shape = {"--pipeline-model-parallel-size": ("pp", max(e.pp_rank for e in events) + 1),
+                 "--num-virtual-stages-per-pipeline-rank": ("vpp", max(e.chunk for e in events) + 1),
+                 "--num-micro-batches": ("m", max(e.microbatch for e in events) + 1)}
         span = bubble_stats(events, args.skip_steps).mean_span_ms
         chunk_ms = mean_durations(events, args.skip_steps, per_chunk=True)
     except (ValueError, KeyError, TypeError, IndexError) as e:  # not a pipeline trace
         raise ValueError(f"{args.trace}: not a --pipeline-trace-file trace ({type(e).__name__}: {e})") from e
+    for flag, (attr, traced) in shape.items():
+        if getattr(args, attr) not in (None, traced):
+            raise ValueError(f"{flag} {getattr(args, attr)}: the trace {args.trace} has {traced}")
+        setattr(args, attr, traced)
     sizes = _sizes(args)
     return fit_costs(chunk_ms, sizes, args.pp), sizes, span
 
@@ -102,7 +111,8 @@ def report(args) -> list[str]:
             missing.append("--num-virtual-stages-per-pipeline-rank (or --layout)")
         if missing:
             raise ValueError(f"without a trace, give {', '.join(missing)}")
-        costs = StageCosts(tuple(args.layer_ms), tuple(args.embedding_ms), tuple(args.head_ms))
+        costs = StageCosts(tuple(args.layer_ms), tuple(args.embedding_ms or (0.0, 0.0)),
+                           tuple(args.head_ms or (0.0, 0.0)))
         sizes = _sizes(args)
     fmt = lambda fb: f"F {fb[0]:.3f} B {fb[1]:.3f}"  # noqa: E731
     lines.append(f"PP {args.pp}, VPP {args.vpp}, M {args.m}; ms per micro-batch: layer {fmt(costs.layer)}, "

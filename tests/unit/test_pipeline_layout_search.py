@@ -152,6 +152,18 @@ def test_tool_bad_input_is_one_error_line(argv, message, capsys):
     assert captured.err.strip() == message and captured.out == ""
 
 
+def test_tool_refuses_flags_a_trace_decides(tmp_path, capsys):
+    events, _ = _trace([3, 2, 2, 2, 2, 1], 2, 4, COSTS)
+    path = tmp_path / "trace.json"
+    write_chrome_trace(events, str(path))
+    cases = ((["--head-ms", "3", "6"], f"error: --head-ms: the costs come from the trace {path}"),
+             (["--num-micro-batches", "8"], f"error: --num-micro-batches 8: the trace {path} has 4"))
+    for extra, message in cases:
+        assert tool.main([str(path), "--num-layers", "12", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and "\n" not in err, err
+
+
 def test_tool_bad_trace_names_the_file(tmp_path, capsys):
     path = tmp_path / "notes.json"
     path.write_text('{"traceEvents": [{"ph": "X", "pid": 0}]}')
