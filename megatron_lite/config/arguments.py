@@ -186,7 +186,8 @@ def _add_training_kernel_and_optimizer_args(group) -> None:
                        dest="gradient_accumulation_fusion",
                        help="Disable accumulating weight gradients directly into main_grad.")
     group.add_argument("--no-persist-layer-norm", action="store_true",
-                       help="Disable the persistent fused LayerNorm kernel.")
+                       help="Norms by PyTorch (F.layer_norm; RMSNorm uncompiled) instead of the Triton "
+                       "kernels of megatron_lite/fused.")
     group.add_argument("--cross-entropy-loss-fusion", action="store_true",
                        help="Use the fused (vocab-parallel) cross-entropy kernel.")
     group.add_argument("--cross-entropy-fusion-impl", type=str, default="native", choices=["native", "te"],

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - exercised on CPU machines
 
 # Rows of one backward program: its weight-gradient partial sum stays in registers while it
 # walks them; 16 rows gives 512 programs at 8192 tokens, ~4 per H200 SM.
-_ROWS_PER_PROGRAM = 16
+ROWS_PER_PROGRAM = 16
 # Widest row one program holds in registers (fp32); wider hidden sizes take the reference.
 MAX_HIDDEN = 16384
 
@@ -66,7 +66,7 @@ if triton is not None:
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int]:
+def launch_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK, num_warps): the row padded to a power of two, ~8 fp32 values per thread."""
     block = triton.next_power_of_2(n_cols)
     return block, min(16, max(1, block // 256))
@@ -79,7 +79,7 @@ class _RMSNorm(torch.autograd.Function):
         x2d = x.reshape(-1, n)  # [tokens, h], a view of the contiguous input
         y = torch.empty_like(x2d)
         rstd = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device)  # [tokens]
-        block, warps = _launch_config(n)
+        block, warps = launch_config(n)
         _rmsnorm_forward_kernel[(x2d.shape[0],)](x2d, weight, y, rstd, n, eps, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x, weight, rstd)
         return y.view(x.shape)
@@ -92,12 +92,12 @@ class _RMSNorm(torch.autograd.Function):
         if not dy2d.is_contiguous():
             dy2d = dy2d.contiguous()
         rows = x2d.shape[0]
-        programs = triton.cdiv(rows, _ROWS_PER_PROGRAM)
+        programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
         dx = torch.empty_like(x2d)
         dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)  # [programs, h]
-        block, warps = _launch_config(n)
+        block, warps = launch_config(n)
         _rmsnorm_backward_kernel[(programs,)](x2d, weight, dy2d, rstd, dx, dw_partial, rows, n,
-                                              ROWS=_ROWS_PER_PROGRAM, BLOCK=block, num_warps=warps)
+                                              ROWS=ROWS_PER_PROGRAM, BLOCK=block, num_warps=warps)
         dw = dw_partial.sum(0).to(weight.dtype)  # [h]
         return dx.view(x.shape), dw, None
 

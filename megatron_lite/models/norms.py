@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_lite.fused.elementwise import rms_norm
+from megatron_lite.fused.layernorm import available as layer_norm_kernel_available
+from megatron_lite.fused.layernorm import triton_layer_norm
 from megatron_lite.tensor_parallel.sharding import mark_sequence_parallel
 
 
@@ -40,6 +42,8 @@ class Norm(nn.Module):
         weight = weight.to(x.dtype)
         if self.kind == "LayerNorm":
             bias = self.bias.to(x.dtype)
+            if self.fused and layer_norm_kernel_available(x, weight, bias):
+                return triton_layer_norm(x, weight, bias, self.eps)
             return F.layer_norm(x, self.shape, weight, bias, self.eps)
         # RMSNorm statistics in fp32 (as TE and HF Llama do), output in the input dtype.
         if self.fused:

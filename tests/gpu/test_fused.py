@@ -127,3 +127,44 @@ def test_triton_rms_norm_matches_fp32_reference(dtype, shape):
     # gamma's gradient sums ~10^4 rows: relative to its scale
     scale = ref_dw.abs().max()
     assert ((dw.double() - ref_dw).abs().max() / scale).item() < tol, (dw, ref_dw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 2, 2048), (37, 3, 1000), (5, 4096)])
+def test_triton_layer_norm_matches_fp64_reference(dtype, shape):
+    """As the RMSNorm test, against F.layer_norm in fp64: output and dx within one rounding,
+    gamma's and beta's gradients (summed over all rows) relative to their scale."""
+    from megatron_lite.fused.layernorm import available, triton_layer_norm
+
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, device="cuda") * 2 + 0.5).to(dtype)
+    w = (torch.rand(shape[-1], device="cuda") * 2).to(dtype)
+    b = torch.randn(shape[-1], device="cuda").to(dtype)
+    assert available(x, w, b)
+    out, grads = _fwd_bwd(lambda a, g, c: triton_layer_norm(a, g, c, 1e-5), x, w, b)
+    ref, ref_grads = _fwd_bwd(lambda a, g, c: torch.nn.functional.layer_norm(a, a.shape[-1:], g, c, 1e-5),
+                              x.double(), w.double(), b.double())
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(grads[0].double(), ref_grads[0], rtol=tol, atol=tol)
+    for g, r in zip(grads[1:], ref_grads[1:]):
+        assert ((g.double() - r).abs().max() / r.abs().max()).item() < tol, (g, r)
+
+
+def test_norm_module_takes_the_triton_layer_norm_unless_unfused():
+    from megatron_lite.models.norms import Norm
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 2, 256, device="cuda", dtype=torch.bfloat16)
+    fused = Norm(256, "LayerNorm", dtype=torch.bfloat16, device="cuda")
+    plain = Norm(256, "LayerNorm", dtype=torch.bfloat16, device="cuda", fused=False)
+    with torch.no_grad():
+        for m in (fused, plain):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+        plain.load_state_dict(fused.state_dict())
+    y, y_plain = fused(x), plain(x)
+    assert type(y.grad_fn).__name__ == "_LayerNormBackward"
+    assert type(y_plain.grad_fn).__name__ == "NativeLayerNormBackward0"
+    torch.testing.assert_close(y.float(), y_plain.float(), rtol=1.6e-2, atol=1.6e-2)
