@@ -10,9 +10,11 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from megatron_lite.fused.cross_entropy import _FusedCrossEntropy  # noqa: E402
 from megatron_lite.fused.elementwise import _rms_norm_reference, _swiglu_reference  # noqa: E402
+from megatron_lite.fused.layernorm import _LayerNorm  # noqa: E402
 from megatron_lite.fused.rmsnorm import _RMSNorm  # noqa: E402
 from megatron_lite.fused.swiglu import _SwiGLU  # noqa: E402
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
@@ -47,6 +49,11 @@ def _cases():
             yield (f"rmsnorm {name} {shape}",
                    _forward_backward(lambda a, b: _RMSNorm.apply(a, b, 1e-5), x, w),
                    _forward_backward(lambda a, b: _rms_norm_reference(a, b, 1e-5), x.double(), w.double()))
+            b = torch.randn(shape[-1], generator=g).to(dtype)
+            yield (f"layernorm {name} {shape}",
+                   _forward_backward(lambda a, c, d: _LayerNorm.apply(a, c, d, 1e-5), x, w, b),
+                   _forward_backward(lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, 1e-5),
+                                     x.double(), w.double(), b.double()))
         for smoothing in (0.0, 0.1):
             logits = (torch.randn(9, 2, 5003, generator=g) * 3).to(dtype)  # V not a block multiple
             target = torch.randint(0, 5003, (9, 2), generator=g)

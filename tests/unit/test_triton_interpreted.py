@@ -1,4 +1,4 @@
-"""The Triton kernels of megatron_lite/fused (SwiGLU, RMSNorm, cross-entropy), run on the CPU
+"""The Triton kernels of megatron_lite/fused (SwiGLU, RMSNorm, LayerNorm, cross-entropy), run on the CPU
 by Triton's interpreter, against their PyTorch references in fp64: outputs and every
 gradient, fp32 and bf16, shapes that are not block multiples. The GPU tests
 (tests/gpu/test_fused.py) check the compiled kernels; this lets a CPU-only CI check their
@@ -29,7 +29,7 @@ def errors() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["swiglu", "rmsnorm", "cross_entropy"])
+@pytest.mark.parametrize("kernel", ["swiglu", "rmsnorm", "layernorm", "cross_entropy"])
 def test_kernel_matches_fp64_reference_under_the_interpreter(errors, kernel):
     cases = {name: err for name, err in errors.items() if name.startswith(kernel + " ")}
     assert len(cases) >= 4, errors
