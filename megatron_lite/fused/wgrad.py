@@ -9,6 +9,11 @@ output in fp32, `out` aliasing `self` so C is read and written in place. Same-dt
 (fp32 params, or a bf16 `main_grad` with --grad-reduce-in-bf16) are a plain `addmm_`, which
 is also what the CPU tests run. `reference` is the unfused computation: a separate GEMM in
 `main_grad`'s dtype, then an add.
+
+A bias's gradient is the column sum of the output gradient. `accumulate_bgrad_` adds it to
+the bias's fp32 `main_grad` by the same mixed-dtype GEMM, ones `[1, T]` times the gradient
+`[T, out]` (a GEMV with fp32 accumulation and C = main_grad), instead of a bf16 reduction
+whose `[out]` result autograd hands to DDP's hook for an add of its own.
 """
 from __future__ import annotations
 
@@ -45,3 +50,21 @@ def accumulate_wgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.
 def reference(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
     """The unfused path: the GEMM in the operands' dtype, then an add into `main_grad`."""
     main_grad.add_(grad_out.t().matmul(x))  # [out, T] @ [T, in] -> [out, in]
+
+
+def accumulate_bgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """`main_grad [out] += grad_out.sum(0)` for grad_out `[T, out]`, in place."""
+    if grad_out.dtype == main_grad.dtype:
+        main_grad.add_(grad_out.sum(0))
+        return
+    if not main_grad.is_cuda:  # CPU (tests): fp32 operands, as accumulate_wgrad_
+        main_grad.add_(grad_out.to(main_grad.dtype).sum(0))
+        return
+    if main_grad.dtype != torch.float32 or not _mixed_dtype_addmm_available():
+        raise RuntimeError(
+            f"gradient-accumulation fusion of a {grad_out.dtype} bias into a {main_grad.dtype} "
+            "main_grad needs torch.ops.aten.addmm.dtype_out (torch >= 2.8) and an fp32 main_grad; pass "
+            "--no-gradient-accumulation-fusion")
+    c = main_grad.view(1, -1)  # [1, out]
+    ones = grad_out.new_ones(1, grad_out.shape[0])  # [1, T]
+    torch.ops.aten.addmm.dtype_out(c, ones, grad_out, torch.float32, out=c)

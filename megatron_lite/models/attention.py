@@ -125,13 +125,18 @@ class SelfAttention(nn.Module):
         s, b = qkv.shape[:2]
         d, per = self.head_dim, self.heads_per_group
         qkv = qkv.view(s, b, self.local_groups, (per + 2) * d)  # [s, b, ng/tp, (np/ng + 2) * d]
-        q, k, v = qkv.split([per * d, d, d], dim=-1)
-        q = q.reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d]
+        q, k, v = qkv.split([per * d, d, d], dim=-1)  # q: [s, b, ng/tp, np/ng * d], strided
         if rope is not None:
-            cos, sin = rope
+            cos, sin = rope  # [s, b, 1, d]
             rot = rotary if cfg.apply_rope_fusion else rotary.reference
-            q = rot(q, cos, sin, cfg.rotary_interleaved)
+            # Rotated as a view [s, b, ng/tp, np/ng, d] of the strided q: the rotation writes a
+            # fresh contiguous tensor anyway, so reshaping q to heads first would copy it once
+            # more (a [s, b, np/tp, d] copy per layer and micro-batch).
+            q = rot(q.view(s, b, self.local_groups, per, d), cos.unsqueeze(2), sin.unsqueeze(2),
+                    cfg.rotary_interleaved).reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d]
             k = rot(k, cos, sin, cfg.rotary_interleaved)
+        else:
+            q = q.reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d] (a copy)
         dropout_p = cfg.attention_dropout if self.training else 0.0
         attend = lambda q_, k_, v_: core_attention(  # noqa: E731
             q_, k_, v_, backend=cfg.attention_backend, dropout_p=dropout_p,

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.fused.wgrad import accumulate_wgrad_
+from megatron_lite.fused.wgrad import accumulate_bgrad_, accumulate_wgrad_
 from megatron_lite.tensor_parallel import copy_engine
 from megatron_lite.tensor_parallel.collectives import (
     all_gather,
@@ -58,8 +58,14 @@ def accumulates_in_main_grad(weight: torch.Tensor) -> bool:
     """Whether a weight gradient may go straight into `weight.main_grad`: the param lives in a
     DDP grad buffer whose post-accumulate hook drops the placeholder gradient and clears
     `grad_added_to_main_grad` (data_parallel/ddp.py; Megatron's protocol, spec §7.1)."""
-    return (torch.is_grad_enabled() and weight.requires_grad and hasattr(weight, "main_grad")
-            and hasattr(weight, "grad_added_to_main_grad"))
+    return torch.is_grad_enabled() and _in_grad_buffer(weight)
+
+
+def _in_grad_buffer(param: torch.Tensor | None) -> bool:
+    """accumulates_in_main_grad without the grad-mode test, for inside a Function's forward
+    (grad mode is off there) once the caller has decided to fuse."""
+    return (param is not None and param.requires_grad and hasattr(param, "main_grad")
+            and hasattr(param, "grad_added_to_main_grad"))
 
 
 class _LinearWithTP(torch.autograd.Function):
@@ -80,6 +86,7 @@ class _LinearWithTP(torch.autograd.Function):
         # `main_grad` (non-reentrant activation checkpointing recomputes saved tensors).
         # (`fuse_wgrad` is decided by the caller: grad mode is off inside forward.)
         ctx.main_grad_param = weight if fuse_wgrad else None
+        ctx.main_grad_bias = bias if fuse_wgrad and _in_grad_buffer(bias) else None
         if ctx.overlap:
             # The ring leaves the gathered input behind: saved, it spares backward the
             # re-gather (a collective competing with the GEMMs for SMs) for (tp-1)/tp of the
@@ -120,7 +127,7 @@ class _LinearWithTP(torch.autograd.Function):
             grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)),
                                   ctx.placeholder)
         if need_b:
-            grad_b = g2d.sum(0)  # [out/tp]
+            grad_b = _bias_grad(ctx.main_grad_bias, g2d)  # [out/tp]
         if reducing is not None:
             grad_x = reducing.wait()
         return grad_x, grad_w, grad_b, None, None, None, None, None
@@ -143,7 +150,7 @@ def _overlapped_column_backward(ctx, grad_out: torch.Tensor) -> tuple:
         grad_w = _weight_grad(ctx.main_grad_param, g2d, total_x.reshape(-1, total_x.size(-1)),
                               ctx.placeholder)
     if need_b:
-        grad_b = g2d.sum(0)  # [out/tp]
+        grad_b = _bias_grad(ctx.main_grad_bias, g2d)  # [out/tp]
     return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -187,6 +194,31 @@ def _weight_grad(param, g2d: torch.Tensor, x2d: torch.Tensor,
     # With two fused users (the tied head beside its embedding lookup) one placeholder is
     # enough: two would cost a `[V, h]` add of garbage in autograd.
     return torch.empty_like(param) if placeholder else None
+
+
+def _bias_grad(param, g2d: torch.Tensor) -> torch.Tensor:
+    """`[out]` bias gradient of g2d `[T, out]`; with `param` (fusion on) accumulated into
+    `param.main_grad` instead, returning a placeholder (see _weight_grad)."""
+    if param is None:
+        return g2d.sum(0)
+    accumulate_bgrad_(param.main_grad, g2d)
+    param.grad_added_to_main_grad = True
+    return torch.empty_like(param)
+
+
+class _AddBias(torch.autograd.Function):
+    """`y += bias` in place (the row-parallel bias, after the reduction), its gradient summed
+    straight into `bias.main_grad` (gradient-accumulation fusion)."""
+
+    @staticmethod
+    def forward(ctx, y, bias):  # y: [s(/tp), b, out], the reduction's own fresh buffer
+        ctx.mark_dirty(y)
+        ctx.bias = bias  # the Parameter itself, as _LinearWithTP keeps its weight
+        return y.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, _bias_grad(ctx.bias, grad.reshape(-1, grad.size(-1)))
 
 
 def linear_with_tp(
@@ -358,7 +390,10 @@ class RowParallelLinear(torch.nn.Module):
         if self.bias is not None:
             # After the reduction, so the bias is counted once; in place because `y` is the
             # reduction's own fresh buffer that nothing saved for backward.
-            y = y.add_(self.bias)
+            if self.gradient_accumulation_fusion and accumulates_in_main_grad(self.bias):
+                y = _AddBias.apply(y, self.bias)
+            else:
+                y = y.add_(self.bias)
         return y
 
     def extra_repr(self) -> str:

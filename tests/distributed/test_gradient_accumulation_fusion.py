@@ -1,11 +1,12 @@
-"""Gradient-accumulation fusion (fused/wgrad.py) changes nothing but where the weight gradient
-is summed: with it on and off, in the same process, the loss and every main_grad after the
+"""Gradient-accumulation fusion (fused/wgrad.py) changes nothing but where the weight and bias
+gradients are summed: with it on and off, in the same process, the loss and every main_grad after the
 DP/TP/embedding fix-ups agree to 1e-6 (fp32), for TP 1/2 with sequence parallelism, DP 2
 with overlapped bucket reduction, PP 2 with the tied embedding split across stages (each copy
 fused: the last stage's GEMM, the first stage's lookup), the tied head on one stage (the GEMM
 and the lookup both adding to the one main_grad, the head whole or in sequence chunks),
-interleaving, full recompute and several micro-batches. The fused path is also checked to
-run: one wgrad GEMM per fused weight (per loss chunk for the head) and micro-batch."""
+interleaving, full recompute and several micro-batches. Biases (GPT's) fuse too. The fused
+path is also checked to run: one wgrad GEMM per fused weight (per loss chunk for the head)
+and one bias accumulation per bias, each micro-batch."""
 import pytest
 import torch
 
@@ -34,14 +35,18 @@ def _step(ps, channels, family, vpp, fused, model_kw):
 
 
 def _run(rank, world, tp, pp, cases):
-    calls = []
-    real = layers.accumulate_wgrad_
+    calls, bias_calls = [], []
+    real, real_bias = layers.accumulate_wgrad_, layers.accumulate_bgrad_
 
     def counting(main_grad, g, x):
         calls.append(main_grad.shape)
         real(main_grad, g, x)
 
-    layers.accumulate_wgrad_ = counting
+    def counting_bias(main_grad, g):
+        bias_calls.append(main_grad.shape)
+        real_bias(main_grad, g)
+
+    layers.accumulate_wgrad_, layers.accumulate_bgrad_ = counting, counting_bias
     out = []
     try:
         for family, vpp, model_kw in cases:
@@ -51,14 +56,16 @@ def _run(rank, world, tp, pp, cases):
                 per = {"pp_rank": ps.pp_rank}
                 for fused in (False, True):
                     calls.clear()
-                    per[fused] = (*_step(ps, channels, family, vpp, fused, model_kw), len(calls))
+                    bias_calls.clear()
+                    per[fused] = (*_step(ps, channels, family, vpp, fused, model_kw), len(calls),
+                                  len(bias_calls))
                 out.append(per)
             finally:
                 if channels is not None:
                     channels.destroy()
                 ps.destroy()
     finally:
-        layers.accumulate_wgrad_ = real
+        layers.accumulate_wgrad_, layers.accumulate_bgrad_ = real, real_bias
     return out
 
 
@@ -84,8 +91,10 @@ def test_fused_weight_gradients_equal_unfused(run_dist, tp, pp, dp):
     for rank, per_case in enumerate(results):
         for (family, vpp, kw), per in zip(cases, per_case):
             what = f"tp{tp} pp{pp} dp{dp} rank {rank} {family} vpp{vpp} {sorted(kw)}"
-            (ref_totals, ref_grads, ref_calls), (totals, grads, calls) = per[False], per[True]
-            assert ref_calls == 0, what
+            (ref_totals, ref_grads, ref_calls, ref_bias), (totals, grads, calls, bias) = per[False], per[True]
+            assert ref_calls == ref_bias == 0, what
+            # GPT's linears have biases (qkv, proj, fc1, fc2 per layer), Llama's none
+            assert bias == (M * 4 * (4 // pp) if family == "gpt" else 0), (what, bias)
             expected = M * _fused_weights_per_microbatch(family, tp, pp, per["pp_rank"], kw)
             assert calls == expected, (what, calls)
             torch.testing.assert_close(totals, ref_totals, rtol=0, atol=0,
