@@ -136,7 +136,7 @@ class SelfAttention(nn.Module):
                     cfg.rotary_interleaved).reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d]
             k = rot(k, cos, sin, cfg.rotary_interleaved)
         else:
-            q = q.reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d] (a copy)
+            q = q.reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d] (a copy with GQA)
         dropout_p = cfg.attention_dropout if self.training else 0.0
         attend = lambda q_, k_, v_: core_attention(  # noqa: E731
             q_, k_, v_, backend=cfg.attention_backend, dropout_p=dropout_p,

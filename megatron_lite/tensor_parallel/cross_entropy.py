@@ -79,10 +79,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 class _LocalCrossEntropy(torch.autograd.Function):
     """The whole vocabulary on one rank. `log_softmax(logits, dtype=fp32)` reads the logits once
     and writes fp32 log-probabilities (fp32 statistics, as above); the loss is the negated
-    target entry (lse - z_target by another name). The max / shift / exp / sum / divide passes
-    of the vocab-parallel forward moved ~5x the logits' fp32 bytes more at GPT 1.3B's
-    `[2048, 4, 50304]` (issue 13). Backward turns the saved log-probabilities into the softmax
-    in place and proceeds as the vocab-parallel backward does."""
+    target entry (lse - z_target by another name). Backward turns the saved log-probabilities
+    into the softmax in place (one pass the vocab-parallel backward does not need) and goes on
+    as that backward does. At GPT 1.3B's `[2048, 4, 50304]` that moves ~11.5 GB per micro-batch,
+    forward and backward, where the max / shift / exp / sum / divide passes of the
+    vocab-parallel forward make it ~17 GB (issue 13)."""
 
     @staticmethod
     def forward(ctx, logits, target, label_smoothing):
