@@ -65,16 +65,17 @@ class _Schedule:
 
 
 def _train_with_inf(rank, world, tp, distopt, bad_rank, bad_iteration=3, iters=4):
-    """fp16 with the dynamic scaler through the real loop; at `bad_iteration` one TP-sharded
-    gradient becomes inf on global rank `bad_rank` only."""
+    """fp16 with the dynamic scaler through the real loop; at `bad_iteration` one gradient
+    becomes inf on global rank `bad_rank` only."""
     ps = ParallelState.create(tp=tp)
     try:
         scaler = DynamicLossScaler(initial_scale=1024.0, hysteresis=1)
         model, ddp, opt = build_trainable(
             ps, {"use_distributed_optimizer": distopt, "grad_reduce_in_fp32": False},
             model_kw={"params_dtype": torch.float16}, scaler=scaler)
-        # A bias: a fused linear weight's gradient bypasses tensor hooks (gradient-accumulation fusion).
-        weight = dict(model.named_parameters())["decoder.layers.0.mlp.linear_fc1.bias"]
+        # A norm's weight: the gradients of linear weights and biases and of the embedding table
+        # bypass tensor hooks (gradient-accumulation fusion).
+        weight = dict(model.named_parameters())["decoder.layers.0.input_layernorm.weight"]
         data = micro_batches(model.config.vocab_size, ps.dp_rank, ps.dp_size)
         snapshots, outcomes = [], []
 

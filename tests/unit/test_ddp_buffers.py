@@ -79,9 +79,9 @@ def test_nan_checks_name_the_bucket_or_the_loss():
     model, ddp, opt = build_trainable(ps, {"check_for_nan_in_grad": True})
     data = micro_batches(model.config.vocab_size, 0, 1)
     params = dict(model.named_parameters())
-    # A bias: with gradient-accumulation fusion a linear weight's gradient goes straight into
-    # main_grad, and a tensor hook on the weight sees only the placeholder.
-    handle = params["decoder.layers.1.mlp.linear_fc2.bias"].register_hook(lambda g: g * float("nan"))
+    # A norm's weight: with gradient-accumulation fusion a linear weight's or bias's gradient
+    # goes straight into main_grad, and a tensor hook on it sees only the placeholder.
+    handle = params["decoder.final_layernorm.weight"].register_hook(lambda g: g * float("nan"))
     with pytest.raises(RuntimeError, match="found NaN in local grad norm for bucket #0 in backward pass"):
         train_step(ddp, opt, data, 2, ps, CPU)
     handle.remove()

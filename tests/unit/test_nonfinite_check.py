@@ -62,9 +62,9 @@ def test_a_clean_step_reads_nothing_on_the_host(monkeypatch):
     check.raise_if_found()  # the record of the clean steps says nothing
 
 
-def _poison_bias(model):
-    # A bias: a fused linear weight's gradient bypasses tensor hooks.
-    p = dict(model.named_parameters())["decoder.layers.1.mlp.linear_fc2.bias"]
+def _poison_grad(model):
+    # A norm's weight: fused linear weights' and biases' gradients bypass tensor hooks.
+    p = dict(model.named_parameters())["decoder.final_layernorm.weight"]
     return p.register_hook(lambda g: g * float("nan"))
 
 
@@ -74,7 +74,7 @@ def _poison_loss(model):
 
 
 @pytest.mark.parametrize("poison,message", [
-    (_poison_bias, r"^Rank 0: found NaN in local grad norm for bucket #0 in backward pass before "
+    (_poison_grad, r"^Rank 0: found NaN in local grad norm for bucket #0 in backward pass before "
                    r"data-parallel communication collective$"),
     (_poison_loss, r"^Rank 0: found NaN or Inf in local forward loss calculation$"),
 ], ids=["grad", "loss"])
@@ -93,7 +93,7 @@ def test_the_first_bad_step_is_the_one_reported():
     ps, model, ddp, opt, data = _trainable()
     check = NonFiniteCheck()
     train_step(ddp, opt, data, 2, ps, CPU, nan_check=check)
-    handle = _poison_bias(model)
+    handle = _poison_grad(model)
     train_step(ddp, opt, data, 2, ps, CPU, nan_check=check)  # grads NaN (bucket #0 holds fc2.bias)
     handle.remove()
     _poison_loss(model)
