@@ -11,6 +11,9 @@ machines by a few percent, more than some of these choices are worth).
   rmsnorm  RMSNorm compiled by Inductor, not fused/rmsnorm.py
   tied     the tied embedding and head without gradient-accumulation fusion (the bf16 [V, h]
            gradients added by DDP's hook); the other linears keep theirs
+  layernorm  F.layer_norm, not fused/layernorm.py
+  bias     linear biases' gradients by a bf16 reduction added by DDP's hook, not fused
+  local-ce the vocab-parallel cross-entropy without TP too, not ATen's log-softmax
 Several choices with rounds run each in a fresh process, interleaved (A B A B ...), and print
 each one's mean step and TFLOP/s beside the first's (README's Performance section lists runs):
 
@@ -28,10 +31,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import megatron_lite.fused.elementwise as elementwise  # noqa: E402
 import megatron_lite.models.gpt as gpt  # noqa: E402
+import megatron_lite.models.norms as norms  # noqa: E402
+import megatron_lite.tensor_parallel.cross_entropy as cross_entropy  # noqa: E402
 import megatron_lite.tensor_parallel.embedding as embedding  # noqa: E402
+import megatron_lite.tensor_parallel.layers as layers  # noqa: E402
 from megatron_lite.fused.jit import jit_fuser  # noqa: E402
 
-UNDO = ("none", "swiglu", "rmsnorm", "tied")
+UNDO = ("none", "swiglu", "rmsnorm", "tied", "layernorm", "bias", "local-ce")
 
 
 def undo(choice: str) -> None:
@@ -43,6 +49,15 @@ def undo(choice: str) -> None:
     elif choice == "tied":
         gpt.GPTModel._head_is_tied_lookup = lambda self: False
         embedding.accumulates_in_main_grad = lambda weight: False
+    elif choice == "layernorm":
+        norms.layer_norm_kernel_available = lambda x, weight, bias: False
+    elif choice == "bias":
+        # An unfused gradient without the main_grad flag: DDP's hook adds it (layers._bias_grad).
+        layers._bias_grad = lambda param, g2d: g2d.sum(0)
+    elif choice == "local-ce":
+        gpt.vocab_parallel_cross_entropy = (
+            lambda logits, target, group, smoothing=0.0:
+            cross_entropy._VocabParallelCrossEntropy.apply(logits, target, group, smoothing))
 
 
 def interleaved(choices: list[str], rounds: int, rest: list[str]) -> list[tuple[str, dict | None]]:
