@@ -29,6 +29,7 @@ from megatron_lite.tensor_parallel import (
     unshard,
     vocab_parallel_cross_entropy,
 )
+from megatron_lite.tensor_parallel.cross_entropy import _VocabParallelCrossEntropy
 
 WORLDS = [1, 2, 4]
 S, B, H, FFN, V = 4, 2, 8, 16, 8  # every split dim divisible by 4
@@ -349,6 +350,11 @@ def _run_cross_entropy(rank, world):
                 loss.backward(g)
                 assert torch.equal(local.detach(), before), "logits were modified"
                 out[(str(dtype), alpha)] = (loss.detach(), local.grad)
+                # spec §11's passes (kept for tools/bench/kernel_ab.py --undo ce), same numbers
+                spec = local.detach().clone().requires_grad_()
+                spec_loss = _VocabParallelCrossEntropy.apply(spec, _TARGET, ps.tp_group, alpha)
+                spec_loss.backward(g)
+                out[("spec", str(dtype), alpha)] = (spec_loss.detach(), spec.grad)
         return out
     finally:
         ps.destroy()
@@ -379,6 +385,10 @@ def test_vocab_parallel_cross_entropy_matches_dense(run_dist, world):
                 _close(r[key][0], loss, msg=f"loss {key}")
             grad_tol = TOL if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
             _close(unshard([r[key][1] for r in results], -1).float(), grad, **grad_tol)
+            for r in results:  # the log-softmax passes against spec §11's, fp32 rounding apart
+                spec_loss, spec_grad = r[("spec",) + key]
+                torch.testing.assert_close(r[key][0], spec_loss, rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(r[key][1].float(), spec_grad.float(), rtol=1e-6, atol=1e-6)
 
 
 # ---- embedding -> tied output layer -> loss ----------------------------------------------

@@ -13,7 +13,8 @@ machines by a few percent, more than some of these choices are worth).
            gradients added by DDP's hook); the other linears keep theirs
   layernorm  F.layer_norm, not fused/layernorm.py
   bias     linear biases' gradients by a bf16 reduction added by DDP's hook, not fused
-  local-ce the vocab-parallel cross-entropy without TP too, not ATen's log-softmax
+  ce       the cross-entropy by spec §11's max / shift / exp / sum / divide passes, not by ATen's
+           log-softmax
 Several choices with rounds run each in a fresh process, interleaved (A B A B ...), and print
 each one's mean step and TFLOP/s beside the first's (README's Performance section lists runs):
 
@@ -37,7 +38,7 @@ import megatron_lite.tensor_parallel.embedding as embedding  # noqa: E402
 import megatron_lite.tensor_parallel.layers as layers  # noqa: E402
 from megatron_lite.fused.jit import jit_fuser  # noqa: E402
 
-UNDO = ("none", "swiglu", "rmsnorm", "tied", "layernorm", "bias", "local-ce")
+UNDO = ("none", "swiglu", "rmsnorm", "tied", "layernorm", "bias", "ce")
 
 
 def undo(choice: str) -> None:
@@ -54,7 +55,7 @@ def undo(choice: str) -> None:
     elif choice == "bias":
         # An unfused gradient without the main_grad flag: DDP's hook adds it (layers._bias_grad).
         layers._bias_grad = lambda param, g2d: g2d.sum(0)
-    elif choice == "local-ce":
+    elif choice == "ce":
         gpt.vocab_parallel_cross_entropy = (
             lambda logits, target, group, smoothing=0.0:
             cross_entropy._VocabParallelCrossEntropy.apply(logits, target, group, smoothing))
