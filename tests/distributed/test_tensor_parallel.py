@@ -34,6 +34,7 @@ from megatron_lite.tensor_parallel.cross_entropy import _VocabParallelCrossEntro
 WORLDS = [1, 2, 4]
 S, B, H, FFN, V = 4, 2, 8, 16, 8  # every split dim divisible by 4
 TOL = dict(rtol=1e-5, atol=1e-5)
+TOL_SPEC = dict(rtol=1e-6, atol=1e-6)  # two fp32 algorithms for one quantity
 
 
 def _randn(seed, *shapes):
@@ -387,8 +388,9 @@ def test_vocab_parallel_cross_entropy_matches_dense(run_dist, world):
             _close(unshard([r[key][1] for r in results], -1).float(), grad, **grad_tol)
             for r in results:  # the log-softmax passes against spec §11's, fp32 rounding apart
                 spec_loss, spec_grad = r[("spec",) + key]
-                torch.testing.assert_close(r[key][0], spec_loss, rtol=1e-6, atol=1e-6)
-                torch.testing.assert_close(r[key][1].float(), spec_grad.float(), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(r[key][0], spec_loss, **TOL_SPEC)
+                spec_tol = TOL_SPEC if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)  # bf16 ulp
+                torch.testing.assert_close(r[key][1].float(), spec_grad.float(), **spec_tol)
 
 
 # ---- embedding -> tied output layer -> loss ----------------------------------------------
