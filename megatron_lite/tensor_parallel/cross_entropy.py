@@ -92,9 +92,10 @@ class _LogSoftmaxCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, group, label_smoothing):
         part, tp = logits.size(-1), group_size(group)  # V/tp, tp
         vocab, start = part * tp, group_rank(group) * part
-        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [s, b, V/tp], this shard's
+        stats_dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        logp = torch.log_softmax(logits, dim=-1, dtype=stats_dtype)  # [s, b, V/tp], this shard's
         if tp > 1:
-            shard_lse = logits[..., 0].float() - logp[..., 0]  # [s, b]: log sum exp of the shard
+            shard_lse = logits[..., 0].to(stats_dtype) - logp[..., 0]  # [s, b]: log sum exp of the shard
             every = all_gather(shard_lse.unsqueeze(0), 0, group)  # [tp, s, b]
             logp.sub_((torch.logsumexp(every, 0) - shard_lse).unsqueeze(-1))  # over the global V
         foreign = (target < start) | (target >= start + part)  # [s, b]: target owned elsewhere
