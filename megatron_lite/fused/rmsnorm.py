@@ -1,6 +1,9 @@
 """RMSNorm (`--normalization RMSNorm`, fused unless `--no-persist-layer-norm`) as Triton kernels
 on CUDA: forward reads x once and writes y and the per-row 1/rms; backward reads x and dy
-once, writes dx and per-program partial sums of the weight gradient.
+once, writes dx and per-program partial sums of the weight gradient. `triton_add_rms_norm`
+also takes the residual add before the norm (a transformer layer's `residual + h`): the
+forward writes the sum beside y, the backward adds the sum's own gradient into dx, sparing a
+separate add kernel each way and a re-read of the sum (three `[tokens, h]` passes a layer).
 
 At Llama-3.2-1B's `[8192, 2048]` bf16 on an H200 (issue 13), the forward takes 19.5 us, where
 the graph Inductor compiled from the PyTorch reference (`elementwise.rms_norm.reference`)
@@ -31,11 +34,17 @@ MAX_HIDDEN = 16384
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    def _rmsnorm_forward_kernel(x_ptr, res_ptr, sum_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps,
+                                BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:  # normalize residual + x, stored rounded as the unfused add rounds it
+            x += tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x.to(sum_ptr.dtype.element_ty)
+            tl.store(sum_ptr + row * n_cols + cols, x, mask=mask)
+            x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n_cols + eps)
         normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)  # the reference's .to(x.dtype)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -43,8 +52,8 @@ if triton is not None:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rmsnorm_backward_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows,
-                                 n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _rmsnorm_backward_kernel(x_ptr, w_ptr, dy_ptr, rstd_ptr, dsum_ptr, dx_ptr, dw_partial_ptr, n_rows,
+                                 n_cols, ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_DSUM: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -62,6 +71,8 @@ if triton is not None:
                 dn = (dy * w).to(dx_ptr.dtype.element_ty).to(tl.float32)
                 # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n))
                 dx = rstd * (dn - n * (tl.sum(dn * n, 0) / n_cols))
+                if HAS_DSUM:  # the residual stream's own gradient, added before the one rounding
+                    dx += tl.load(dsum_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
                 tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dw_partial_ptr + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
@@ -72,34 +83,71 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     return block, min(16, max(1, block // 256))
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
+    """(sum or None, y, 1/rms) for `[.., h]` inputs: y = RMSNorm(x (+ residual))."""
+    n = x.shape[-1]
+    x2d = x.reshape(-1, n)  # [tokens, h], a view of the contiguous input
+    y = torch.empty_like(x2d)
+    total = None if residual is None else torch.empty_like(x2d)  # [tokens, h]
+    rstd = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device)  # [tokens]
+    res2d = x2d if residual is None else residual.reshape(-1, n)
+    block, warps = launch_config(n)
+    _rmsnorm_forward_kernel[(x2d.shape[0],)](x2d, res2d, y if total is None else total, weight, y, rstd, n,
+                                             eps, BLOCK=block, HAS_RESIDUAL=residual is not None,
+                                             num_warps=warps)
+    return total, y, rstd
+
+
+def _backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
+              dsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx `[tokens, h]`, d gamma `[h]`) for the normalized input x; `dsum`, the gradient that
+    reached x by another path (the residual stream), is added into dx."""
+    n = x.shape[-1]
+    x2d, dy2d = x.reshape(-1, n), dy.reshape(-1, n)
+    dy2d = dy2d if dy2d.is_contiguous() else dy2d.contiguous()
+    dsum2d = None if dsum is None else dsum.reshape(-1, n).contiguous()
+    rows = x2d.shape[0]
+    programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
+    dx = torch.empty_like(x2d)
+    dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)  # [programs, h]
+    block, warps = launch_config(n)
+    _rmsnorm_backward_kernel[(programs,)](x2d, weight, dy2d, rstd, dx if dsum2d is None else dsum2d, dx,
+                                          dw_partial, rows, n, ROWS=ROWS_PER_PROGRAM, BLOCK=block,
+                                          HAS_DSUM=dsum2d is not None, num_warps=warps)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        n = x.shape[-1]
-        x2d = x.reshape(-1, n)  # [tokens, h], a view of the contiguous input
-        y = torch.empty_like(x2d)
-        rstd = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device)  # [tokens]
-        block, warps = launch_config(n)
-        _rmsnorm_forward_kernel[(x2d.shape[0],)](x2d, weight, y, rstd, n, eps, BLOCK=block, num_warps=warps)
+        _, y, rstd = _forward(x, weight, eps, None)
         ctx.save_for_backward(x, weight, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        n = x.shape[-1]
-        x2d, dy2d = x.reshape(-1, n), dy.reshape(-1, n)
-        if not dy2d.is_contiguous():
-            dy2d = dy2d.contiguous()
-        rows = x2d.shape[0]
-        programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
-        dx = torch.empty_like(x2d)
-        dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x.device)  # [programs, h]
-        block, warps = launch_config(n)
-        _rmsnorm_backward_kernel[(programs,)](x2d, weight, dy2d, rstd, dx, dw_partial, rows, n,
-                                              ROWS=ROWS_PER_PROGRAM, BLOCK=block, num_warps=warps)
-        dw = dw_partial.sum(0).to(weight.dtype)  # [h]
+        dx, dw = _backward(x, weight, rstd, dy, None)
         return dx.view(x.shape), dw, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    """`(residual + h, RMSNorm(residual + h))` in one pass each way: the forward reads h and the
+    residual once and writes the sum and y; the backward adds the sum's own gradient (from the
+    residual stream) into dx, instead of a separate add kernel."""
+
+    @staticmethod
+    def forward(ctx, h, residual, weight, eps):
+        total, y, rstd = _forward(h, weight, eps, residual)
+        ctx.save_for_backward(total, weight, rstd)
+        return total.view(h.shape), y.view(h.shape)
+
+    @staticmethod
+    def backward(ctx, dsum, dy):  # both materialized (zeros where unused)
+        total, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(total, weight, rstd, dy, dsum)
+        dx = dx.view(dy.shape)
+        return dx, dx, dw, None
 
 
 def available(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -114,3 +162,12 @@ def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if not available(x, weight):
         raise RuntimeError("the Triton RMSNorm needs CUDA tensors of one dtype and Triton")
     return _RMSNorm.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(), eps)
+
+
+def triton_add_rms_norm(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[.., h]` twice -> `(residual + h, triton_rms_norm(residual + h))`, h and the residual of
+    one dtype and shape (CUDA)."""
+    if not (available(h, weight) and residual.dtype == h.dtype and residual.shape == h.shape):
+        raise RuntimeError("the Triton RMSNorm needs CUDA tensors of one dtype and shape and Triton")
+    return _AddRMSNorm.apply(h.contiguous(), residual.contiguous(), weight.contiguous(), eps)

@@ -7,7 +7,9 @@ from torch import nn
 
 from megatron_lite.fused.elementwise import rms_norm
 from megatron_lite.fused.layernorm import available as layer_norm_kernel_available
-from megatron_lite.fused.layernorm import triton_layer_norm
+from megatron_lite.fused.layernorm import triton_add_layer_norm, triton_layer_norm
+from megatron_lite.fused.rmsnorm import available as rms_norm_kernel_available
+from megatron_lite.fused.rmsnorm import triton_add_rms_norm
 from megatron_lite.tensor_parallel.sharding import mark_sequence_parallel
 
 
@@ -49,3 +51,19 @@ class Norm(nn.Module):
         if self.fused:
             return rms_norm(x, weight, self.eps)
         return rms_norm.reference(x, weight, self.eps)
+
+    def add_and_norm(self, h: torch.Tensor, residual: torch.Tensor):
+        """`(residual + h, self(residual + h))`, `[s, b, h]` each, by one kernel each way where
+        the fused norms run (CUDA, Triton, h and the residual of one dtype and shape): the sum
+        is not read back for the norm, nor its gradient added by a kernel of its own. None
+        elsewhere, for the caller to add and normalize separately."""
+        if not self.fused or h.dtype != residual.dtype or h.shape != residual.shape:
+            return None
+        weight = (self.weight + 1 if self.zero_centered else self.weight).to(residual.dtype)
+        if self.kind == "LayerNorm":
+            bias = self.bias.to(residual.dtype)
+            if layer_norm_kernel_available(residual, weight, bias):
+                return triton_add_layer_norm(h, residual, weight, bias, self.eps)
+        elif rms_norm_kernel_available(residual, weight):
+            return triton_add_rms_norm(h, residual, weight, self.eps)
+        return None

@@ -47,8 +47,15 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:  # [s(/tp), b, h]
         dtype = self.config.params_dtype
         h = self.self_attention(self.input_layernorm(x).to(dtype), rope)
-        x = self._dropout_add(h, x)
-        h = self.mlp(self.pre_mlp_layernorm(x).to(dtype))
+        # Without dropout the residual add and the pre-MLP norm are one kernel each way.
+        no_dropout = not (self.config.hidden_dropout and self.training)
+        fused = self.pre_mlp_layernorm.add_and_norm(h, x) if no_dropout else None
+        if fused is not None:
+            x, normed = fused
+        else:
+            x = self._dropout_add(h, x)
+            normed = self.pre_mlp_layernorm(x)
+        h = self.mlp(normed.to(dtype))
         return self._dropout_add(h, x)
 
 

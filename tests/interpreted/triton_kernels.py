@@ -12,12 +12,16 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megatron_lite.distributed.parallel_state import ParallelState  # noqa: E402
+from megatron_lite.fused import layernorm, rmsnorm  # noqa: E402
 from megatron_lite.fused.cross_entropy import _FusedCrossEntropy  # noqa: E402
 from megatron_lite.fused.elementwise import _rms_norm_reference, _swiglu_reference  # noqa: E402
-from megatron_lite.fused.layernorm import _LayerNorm  # noqa: E402
-from megatron_lite.fused.rmsnorm import _RMSNorm  # noqa: E402
+from megatron_lite.fused.layernorm import _AddLayerNorm, _LayerNorm  # noqa: E402
+from megatron_lite.fused.rmsnorm import _AddRMSNorm, _RMSNorm  # noqa: E402
 from megatron_lite.fused.swiglu import _SwiGLU  # noqa: E402
+from megatron_lite.models import norms  # noqa: E402
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
+from tests.model_utils import build, tiny_batch, tiny_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -29,6 +33,62 @@ def _forward_backward(fn, *inputs):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
     out.backward(grad)
     return [out.detach()] + [t.grad for t in leaves if t.requires_grad]
+
+
+def _forward_backward_pair(fn, *inputs):
+    """As _forward_backward for a function of two outputs, each given a gradient."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    grads = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o.dtype)
+             for i, o in enumerate(outs, 1)]
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+def _add_norm_cases(name, dtype, g):
+    """The fused residual add + norm against `residual + h` and the fp64 reference norm."""
+    for shape in [(7, 3, 100), (40, 64)]:
+        h, res = ((torch.randn(*shape, generator=g) * 2 + 0.5).to(dtype) for _ in range(2))
+        w = (torch.rand(shape[-1], generator=g) * 2).to(dtype)
+        b = torch.randn(shape[-1], generator=g).to(dtype)
+        yield (f"addrmsnorm {name} {shape}",
+               _forward_backward_pair(lambda x, r, c: _AddRMSNorm.apply(x, r, c, 1e-5), h, res, w),
+               _forward_backward_pair(lambda x, r, c: (r + x, _rms_norm_reference(r + x, c, 1e-5)),
+                                      h.double(), res.double(), w.double()))
+        yield (f"addlayernorm {name} {shape}",
+               _forward_backward_pair(lambda x, r, c, d: _AddLayerNorm.apply(x, r, c, d, 1e-5), h, res, w, b),
+               _forward_backward_pair(lambda x, r, c, d: (r + x, F.layer_norm(r + x, x.shape[-1:], c, d,
+                                                                                1e-5)),
+                                      h.double(), res.double(), w.double(), b.double()))
+
+
+def _model_loss_and_grads(family: str, add_norm: bool):
+    """A tiny model's loss and gradients on the CPU with the Triton norms (interpreted) and, with
+    `add_norm`, the fused residual add of the layers (models/norms.py)."""
+    original = norms.Norm.add_and_norm
+    if not add_norm:
+        norms.Norm.add_and_norm = lambda self, h, residual: None
+    try:
+        cfg = tiny_config(family)
+        model = build(cfg, ParallelState.create())
+        tokens, labels = tiny_batch(cfg)
+        loss = model(tokens, labels=labels).mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad for _, p in sorted(model.named_parameters())]
+    finally:
+        norms.Norm.add_and_norm = original
+
+
+def _model_cases():
+    """GPT and Llama layers with the fused residual add against the same layers without it."""
+    cpu_ok = lambda x, w, b=None: x.dtype == w.dtype  # noqa: E731 - the kernels run interpreted
+    for module in (layernorm, rmsnorm, norms):
+        for attr in ("available", "layer_norm_kernel_available", "rms_norm_kernel_available"):
+            if hasattr(module, attr):
+                setattr(module, attr, cpu_ok)
+    for family in ("gpt", "llama"):
+        yield (f"addnorm-model fp32 {family}", _model_loss_and_grads(family, True),
+               _model_loss_and_grads(family, False))
 
 
 def _relative_errors(got, want) -> float:
@@ -54,6 +114,7 @@ def _cases():
                    _forward_backward(lambda a, c, d: _LayerNorm.apply(a, c, d, 1e-5), x, w, b),
                    _forward_backward(lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, 1e-5),
                                      x.double(), w.double(), b.double()))
+        yield from _add_norm_cases(name, dtype, g)
         for smoothing in (0.0, 0.1):
             logits = (torch.randn(9, 2, 5003, generator=g) * 3).to(dtype)  # V not a block multiple
             target = torch.randint(0, 5003, (9, 2), generator=g)
@@ -64,7 +125,8 @@ def _cases():
 
 
 def main() -> None:
-    print(json.dumps({name: _relative_errors(got, want) for name, got, want in _cases()}))
+    cases = [*_cases(), *_model_cases()]  # the model cases patch the kernels' CUDA checks: last
+    print(json.dumps({name: _relative_errors(got, want) for name, got, want in cases}))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ machines by a few percent, more than some of these choices are worth).
   none     nothing undone
   swiglu   SwiGLU compiled by Inductor from its reference (fused/elementwise.py), not fused/swiglu.py
   rmsnorm  RMSNorm compiled by Inductor, not fused/rmsnorm.py
+  addnorm  the residual add before the pre-MLP norm by a kernel of its own, not in the norm's
+           (rmsnorm and layernorm undo it too)
   tied     the tied embedding and head without gradient-accumulation fusion (the bf16 [V, h]
            gradients added by DDP's hook); the other linears keep theirs
   layernorm  F.layer_norm, not fused/layernorm.py
@@ -38,7 +40,7 @@ import megatron_lite.tensor_parallel.embedding as embedding  # noqa: E402
 import megatron_lite.tensor_parallel.layers as layers  # noqa: E402
 from megatron_lite.fused.jit import jit_fuser  # noqa: E402
 
-UNDO = ("none", "swiglu", "rmsnorm", "tied", "layernorm", "bias", "ce")
+UNDO = ("none", "swiglu", "rmsnorm", "addnorm", "tied", "layernorm", "bias", "ce")
 
 
 def undo(choice: str) -> None:
@@ -47,10 +49,13 @@ def undo(choice: str) -> None:
         elementwise.triton_swiglu = jit_fuser(elementwise.swiglu.reference)
     elif choice == "rmsnorm":
         elementwise.rms_norm_kernel_available = lambda x, weight: False
+        norms.rms_norm_kernel_available = lambda x, weight: False
+    elif choice == "addnorm":
+        norms.Norm.add_and_norm = lambda self, h, residual: None
     elif choice == "tied":
         gpt.GPTModel._head_is_tied_lookup = lambda self: False
         embedding.accumulates_in_main_grad = lambda weight: False
-    elif choice == "layernorm":
+    elif choice == "layernorm":  # the fused residual add's LayerNorm too (norms.py)
         norms.layer_norm_kernel_available = lambda x, weight, bias: False
     elif choice == "bias":
         # An unfused gradient without the main_grad flag: DDP's hook adds it (layers._bias_grad).
