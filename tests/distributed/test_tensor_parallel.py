@@ -326,13 +326,13 @@ def _ce_data():
     return logits * 3.0, g
 
 
-def _dense_ce(logits, alpha, g):
+def _dense_ce(logits, alpha, g, target=_TARGET):
     """Smoothed cross-entropy from its definition: target weight 1 - alpha, alpha/(K-1) on
     each other class (Megatron's convention; torch's label_smoothing spreads alpha over all K)."""
     logits = logits.float().clone().requires_grad_()
     logp = logits.log_softmax(-1)  # [s, b, V]
     k = logits.size(-1)
-    q = torch.full_like(logp, alpha / (k - 1)).scatter_(-1, _TARGET.unsqueeze(-1), 1.0 - alpha)
+    q = torch.full_like(logp, alpha / (k - 1)).scatter_(-1, target.unsqueeze(-1), 1.0 - alpha)
     loss = -(q * logp).sum(-1)  # [s, b]
     loss.backward(g)
     return loss.detach(), logits.grad
@@ -359,6 +359,38 @@ def _run_cross_entropy(rank, world):
         return out
     finally:
         ps.destroy()
+
+
+def _run_peaked_cross_entropy(rank, world):
+    """Logits whose mass sits on one vocabulary shard, 200 nats above the rest, the targets on
+    other shards: sum(shard) / sum(all) underflows fp32 there."""
+    ps = ParallelState.create(tp=world)
+    try:
+        logits = torch.zeros(S, B, V)
+        logits[..., 0] = 200.0
+        target = torch.full((S, B), V - 1)
+        out = {}
+        for alpha in (0.0, 0.1):
+            local = shard(logits, -1, rank, world).requires_grad_()
+            loss = vocab_parallel_cross_entropy(local, target, ps.tp_group, label_smoothing=alpha)
+            loss.sum().backward()
+            out[alpha] = (loss.detach(), local.grad)
+        return out
+    finally:
+        ps.destroy()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_vocab_parallel_cross_entropy_peaked_on_one_shard(run_dist, world):
+    results = run_dist(world, _run_peaked_cross_entropy)
+    logits = torch.zeros(S, B, V)
+    logits[..., 0] = 200.0
+    for alpha in (0.0, 0.1):
+        loss, grad = _dense_ce(logits, alpha, torch.ones(S, B), torch.full((S, B), V - 1))
+        assert torch.isfinite(loss).all() and loss.min() > 190
+        for r in results:
+            _close(r[alpha][0], loss)
+        _close(unshard([r[alpha][1] for r in results], -1), grad)
 
 
 def test_dense_reference_conventions():
