@@ -2,7 +2,7 @@
 kernels on CUDA, the counterpart of fused/rmsnorm.py: forward reads x once and writes y, the
 per-row mean and 1/std; backward reads x and dy once, writes dx and per-program partial sums
 of gamma's and beta's gradients; `triton_add_layer_norm` takes the residual add before the
-norm too, as rmsnorm.py's.
+norm too, and `triton_layer_norm_keep` the residual's gradient, as rmsnorm.py's.
 
 ATen's kernels at GPT 1.3B's `[8192, 2048]` bf16 on an H200 took 37 us forward (one pass over
 the bytes: ~14 us) and 34 + 47 us backward, the second kernel only for gamma and beta: 46 ms
@@ -142,6 +142,22 @@ class _AddLayerNorm(torch.autograd.Function):
         return dx, dx, dw, db, None
 
 
+class _LayerNormKeep(torch.autograd.Function):
+    """`(x, LayerNorm(x))` for an x that is also a residual (as rmsnorm._RMSNormKeep)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        _, y, stats = _forward(x, weight, bias, eps, None)
+        ctx.save_for_backward(x, weight, stats)
+        return x, y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dresidual, dy):  # both materialized (zeros where unused)
+        x, weight, stats = ctx.saved_tensors
+        dx, dw, db = _backward(x, weight, stats, dy, dresidual)
+        return dx.view(x.shape), dw, db, None
+
+
 def available(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether the Triton kernels can take this call (as rmsnorm.available, with a bias)."""
     return (triton is not None and x.is_cuda and weight.dtype == bias.dtype == x.dtype
@@ -164,3 +180,13 @@ def triton_add_layer_norm(h: torch.Tensor, residual: torch.Tensor, weight: torch
         raise RuntimeError("the Triton LayerNorm needs CUDA tensors of one dtype and shape and Triton")
     return _AddLayerNorm.apply(h.contiguous(), residual.contiguous(), weight.contiguous(),
                                bias.contiguous(), eps)
+
+
+def triton_layer_norm_keep(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[.., h]` -> `(x, triton_layer_norm(x))`, the residual gradient added in the norm's
+    backward (CUDA)."""
+    if not available(x, weight, bias):
+        raise RuntimeError("the Triton LayerNorm needs CUDA tensors of one dtype and Triton")
+    return _LayerNormKeep.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(),
+                                bias.contiguous(), eps)

@@ -4,6 +4,7 @@ once, writes dx and per-program partial sums of the weight gradient. `triton_add
 also takes the residual add before the norm (a transformer layer's `residual + h`): the
 forward writes the sum beside y, the backward adds the sum's own gradient into dx, sparing a
 separate add kernel each way and a re-read of the sum (three `[tokens, h]` passes a layer).
+`triton_rms_norm_keep` gives the same backward to a norm whose input is also the residual.
 
 At Llama-3.2-1B's `[8192, 2048]` bf16 on an H200 (issue 13), the forward takes 19.5 us, where
 the graph Inductor compiled from the PyTorch reference (`elementwise.rms_norm.reference`)
@@ -150,6 +151,24 @@ class _AddRMSNorm(torch.autograd.Function):
         return dx, dx, dw, None
 
 
+class _RMSNormKeep(torch.autograd.Function):
+    """`(x, RMSNorm(x))` for an x that is also a residual: the backward adds the gradient that
+    reaches x through the residual into the norm's dx, instead of autograd adding the two by a
+    kernel of its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        _, y, rstd = _forward(x, weight, eps, None)
+        ctx.save_for_backward(x, weight, rstd)
+        return x, y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dresidual, dy):  # both materialized (zeros where unused)
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _backward(x, weight, rstd, dy, dresidual)
+        return dx.view(x.shape), dw, None
+
+
 def available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the Triton kernels can take this call: CUDA tensors of one dtype (the Norm
     casts gamma to x's), Triton installed, a row that fits one program."""
@@ -171,3 +190,12 @@ def triton_add_rms_norm(h: torch.Tensor, residual: torch.Tensor, weight: torch.T
     if not (available(h, weight) and residual.dtype == h.dtype and residual.shape == h.shape):
         raise RuntimeError("the Triton RMSNorm needs CUDA tensors of one dtype and shape and Triton")
     return _AddRMSNorm.apply(h.contiguous(), residual.contiguous(), weight.contiguous(), eps)
+
+
+def triton_rms_norm_keep(x: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[.., h]` -> `(x, triton_rms_norm(x))`, the residual gradient added in the norm's
+    backward (CUDA)."""
+    if not available(x, weight):
+        raise RuntimeError("the Triton RMSNorm needs CUDA tensors of one dtype and Triton")
+    return _RMSNormKeep.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(), eps)

@@ -7,9 +7,9 @@ from torch import nn
 
 from megatron_lite.fused.elementwise import rms_norm
 from megatron_lite.fused.layernorm import available as layer_norm_kernel_available
-from megatron_lite.fused.layernorm import triton_add_layer_norm, triton_layer_norm
+from megatron_lite.fused.layernorm import triton_add_layer_norm, triton_layer_norm, triton_layer_norm_keep
 from megatron_lite.fused.rmsnorm import available as rms_norm_kernel_available
-from megatron_lite.fused.rmsnorm import triton_add_rms_norm
+from megatron_lite.fused.rmsnorm import triton_add_rms_norm, triton_rms_norm_keep
 from megatron_lite.tensor_parallel.sharding import mark_sequence_parallel
 
 
@@ -51,6 +51,21 @@ class Norm(nn.Module):
         if self.fused:
             return rms_norm(x, weight, self.eps)
         return rms_norm.reference(x, weight, self.eps)
+
+    def keep_and_norm(self, x: torch.Tensor):
+        """`(x, self(x))`, `[s, b, h]` each, where x is also a residual: the backward adds the
+        gradient reaching x through the residual into the norm's dx in the norm's kernel, where
+        the fused norms run; None elsewhere (the caller uses x and self(x))."""
+        if not self.fused:
+            return None
+        weight = (self.weight + 1 if self.zero_centered else self.weight).to(x.dtype)
+        if self.kind == "LayerNorm":
+            bias = self.bias.to(x.dtype)
+            if layer_norm_kernel_available(x, weight, bias):
+                return triton_layer_norm_keep(x, weight, bias, self.eps)
+        elif rms_norm_kernel_available(x, weight):
+            return triton_rms_norm_keep(x, weight, self.eps)
+        return None
 
     def add_and_norm(self, h: torch.Tensor, residual: torch.Tensor):
         """`(residual + h, self(residual + h))`, `[s, b, h]` each, by one kernel each way where

@@ -46,8 +46,11 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:  # [s(/tp), b, h]
         dtype = self.config.params_dtype
-        h = self.self_attention(self.input_layernorm(x).to(dtype), rope)
-        # Without dropout the residual add and the pre-MLP norm are one kernel each way.
+        # With the fused norms x's two gradients (residual, norm) meet in the norm's backward,
+        # and without dropout the residual add and the pre-MLP norm are one kernel each way.
+        kept = self.input_layernorm.keep_and_norm(x)
+        x, normed = kept if kept is not None else (x, self.input_layernorm(x))
+        h = self.self_attention(normed.to(dtype), rope)
         no_dropout = not (self.config.hidden_dropout and self.training)
         fused = self.pre_mlp_layernorm.add_and_norm(h, x) if no_dropout else None
         if fused is not None:

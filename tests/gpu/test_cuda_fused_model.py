@@ -1,5 +1,5 @@
 """A whole model on CUDA with its fused kernels (Triton SwiGLU, RMSNorm and LayerNorm, the
-latter two also with the residual add before the pre-MLP norm, compiled RoPE on q as a view of
+latter two also taking the residual adds and gradients of the layers, compiled RoPE on q as a view of
 the fused QKV output) against the same model with every fusion off
 (`--no-bias-swiglu-fusion --no-rope-fusion --no-persist-layer-norm`), in fp32: the same loss
 and every gradient, for GPT (LayerNorm, biases) and Llama (RMSNorm, SwiGLU, RoPE, GQA)."""

@@ -170,14 +170,17 @@ def test_norm_module_takes_the_triton_layer_norm_unless_unfused():
     torch.testing.assert_close(y.float(), y_plain.float(), rtol=1.6e-2, atol=1.6e-2)
 
 
+@pytest.mark.parametrize("fusion", ["add", "keep"])
 @pytest.mark.parametrize("kind", ["RMSNorm", "LayerNorm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 2, 2048), (37, 3, 1000)])
-def test_norm_add_and_norm_matches_the_add_then_the_norm(kind, dtype, shape):
-    """Norm.add_and_norm (one Triton kernel each way) against `residual + h` then the unfused
-    norm in fp64: the sum as the same add rounds it, the normed output within one
-    rounding, the gradients of h and the residual (the same tensor) and gamma (beta) relative to
-    their scale; both outputs get a gradient, as in a transformer layer."""
+def test_norm_residual_fusions_match_the_unfused_norm(fusion, kind, dtype, shape):
+    """Norm.add_and_norm (residual + h and its norm, one Triton kernel each way) against
+    `residual + h` then the unfused norm in fp64, and Norm.keep_and_norm (x and its norm, the
+    residual's gradient added in the norm's backward) against x and the unfused norm: the sum
+    as the same add rounds it, the normed output within one rounding, the inputs' gradients
+    and gamma's (beta's) relative to their scale; both outputs get a gradient, as in a
+    transformer layer."""
     from megatron_lite.models.norms import Norm
 
     torch.manual_seed(0)
@@ -191,17 +194,23 @@ def test_norm_add_and_norm_matches_the_add_then_the_norm(kind, dtype, shape):
         plain.load_state_dict({k: v.double() for k, v in norm.state_dict().items()})
     g_sum, g_y = (torch.randn(*shape, device="cuda").to(dtype) for _ in range(2))
 
-    def run(module, add_norm, cast):
+    def run(module, fused, cast):
         a, r = (t.detach().to(cast).requires_grad_() for t in (h, res))
-        total, y = module.add_and_norm(a, r) if add_norm else (r + a, module(r + a))
+        if fusion == "add":
+            total, y = module.add_and_norm(a, r) if fused else (r + a, module(r + a))
+        else:
+            total, y = module.keep_and_norm(r) if fused else (r, module(r))
         torch.autograd.backward([total, y], [g_sum.to(cast), g_y.to(cast)])
-        return [total, y, a.grad, r.grad] + [p.grad for p in module.parameters()]
+        grads = [a.grad, r.grad] if fusion == "add" else [r.grad]
+        return [total, y] + grads + [p.grad for p in module.parameters()]
 
     got, want = run(norm, True, dtype), run(plain, False, torch.float64)
-    assert type(got[1].grad_fn).__name__ in ("_AddRMSNormBackward", "_AddLayerNormBackward")
+    assert type(got[1].grad_fn).__name__.startswith(("_AddRMSNorm", "_AddLayerNorm", "_RMSNormKeep",
+                                                     "_LayerNormKeep"))
     tol = 1e-5 if dtype == torch.float32 else 1.6e-2
     # The same add, rounded once (bf16: within one last place where the rounding mode differs)
-    torch.testing.assert_close(got[0], (res + h), rtol=0 if dtype == torch.float32 else 2**-7, atol=0)
+    expected = (res + h) if fusion == "add" else res
+    torch.testing.assert_close(got[0], expected, rtol=0 if dtype == torch.float32 else 2**-7, atol=0)
     torch.testing.assert_close(got[1].double(), want[1], rtol=tol, atol=tol)
     for g, w in zip(got[2:], want[2:]):
         assert g.dtype == dtype

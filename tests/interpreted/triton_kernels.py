@@ -16,8 +16,8 @@ from megatron_lite.distributed.parallel_state import ParallelState  # noqa: E402
 from megatron_lite.fused import layernorm, rmsnorm  # noqa: E402
 from megatron_lite.fused.cross_entropy import _FusedCrossEntropy  # noqa: E402
 from megatron_lite.fused.elementwise import _rms_norm_reference, _swiglu_reference  # noqa: E402
-from megatron_lite.fused.layernorm import _AddLayerNorm, _LayerNorm  # noqa: E402
-from megatron_lite.fused.rmsnorm import _AddRMSNorm, _RMSNorm  # noqa: E402
+from megatron_lite.fused.layernorm import _AddLayerNorm, _LayerNorm, _LayerNormKeep  # noqa: E402
+from megatron_lite.fused.rmsnorm import _AddRMSNorm, _RMSNorm, _RMSNormKeep  # noqa: E402
 from megatron_lite.fused.swiglu import _SwiGLU  # noqa: E402
 from megatron_lite.models import norms  # noqa: E402
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
@@ -62,12 +62,29 @@ def _add_norm_cases(name, dtype, g):
                                       h.double(), res.double(), w.double(), b.double()))
 
 
+def _keep_norm_cases(name, dtype, g):
+    """The norm whose input is also the residual: (x, norm(x)), both given gradients."""
+    for shape in [(7, 3, 100), (40, 64)]:
+        x = (torch.randn(*shape, generator=g) * 2 + 0.5).to(dtype)
+        w = (torch.rand(shape[-1], generator=g) * 2).to(dtype)
+        b = torch.randn(shape[-1], generator=g).to(dtype)
+        yield (f"keeprmsnorm {name} {shape}",
+               _forward_backward_pair(lambda a, c: _RMSNormKeep.apply(a * 1, c, 1e-5), x, w),
+               _forward_backward_pair(lambda a, c: (a, _rms_norm_reference(a, c, 1e-5)),
+                                      x.double(), w.double()))
+        yield (f"keeplayernorm {name} {shape}",
+               _forward_backward_pair(lambda a, c, d: _LayerNormKeep.apply(a * 1, c, d, 1e-5), x, w, b),
+               _forward_backward_pair(lambda a, c, d: (a, F.layer_norm(a, a.shape[-1:], c, d, 1e-5)),
+                                      x.double(), w.double(), b.double()))
+
+
 def _model_loss_and_grads(family: str, add_norm: bool):
     """A tiny model's loss and gradients on the CPU with the Triton norms (interpreted) and, with
-    `add_norm`, the fused residual add of the layers (models/norms.py)."""
-    original = norms.Norm.add_and_norm
+    `add_norm`, the layers' residual adds and gradients fused into them (models/norms.py)."""
+    original = norms.Norm.add_and_norm, norms.Norm.keep_and_norm
     if not add_norm:
         norms.Norm.add_and_norm = lambda self, h, residual: None
+        norms.Norm.keep_and_norm = lambda self, x: None
     try:
         cfg = tiny_config(family)
         model = build(cfg, ParallelState.create())
@@ -76,7 +93,7 @@ def _model_loss_and_grads(family: str, add_norm: bool):
         loss.backward()
         return [loss.detach()] + [p.grad for _, p in sorted(model.named_parameters())]
     finally:
-        norms.Norm.add_and_norm = original
+        norms.Norm.add_and_norm, norms.Norm.keep_and_norm = original
 
 
 def _model_cases():
@@ -115,6 +132,7 @@ def _cases():
                    _forward_backward(lambda a, c, d: F.layer_norm(a, a.shape[-1:], c, d, 1e-5),
                                      x.double(), w.double(), b.double()))
         yield from _add_norm_cases(name, dtype, g)
+        yield from _keep_norm_cases(name, dtype, g)
         for smoothing in (0.0, 0.1):
             logits = (torch.randn(9, 2, 5003, generator=g) * 3).to(dtype)  # V not a block multiple
             target = torch.randint(0, 5003, (9, 2), generator=g)

@@ -1,8 +1,8 @@
 """The Triton kernels of megatron_lite/fused (SwiGLU, RMSNorm, LayerNorm, each norm with the
-residual add fused, cross-entropy), run on the CPU by Triton's interpreter, against their
-PyTorch references in fp64: outputs and every gradient, fp32 and bf16, shapes that are not
-block multiples; and tiny GPT and Llama models with the fused residual add against the same
-models without it (fp32). The GPU tests
+residual add or the residual's gradient fused, cross-entropy), run on the CPU by Triton's
+interpreter, against their PyTorch references in fp64: outputs and every gradient, fp32 and
+bf16, shapes that are not block multiples; and tiny GPT and Llama models with the fused
+residual adds against the same models without them (fp32). The GPU tests
 (tests/gpu/test_fused.py) check the compiled kernels; this lets a CPU-only CI check their
 arithmetic and masking. Skipped where Triton is not installed (the test extra installs it)."""
 import importlib.util
@@ -33,7 +33,7 @@ def errors() -> dict:
 
 @pytest.mark.parametrize("kernel,count", [("swiglu", 4), ("rmsnorm", 6), ("layernorm", 6),
                                           ("cross_entropy", 4), ("addrmsnorm", 4), ("addlayernorm", 4),
-                                          ("addnorm-model", 2)])
+                                          ("keeprmsnorm", 4), ("keeplayernorm", 4), ("addnorm-model", 2)])
 def test_kernel_matches_fp64_reference_under_the_interpreter(errors, kernel, count):
     cases = {name: err for name, err in errors.items() if name.startswith(kernel + " ")}
     assert len(cases) == count, errors

@@ -9,8 +9,8 @@ machines by a few percent, more than some of these choices are worth).
   none     nothing undone
   swiglu   SwiGLU compiled by Inductor from its reference (fused/elementwise.py), not fused/swiglu.py
   rmsnorm  RMSNorm compiled by Inductor, not fused/rmsnorm.py
-  addnorm  the residual add before the pre-MLP norm by a kernel of its own, not in the norm's
-           (rmsnorm and layernorm undo it too)
+  addnorm  the residual add before the pre-MLP norm, and the residual's gradient at the input
+           norm, by kernels of their own, not in the norms' (rmsnorm and layernorm undo them too)
   tied     the tied embedding and head without gradient-accumulation fusion (the bf16 [V, h]
            gradients added by DDP's hook); the other linears keep theirs
   layernorm  F.layer_norm, not fused/layernorm.py
@@ -52,6 +52,7 @@ def undo(choice: str) -> None:
         norms.rms_norm_kernel_available = lambda x, weight: False
     elif choice == "addnorm":
         norms.Norm.add_and_norm = lambda self, h, residual: None
+        norms.Norm.keep_and_norm = lambda self, x: None
     elif choice == "tied":
         gpt.GPTModel._head_is_tied_lookup = lambda self: False
         embedding.accumulates_in_main_grad = lambda weight: False
