@@ -158,7 +158,8 @@ class GPTModel(nn.Module):
             cross_entropy = (fused_vocab_parallel_cross_entropy if self.config.cross_entropy_loss_fusion
                              else vocab_parallel_cross_entropy)
             head = OutputHead(self.output_weight(), self.output_layer, self.ps.tp_group,
-                              self.config.sequence_parallel, tied_lookup=self._head_is_tied_lookup())
+                              self.config.sequence_parallel, tied_lookup=self._head_is_tied_lookup(),
+                              overlap=self.config.tp_comm_overlap)
             # Whole below ChunkLimits' threshold, else in sequence chunks (long sequences).
             return output_loss(x, labels, head, cross_entropy, self.config.label_smoothing,
                                self.loss_chunk_limits)  # [b, s]
@@ -170,6 +171,6 @@ class GPTModel(nn.Module):
             tied = self._head_is_tied_lookup()
             logits = linear_with_tp(x, self.embedding.word_embeddings.weight, None, self.ps.tp_group,
                                     self.config.sequence_parallel, fuse_wgrad=tied,
-                                    tied_lookup=tied)  # [s, b, V/tp]
+                                    overlap=self.config.tp_comm_overlap, tied_lookup=tied)  # [s, b, V/tp]
         return logits.transpose(0, 1)
 

@@ -61,6 +61,9 @@ class OutputHead:
     # The tied weight of this stage's fused embedding lookup (GPTModel._head_is_tied_lookup):
     # the head's GEMMs accumulate into main_grad too, without a placeholder gradient.
     tied_lookup: bool = False
+    # --tp-comm-overlap: a head without a module of its own (layer None) gathers its
+    # sequence-parallel input as a collective matmul, as the layers' linears do.
+    overlap: bool = False
 
 
 def sequence_chunk_length(seq_len: int, batch: int, vocab_part: int,
@@ -101,7 +104,8 @@ def _whole_loss(x, target, head: OutputHead, cross_entropy: CrossEntropy, label_
         logits = head.layer(x)  # [s, b, V/tp]
     else:
         logits = linear_with_tp(x, head.weight, None, head.tp_group, head.sequence_parallel,
-                                fuse_wgrad=head.tied_lookup, tied_lookup=head.tied_lookup)  # [s, b, V/tp]
+                                fuse_wgrad=head.tied_lookup, overlap=head.overlap,
+                                tied_lookup=head.tied_lookup)  # [s, b, V/tp]
     return cross_entropy(logits, target, head.tp_group, label_smoothing)  # [s, b]
 
 

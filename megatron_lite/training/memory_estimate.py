@@ -94,6 +94,8 @@ def _activations(cfg: ModelConfig, lay: MemoryLayout) -> float:
         act *= min(1.0, lay.num_microbatches / lay.pp)
     if lay.pp == 1:  # embedding output and fp32 logits of the loss
         act += 4 * sbh + 4 * s * b * cfg.vocab_size / lay.tp
+        if cfg.tp_comm_overlap and cfg.sequence_parallel:  # the output layer's input, gathered
+            act += 2 * sbh * (1 - 1 / split)
     return act
 
 

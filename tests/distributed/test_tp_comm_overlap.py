@@ -137,9 +137,9 @@ def _regions_used(rank, world, tp, pp, vpp, family, recompute):
 def test_alternating_regions_never_repeat(run_dist, tp, pp, vpp, family, recompute):
     """Transfers in FIRST or SECOND skip the barrier that waits for the previous readers, which
     is safe only if no two consecutive transfers use the same one of them (copy_engine.py). The
-    output layer with its loss gathers through NCCL (models/output_loss.py), so here every
-    transfer is a layer's."""
+    output layer (tied or not) gathers by a collective matmul too, FENCED, on the last stage."""
     for used, pp_rank in run_dist(tp * pp, _regions_used, tp, pp, vpp, family, recompute):
         assert copy_engine.FIRST in used and copy_engine.SECOND in used, used
+        assert (copy_engine.FENCED in used) == (pp_rank == pp - 1), (pp_rank, used)
         for i, (a, b) in enumerate(zip(used, used[1:])):
             assert a == copy_engine.FENCED or a != b, f"pipeline rank {pp_rank}, transfer {i}: {used}"
