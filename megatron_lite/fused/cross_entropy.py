@@ -27,27 +27,30 @@ if triton is not None:
 
     @triton.jit
     def _ce_forward_kernel(logits_ptr, target_ptr, max_ptr, sumexp_ptr, tlogit_ptr, sumx_ptr,
-                           n_cols, row_stride, vocab_start, BLOCK: tl.constexpr):
+                           n_cols, row_stride, vocab_start, BLOCK: tl.constexpr, SUM_X: tl.constexpr):
+        # One row per program. The running sums stay one per lane and are reduced once after
+        # the loop: each block costs one cross-warp reduction (its max) instead of three.
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * row_stride
         m = tl.zeros([], dtype=tl.float32) - float("inf")
-        s = tl.zeros([], dtype=tl.float32)
-        sx = tl.zeros([], dtype=tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        sx = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             x = tl.load(base + cols, mask=mask, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
-            sx += tl.sum(tl.where(mask, x, 0.0), 0)
+            m_new = tl.maximum(m, tl.max(x, 0))  # finite: every block has a column
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)  # exp(-inf) = 0 on masked lanes
+            if SUM_X:  # label smoothing's mean log-probability
+                sx += tl.where(mask, x, 0.0)
             m = m_new
         t = tl.load(target_ptr + row) - vocab_start
         inside = (t >= 0) & (t < n_cols)
         t_logit = tl.load(base + tl.where(inside, t, 0)).to(tl.float32)
         tl.store(max_ptr + row, m)
-        tl.store(sumexp_ptr + row, s)
+        tl.store(sumexp_ptr + row, tl.sum(s, 0))
         tl.store(tlogit_ptr + row, tl.where(inside, t_logit, 0.0))
-        tl.store(sumx_ptr + row, sx)
+        tl.store(sumx_ptr + row, tl.sum(sx, 0))
 
     @triton.jit
     def _ce_backward_kernel(logits_ptr, grad_ptr, target_ptr, lse_ptr, gout_ptr, n_cols, row_stride,
@@ -74,7 +77,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         rows = x.shape[0]
         stats = torch.empty(4, rows, dtype=torch.float32, device=x.device)  # max, sumexp, tlogit, sumx
         _ce_forward_kernel[(rows,)](x, t, stats[0], stats[1], stats[2], stats[3], part, x.stride(0),
-                                    start, BLOCK=_BLOCK, num_warps=8)
+                                    start, BLOCK=_BLOCK, SUM_X=label_smoothing > 0, num_warps=8)
         local_max = stats[0]
         if group_size(group) > 1:
             global_max = all_reduce(local_max.clone(), group, op=dist.ReduceOp.MAX)  # [s*b]

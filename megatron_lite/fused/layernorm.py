@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_lite.fused import norm_grads
 from megatron_lite.fused.rmsnorm import MAX_HIDDEN, ROWS_PER_PROGRAM, launch_config
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs don't have it.
@@ -91,9 +92,11 @@ def _forward(x, weight, bias, eps, residual):
     return total, y, stats
 
 
-def _backward(x, weight, stats, dy, dsum):
+def _backward(x, weight, stats, dy, dsum, grad_params):
     """(dx `[tokens, h]`, d gamma, d beta) for the normalized input x; `dsum`, the gradient that
-    reached x by another path (the residual stream), is added into dx."""
+    reached x by another path (the residual stream), is added into dx. `grad_params`: gamma's
+    and beta's parameters when their gradients go into their `main_grad`s (d gamma and d beta
+    are then placeholders), else None."""
     n = x.shape[-1]
     x2d, dy2d = x.reshape(-1, n), dy.reshape(-1, n)
     dy2d = dy2d if dy2d.is_contiguous() else dy2d.contiguous()
@@ -107,55 +110,59 @@ def _backward(x, weight, stats, dy, dsum):
                                             dx if dsum2d is None else dsum2d, dx, partial[0], partial[1],
                                             rows, n, ROWS=ROWS_PER_PROGRAM, BLOCK=block,
                                             HAS_DSUM=dsum2d is not None, num_warps=warps)
-    dw, db = partial.sum(1).to(weight.dtype)  # [h] each
-    return dx, dw, db
+    w_param, b_param = grad_params or (None, None)
+    return (dx, norm_grads.sum_partials(partial[0], weight, w_param),
+            norm_grads.sum_partials(partial[1], weight, b_param))
 
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, grad_params=None):
         _, y, stats = _forward(x, weight, bias, eps, None)
         ctx.save_for_backward(x, weight, stats)
+        ctx.grad_params = grad_params
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
-        dx, dw, db = _backward(x, weight, stats, dy, None)
-        return dx.view(x.shape), dw, db, None
+        dx, dw, db = _backward(x, weight, stats, dy, None, ctx.grad_params)
+        return dx.view(x.shape), dw, db, None, None
 
 
 class _AddLayerNorm(torch.autograd.Function):
     """`(residual + h, LayerNorm(residual + h))` in one pass each way (as rmsnorm._AddRMSNorm)."""
 
     @staticmethod
-    def forward(ctx, h, residual, weight, bias, eps):
+    def forward(ctx, h, residual, weight, bias, eps, grad_params=None):
         total, y, stats = _forward(h, weight, bias, eps, residual)
         ctx.save_for_backward(total, weight, stats)
+        ctx.grad_params = grad_params
         return total.view(h.shape), y.view(h.shape)
 
     @staticmethod
     def backward(ctx, dsum, dy):  # both materialized (zeros where unused)
         total, weight, stats = ctx.saved_tensors
-        dx, dw, db = _backward(total, weight, stats, dy, dsum)
+        dx, dw, db = _backward(total, weight, stats, dy, dsum, ctx.grad_params)
         dx = dx.view(dy.shape)
-        return dx, dx, dw, db, None
+        return dx, dx, dw, db, None, None
 
 
 class _LayerNormKeep(torch.autograd.Function):
     """`(x, LayerNorm(x))` for an x that is also a residual (as rmsnorm._RMSNormKeep)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, grad_params=None):
         _, y, stats = _forward(x, weight, bias, eps, None)
         ctx.save_for_backward(x, weight, stats)
+        ctx.grad_params = grad_params
         return x, y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dresidual, dy):  # both materialized (zeros where unused)
         x, weight, stats = ctx.saved_tensors
-        dx, dw, db = _backward(x, weight, stats, dy, dresidual)
-        return dx.view(x.shape), dw, db, None
+        dx, dw, db = _backward(x, weight, stats, dy, dresidual, ctx.grad_params)
+        return dx.view(x.shape), dw, db, None, None
 
 
 def available(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
@@ -164,29 +171,32 @@ def available(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool
             and 0 < x.shape[-1] <= MAX_HIDDEN and weight.shape == bias.shape == x.shape[-1:])
 
 
-def triton_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """`[.., h]` -> `[.., h]`: F.layer_norm over the last dim with gamma and beta (CUDA)."""
+def triton_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      grad_params=None) -> torch.Tensor:
+    """`[.., h]` -> `[.., h]`: F.layer_norm over the last dim with gamma and beta (CUDA).
+    `grad_params` (here and below): gamma's and beta's parameters, whose gradients then go
+    into their `main_grad`s (fused/norm_grads.py); None for ordinary gradients."""
     if not available(x, weight, bias):
         raise RuntimeError("the Triton LayerNorm needs CUDA tensors of one dtype and Triton")
     return _LayerNorm.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(),
-                            bias.contiguous(), eps)
+                            bias.contiguous(), eps, grad_params)
 
 
 def triton_add_layer_norm(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          eps: float, grad_params=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`[.., h]` twice -> `(residual + h, triton_layer_norm(residual + h))`, h and the residual
     of one dtype and shape (CUDA)."""
     if not (available(h, weight, bias) and residual.dtype == h.dtype and residual.shape == h.shape):
         raise RuntimeError("the Triton LayerNorm needs CUDA tensors of one dtype and shape and Triton")
     return _AddLayerNorm.apply(h.contiguous(), residual.contiguous(), weight.contiguous(),
-                               bias.contiguous(), eps)
+                               bias.contiguous(), eps, grad_params)
 
 
-def triton_layer_norm_keep(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_layer_norm_keep(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                           grad_params=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`[.., h]` -> `(x, triton_layer_norm(x))`, the residual gradient added in the norm's
     backward (CUDA)."""
     if not available(x, weight, bias):
         raise RuntimeError("the Triton LayerNorm needs CUDA tensors of one dtype and Triton")
     return _LayerNormKeep.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(),
-                                bias.contiguous(), eps)
+                                bias.contiguous(), eps, grad_params)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_lite.fused import norm_grads
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs don't have it.
     import triton
     import triton.language as tl
@@ -100,9 +102,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 def _backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
-              dsum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+              dsum: torch.Tensor | None, grad_param) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx `[tokens, h]`, d gamma `[h]`) for the normalized input x; `dsum`, the gradient that
-    reached x by another path (the residual stream), is added into dx."""
+    reached x by another path (the residual stream), is added into dx. `grad_param`: gamma's
+    parameter when its gradient goes into its `main_grad` (d gamma is then a placeholder)."""
     n = x.shape[-1]
     x2d, dy2d = x.reshape(-1, n), dy.reshape(-1, n)
     dy2d = dy2d if dy2d.is_contiguous() else dy2d.contiguous()
@@ -115,21 +118,22 @@ def _backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: tor
     _rmsnorm_backward_kernel[(programs,)](x2d, weight, dy2d, rstd, dx if dsum2d is None else dsum2d, dx,
                                           dw_partial, rows, n, ROWS=ROWS_PER_PROGRAM, BLOCK=block,
                                           HAS_DSUM=dsum2d is not None, num_warps=warps)
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return dx, norm_grads.sum_partials(dw_partial, weight, grad_param)
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, grad_param=None):
         _, y, rstd = _forward(x, weight, eps, None)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.grad_param = grad_param
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(x, weight, rstd, dy, None)
-        return dx.view(x.shape), dw, None
+        dx, dw = _backward(x, weight, rstd, dy, None, ctx.grad_param)
+        return dx.view(x.shape), dw, None, None
 
 
 class _AddRMSNorm(torch.autograd.Function):
@@ -138,17 +142,18 @@ class _AddRMSNorm(torch.autograd.Function):
     residual stream) into dx, instead of a separate add kernel."""
 
     @staticmethod
-    def forward(ctx, h, residual, weight, eps):
+    def forward(ctx, h, residual, weight, eps, grad_param=None):
         total, y, rstd = _forward(h, weight, eps, residual)
         ctx.save_for_backward(total, weight, rstd)
+        ctx.grad_param = grad_param
         return total.view(h.shape), y.view(h.shape)
 
     @staticmethod
     def backward(ctx, dsum, dy):  # both materialized (zeros where unused)
         total, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(total, weight, rstd, dy, dsum)
+        dx, dw = _backward(total, weight, rstd, dy, dsum, ctx.grad_param)
         dx = dx.view(dy.shape)
-        return dx, dx, dw, None
+        return dx, dx, dw, None, None
 
 
 class _RMSNormKeep(torch.autograd.Function):
@@ -157,16 +162,17 @@ class _RMSNormKeep(torch.autograd.Function):
     kernel of its own."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, grad_param=None):
         _, y, rstd = _forward(x, weight, eps, None)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.grad_param = grad_param
         return x, y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dresidual, dy):  # both materialized (zeros where unused)
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(x, weight, rstd, dy, dresidual)
-        return dx.view(x.shape), dw, None
+        dx, dw = _backward(x, weight, rstd, dy, dresidual, ctx.grad_param)
+        return dx.view(x.shape), dw, None, None
 
 
 def available(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -176,26 +182,30 @@ def available(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and 0 < x.shape[-1] <= MAX_HIDDEN and weight.shape == x.shape[-1:])
 
 
-def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`[.., h]` -> `[.., h]`: `round(x / rms(x)) * gamma` with fp32 statistics (CUDA)."""
+def triton_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, grad_param=None) -> torch.Tensor:
+    """`[.., h]` -> `[.., h]`: `round(x / rms(x)) * gamma` with fp32 statistics (CUDA).
+    `grad_param` (here and below): gamma's parameter, whose gradient then goes into its
+    `main_grad` (fused/norm_grads.py); None for an ordinary gradient."""
     if not available(x, weight):
         raise RuntimeError("the Triton RMSNorm needs CUDA tensors of one dtype and Triton")
-    return _RMSNorm.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(), eps)
+    return _RMSNorm.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(), eps, grad_param)
 
 
 def triton_add_rms_norm(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        eps: float, grad_param=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`[.., h]` twice -> `(residual + h, triton_rms_norm(residual + h))`, h and the residual of
     one dtype and shape (CUDA)."""
     if not (available(h, weight) and residual.dtype == h.dtype and residual.shape == h.shape):
         raise RuntimeError("the Triton RMSNorm needs CUDA tensors of one dtype and shape and Triton")
-    return _AddRMSNorm.apply(h.contiguous(), residual.contiguous(), weight.contiguous(), eps)
+    return _AddRMSNorm.apply(h.contiguous(), residual.contiguous(), weight.contiguous(), eps,
+                             grad_param)
 
 
-def triton_rms_norm_keep(x: torch.Tensor, weight: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_rms_norm_keep(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                         grad_param=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`[.., h]` -> `(x, triton_rms_norm(x))`, the residual gradient added in the norm's
     backward (CUDA)."""
     if not available(x, weight):
         raise RuntimeError("the Triton RMSNorm needs CUDA tensors of one dtype and Triton")
-    return _RMSNormKeep.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(), eps)
+    return _RMSNormKeep.apply(x if x.is_contiguous() else x.contiguous(), weight.contiguous(), eps,
+                              grad_param)

@@ -20,7 +20,8 @@ from megatron_lite.models.norms import Norm
 def make_norm(config: ModelConfig, device=None) -> Norm:
     return Norm(config.hidden_size, config.normalization, config.norm_epsilon,
                 zero_centered=config.apply_layernorm_1p, sequence_parallel=config.sequence_parallel,
-                dtype=config.params_dtype, device=device, fused=not config.no_persist_layer_norm)
+                dtype=config.params_dtype, device=device, fused=not config.no_persist_layer_norm,
+                gradient_accumulation_fusion=config.gradient_accumulation_fusion)
 
 
 class TransformerLayer(nn.Module):

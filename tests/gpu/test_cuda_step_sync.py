@@ -52,7 +52,9 @@ def test_step_with_the_nan_check_does_not_sync_the_host():
 
 def test_nan_gradient_is_reported_after_the_step():
     ps, model, ddp, opt, data = _trainable()
-    # A norm's weight: fused linear weights' and biases' gradients bypass tensor hooks.
+    # A norm's weight, its gradient-accumulation fusion turned off: fused gradients (linears',
+    # biases', and the Triton norms' own) go into main_grad without passing tensor hooks.
+    model.decoder.final_layernorm.grad_params = lambda: None
     norm = dict(model.named_parameters())["decoder.final_layernorm.weight"]
     norm.register_hook(lambda g: g * float("nan"))
     check = NonFiniteCheck()

@@ -1,13 +1,14 @@
 """Gradient-accumulation fusion on CUDA: the bf16/fp16 x bf16/fp16 -> fp32 wgrad GEMM
 accumulates in place (beta = 1) and is more exact than the unfused bf16 GEMM + add; the fused
 embedding lookup's row sums are deterministic and exact to fp32, and a bias's column sums go
-into its fp32 main_grad in place; a bf16 model's main grads (untied Llama, and GPT whose
-tied head and lookup both fuse) match the unfused path to bf16 resolution; and
-`pretrain_gpt.py` at TP=2 with sequence parallelism prints the same curve with and without
-the fusion."""
+into its fp32 main_grad in place, as do the Triton norms' gamma and beta; a bf16 model's main
+grads (untied Llama, and GPT whose tied head and lookup both fuse) match the unfused path to
+bf16 resolution; and `pretrain_gpt.py` at TP=2 with sequence parallelism prints the same curve
+with and without the fusion."""
 import pytest
 import torch
 
+import megatron_lite.fused.norm_grads as norm_grads
 import megatron_lite.fused.wgrad as wgrad
 import megatron_lite.tensor_parallel.layers as layers
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
@@ -108,9 +109,19 @@ def test_bf16_model_main_grads_match_the_unfused_path(monkeypatch, family):
         seen.append((main_grad.dtype, x.dtype))
         real(main_grad, g, x)
 
+    real_sum, into_main_grad = norm_grads.sum_partials, []
+
+    def counting_norm(partial, like, param):
+        into_main_grad.append(param is not None)
+        return real_sum(partial, like, param)
+
     unfused_losses, unfused = _bf16_step(False, family)
     monkeypatch.setattr(layers, "accumulate_wgrad_", counting)
+    monkeypatch.setattr(norm_grads, "sum_partials", counting_norm)
     fused_losses, fused = _bf16_step(True, family)
+    # The Triton norms' gamma (and GPT's beta) row sums, into main_grad: 2 layers x 2 norms +
+    # the final norm, per micro-batch.
+    assert into_main_grad == [True] * (3 * 5 * (2 if family == "gpt" else 1)), into_main_grad
     # 2 layers x (qkv, proj, fc1, fc2) + the output layer (untied, or the tied table), per
     # micro-batch; each a bf16 x bf16 -> fp32 GEMM (aten::addmm.dtype_out) into main_grad.
     assert seen == [(torch.float32, torch.bfloat16)] * (3 * 9), seen

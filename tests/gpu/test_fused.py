@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megatron_lite.fused import norm_grads
 from megatron_lite.fused.cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron_lite.fused.elementwise import rms_norm, rotary, swiglu
 from megatron_lite.models.rope import inverse_frequencies, rotary_cos_sin
@@ -215,3 +216,30 @@ def test_norm_residual_fusions_match_the_unfused_norm(fusion, kind, dtype, shape
     for g, w in zip(got[2:], want[2:]):
         assert g.dtype == dtype
         assert ((g.double() - w).abs().max() / w.abs().max()).item() < tol, (g, w)
+
+
+@pytest.mark.parametrize("rows,n", [(512, 2048), (37, 100)])
+def test_norm_grad_partials_sum_into_main_grad(rows, n):
+    """fused/norm_grads.py: the backward kernels' partial sums added to an fp32 main_grad in
+    place (twice: it accumulates), in a fixed order, or returned in gamma's dtype."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    partial = torch.randn(rows, n, device="cuda", generator=g)
+    start = torch.randn(n, device="cuda", generator=g)
+    param = torch.nn.Parameter(torch.ones(n, device="cuda", dtype=torch.bfloat16))
+    param.main_grad, param.grad_added_to_main_grad = start.clone(), False
+    ptr = param.main_grad.data_ptr()
+    for _ in range(2):
+        placeholder = norm_grads.sum_partials(partial, param, param)
+    assert param.grad_added_to_main_grad and placeholder.shape == param.shape
+    assert param.main_grad.data_ptr() == ptr
+    exact = start.double() + 2 * partial.double().sum(0)
+    # fp32 sums of 2 x 512 N(0, 1) values: a few fp32 ulps of the largest sum (2.7e-7 of it
+    # under Triton's interpreter); elementwise, a sum near zero can be off by more relatively
+    # (3.9e-6 of one element on an H200).
+    err = ((param.main_grad.double() - exact).abs().max() / exact.abs().max()).item()
+    assert err < 2e-6, err
+    out = norm_grads.sum_partials(partial, param, None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), partial.double().sum(0).float(), rtol=8e-3, atol=1e-5)
+    again = norm_grads.sum_partials(partial, partial[0], None)
+    assert torch.equal(again, norm_grads.sum_partials(partial, partial[0], None))

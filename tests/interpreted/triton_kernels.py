@@ -12,8 +12,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel  # noqa: E402
 from megatron_lite.distributed.parallel_state import ParallelState  # noqa: E402
-from megatron_lite.fused import layernorm, rmsnorm  # noqa: E402
+from megatron_lite.fused import layernorm, norm_grads, rmsnorm  # noqa: E402
 from megatron_lite.fused.cross_entropy import _FusedCrossEntropy  # noqa: E402
 from megatron_lite.fused.elementwise import _rms_norm_reference, _swiglu_reference  # noqa: E402
 from megatron_lite.fused.layernorm import _AddLayerNorm, _LayerNorm, _LayerNormKeep  # noqa: E402
@@ -96,6 +97,48 @@ def _model_loss_and_grads(family: str, add_norm: bool):
         norms.Norm.add_and_norm, norms.Norm.keep_and_norm = original
 
 
+def _norm_grad_cases(g):
+    """fused/norm_grads.py's row sums of backward partials: into an fp32 main_grad (twice, so
+    it really accumulates; the placeholder flag set) and as a bf16 gradient."""
+    for rows, n in [(37, 100), (512, 2048)]:  # neither a multiple of the blocks, and Llama-1B's
+        partial = torch.randn(rows, n, generator=g)
+        start = torch.randn(n, generator=g)
+        param = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+        param.main_grad, param.grad_added_to_main_grad = start.clone(), False
+        for _ in range(2):
+            placeholder = norm_grads.sum_partials(partial, param, param)
+        flag = torch.tensor(float(param.grad_added_to_main_grad and placeholder.shape == param.shape))
+        yield (f"normgrad fp32 main_grad {(rows, n)}", [param.main_grad, flag],
+               [start.double() + 2 * partial.double().sum(0), torch.tensor(1.0)])
+        out = norm_grads.sum_partials(partial, param, None)
+        yield f"normgrad bf16 grad {(rows, n)}", [out], [partial.double().sum(0)]
+
+
+def _model_main_grads(family: str, fused: bool):
+    """A tiny model's fp32 main_grads after two micro-batches under DDP, the norms' gamma and
+    beta gradients summed into them by fused/norm_grads.py or (not `fused`) by autograd; first
+    the number of row sums that went into a main_grad (fused) or of all row sums (not)."""
+    original, real_sum = norms.Norm.grad_params, norm_grads.sum_partials
+    into_main_grad = []  # the fused calls, counted: the comparison means nothing without them
+    if not fused:
+        norms.Norm.grad_params = lambda self: None
+    norm_grads.sum_partials = lambda partial, like, param: (
+        into_main_grad.append(param is not None) or real_sum(partial, like, param))
+    try:
+        cfg = tiny_config(family)
+        model = build(cfg, ParallelState.create())
+        ddp = DistributedDataParallel(model, ParallelState.create(), DDPConfig())
+        for i in range(2):
+            tokens, labels = tiny_batch(cfg, seed=i)
+            ddp.enable_grad_sync(i == 1)
+            model(tokens, labels=labels).mean().backward()
+        ddp.finish_grad_sync()
+        fused_calls = torch.tensor(float(sum(into_main_grad) if fused else len(into_main_grad)))
+        return [fused_calls] + [p.main_grad.clone() for _, p in sorted(model.named_parameters())]
+    finally:
+        norms.Norm.grad_params, norm_grads.sum_partials = original, real_sum
+
+
 def _model_cases():
     """GPT and Llama layers with the fused residual add against the same layers without it."""
     cpu_ok = lambda x, w, b=None: x.dtype == w.dtype  # noqa: E731 - the kernels run interpreted
@@ -106,6 +149,8 @@ def _model_cases():
     for family in ("gpt", "llama"):
         yield (f"addnorm-model fp32 {family}", _model_loss_and_grads(family, True),
                _model_loss_and_grads(family, False))
+        yield (f"normgrad-model fp32 {family}", _model_main_grads(family, True),
+               _model_main_grads(family, False))
 
 
 def _relative_errors(got, want) -> float:
@@ -140,6 +185,7 @@ def _cases():
             ref = lambda x, t=target, s=smoothing: vocab_parallel_cross_entropy(x, t, None, s)  # noqa: E731
             yield (f"cross_entropy {name} smoothing {smoothing}", _forward_backward(fused, logits),
                    _forward_backward(ref, logits.double()))
+    yield from _norm_grad_cases(g)
 
 
 def main() -> None:

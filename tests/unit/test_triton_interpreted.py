@@ -33,7 +33,8 @@ def errors() -> dict:
 
 @pytest.mark.parametrize("kernel,count", [("swiglu", 4), ("rmsnorm", 6), ("layernorm", 6),
                                           ("cross_entropy", 4), ("addrmsnorm", 4), ("addlayernorm", 4),
-                                          ("keeprmsnorm", 4), ("keeplayernorm", 4), ("addnorm-model", 2)])
+                                          ("keeprmsnorm", 4), ("keeplayernorm", 4), ("addnorm-model", 2),
+                                          ("normgrad", 4), ("normgrad-model", 2)])
 def test_kernel_matches_fp64_reference_under_the_interpreter(errors, kernel, count):
     cases = {name: err for name, err in errors.items() if name.startswith(kernel + " ")}
     assert len(cases) == count, errors

@@ -17,6 +17,8 @@ machines by a few percent, more than some of these choices are worth).
   bias     linear biases' gradients by a bf16 reduction added by DDP's hook, not fused
   ce       the cross-entropy by spec §11's max / shift / exp / sum / divide passes, not by ATen's
            log-softmax
+  normgrad the Triton norms' gamma/beta gradients summed by ATen and added to main_grad by DDP's
+           hook, not by fused/norm_grads.py straight into main_grad
 Several choices with rounds run each in a fresh process, interleaved (A B A B ...), and print
 each one's mean step and TFLOP/s beside the first's (README's Performance section lists runs):
 
@@ -33,6 +35,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import megatron_lite.fused.elementwise as elementwise  # noqa: E402
+import megatron_lite.fused.norm_grads as norm_grads  # noqa: E402
 import megatron_lite.models.gpt as gpt  # noqa: E402
 import megatron_lite.models.norms as norms  # noqa: E402
 import megatron_lite.tensor_parallel.cross_entropy as cross_entropy  # noqa: E402
@@ -40,7 +43,7 @@ import megatron_lite.tensor_parallel.embedding as embedding  # noqa: E402
 import megatron_lite.tensor_parallel.layers as layers  # noqa: E402
 from megatron_lite.fused.jit import jit_fuser  # noqa: E402
 
-UNDO = ("none", "swiglu", "rmsnorm", "addnorm", "tied", "layernorm", "bias", "ce")
+UNDO = ("none", "swiglu", "rmsnorm", "addnorm", "tied", "layernorm", "bias", "ce", "normgrad")
 
 
 def undo(choice: str) -> None:
@@ -61,6 +64,8 @@ def undo(choice: str) -> None:
     elif choice == "bias":
         # An unfused gradient without the main_grad flag: DDP's hook adds it (layers._bias_grad).
         layers._bias_grad = lambda param, g2d: g2d.sum(0)
+    elif choice == "normgrad":  # what fused/rmsnorm.py and layernorm.py did before norm_grads.py
+        norm_grads.sum_partials = lambda partial, like, param: partial.sum(0).to(like.dtype)
     elif choice == "ce":
         gpt.vocab_parallel_cross_entropy = (
             lambda logits, target, group, smoothing=0.0:
