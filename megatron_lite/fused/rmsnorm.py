@@ -9,8 +9,8 @@ separate add kernel each way and a re-read of the sum (three `[tokens, h]` passe
 At Llama-3.2-1B's `[8192, 2048]` bf16 on an H200 (issue 13), the forward takes 19.5 us, where
 the graph Inductor compiled from the PyTorch reference (`elementwise.rms_norm.reference`)
 took 49 us of CUDA time per call (one pass over the bytes: ~14 us); the backward takes the
-same as Inductor's (32 us, plus 13 us to sum the partials). End to end that measured 1.5 ms
-of a 943 ms step, within run-to-run noise (README).
+same as Inductor's (32 us); the partials are summed by fused/norm_grads.py (13 us a call by
+ATen). End to end that measured 1.5 ms of a 943 ms step, within run-to-run noise (README).
 
 Numerics follow the reference: statistics in fp32; the normalized row rounded to x's dtype,
 then multiplied by gamma and rounded again; the backward takes the rounded values where the
