@@ -24,6 +24,16 @@ def _mixed_dtype_addmm_available() -> bool:
     return hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
+def _require_mixed_dtype_addmm(main_grad: torch.Tensor, what: str) -> None:
+    """Raise unless the bf16/fp16 -> fp32 GEMM into `main_grad` exists. DESIGN rule 6: no
+    silent fallback to an fp32 GEMM on the GPU (many times slower)."""
+    if main_grad.dtype != torch.float32 or not _mixed_dtype_addmm_available():
+        raise RuntimeError(
+            f"gradient-accumulation fusion of {what} into a {main_grad.dtype} main_grad needs "
+            "torch.ops.aten.addmm.dtype_out (torch >= 2.8) and an fp32 main_grad; pass "
+            "--no-gradient-accumulation-fusion")
+
+
 def accumulate_wgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor) -> None:
     """`main_grad [out, in] += grad_out^T @ x` for grad_out `[T, out]`, x `[T, in]` (T: tokens).
 
@@ -37,12 +47,7 @@ def accumulate_wgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor, x: torch.
         # and round differently, and the mixed-dtype GEMM has no CPU kernel.
         main_grad.addmm_(g_t.to(main_grad.dtype), x.to(main_grad.dtype))
         return
-    if main_grad.dtype != torch.float32 or not _mixed_dtype_addmm_available():
-        # DESIGN rule 6: no silent fallback to an fp32 GEMM on the GPU (many times slower).
-        raise RuntimeError(
-            f"gradient-accumulation fusion of {x.dtype} weights into a {main_grad.dtype} main_grad needs "
-            "torch.ops.aten.addmm.dtype_out (torch >= 2.8) and an fp32 main_grad; pass "
-            "--no-gradient-accumulation-fusion")
+    _require_mixed_dtype_addmm(main_grad, f"{x.dtype} weights")
     # bf16/fp16 x bf16/fp16 -> fp32 with C = main_grad, beta = 1: Apex's wgrad_gemm_accum_fp32.
     torch.ops.aten.addmm.dtype_out(main_grad, g_t, x, torch.float32, out=main_grad)
 
@@ -60,11 +65,7 @@ def accumulate_bgrad_(main_grad: torch.Tensor, grad_out: torch.Tensor) -> None:
     if not main_grad.is_cuda:  # CPU (tests): fp32 operands, as accumulate_wgrad_
         main_grad.add_(grad_out.to(main_grad.dtype).sum(0))
         return
-    if main_grad.dtype != torch.float32 or not _mixed_dtype_addmm_available():
-        raise RuntimeError(
-            f"gradient-accumulation fusion of a {grad_out.dtype} bias into a {main_grad.dtype} "
-            "main_grad needs torch.ops.aten.addmm.dtype_out (torch >= 2.8) and an fp32 main_grad; pass "
-            "--no-gradient-accumulation-fusion")
+    _require_mixed_dtype_addmm(main_grad, f"a {grad_out.dtype} bias")
     c = main_grad.view(1, -1)  # [1, out]
     ones = grad_out.new_ones(1, grad_out.shape[0])  # [1, T]
     torch.ops.aten.addmm.dtype_out(c, ones, grad_out, torch.float32, out=c)

@@ -12,10 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_lite.tensor_parallel import collectives as c
-from megatron_lite.tensor_parallel.cross_entropy import (
-    _VocabParallelCrossEntropy,
-    vocab_parallel_cross_entropy,
-)
+from tests.ce_utils import losses_and_grads_against_spec
 
 pytestmark = pytest.mark.gpu
 
@@ -60,16 +57,12 @@ def _check_cross_entropy(rank: int, world: int) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for smoothing in (0.0, 0.1):
             shard = logits.chunk(world, -1)[rank].to(dtype)  # [s, b, V/tp]
-            ours, spec = shard.clone().requires_grad_(), shard.clone().requires_grad_()
-            loss = vocab_parallel_cross_entropy(ours, target, group, smoothing)
-            spec_loss = _VocabParallelCrossEntropy.apply(spec, target, group, smoothing)
-            (loss * grad).sum().backward()
-            (spec_loss * grad).sum().backward()
+            loss, spec_loss, ours, spec = losses_and_grads_against_spec(shard, target, group, smoothing, grad)
             torch.testing.assert_close(loss, spec_loss, rtol=1e-6, atol=1e-6)
-            assert ours.grad.dtype == dtype
+            assert ours.dtype == dtype
             # Both round the same fp32 gradient to bf16 up to a last-place flip.
             tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
-            torch.testing.assert_close(ours.grad.float(), spec.grad.float(), **tol)
+            torch.testing.assert_close(ours.float(), spec.float(), **tol)
 
 
 def _worker(rank: int, world: int, port: int) -> None:

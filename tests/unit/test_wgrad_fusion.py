@@ -1,13 +1,14 @@
 """Gradient-accumulation fusion on one process: the in-place wgrad accumulation against its
 unfused reference, the placeholder protocol with DDP's hook, the fallback for weights
 without a main_grad, and the flag reaching the model config."""
+import pytest
 import torch
 
 from megatron_lite.config.arguments import parse_args
 from megatron_lite.config.configs import model_config_from_args
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel
 from megatron_lite.distributed.parallel_state import ParallelState
-from megatron_lite.fused.wgrad import accumulate_wgrad_, reference
+from megatron_lite.fused.wgrad import _require_mixed_dtype_addmm, accumulate_wgrad_, reference
 from megatron_lite.models.init import init_parameter
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -75,3 +76,12 @@ def test_the_flag_reaches_the_model_config():
         args = parse_args(base + extra)
         args.padded_vocab_size = 128
         assert model_config_from_args(args).gradient_accumulation_fusion is expected
+
+
+def test_a_main_grad_the_mixed_gemm_cannot_take_is_refused_naming_the_flag():
+    """The weight and bias paths share one check: a non-fp32 main_grad (or a torch without
+    addmm.dtype_out) is refused with the flag that turns the fusion off, never a slow fallback."""
+    _require_mixed_dtype_addmm(torch.zeros(2), "fp32")  # accepted
+    with pytest.raises(RuntimeError, match=r"^gradient-accumulation fusion of a torch.bfloat16 bias into a "
+                                           r"torch.bfloat16 main_grad .*--no-gradient-accumulation-fusion$"):
+        _require_mixed_dtype_addmm(torch.zeros(2, dtype=torch.bfloat16), "a torch.bfloat16 bias")
