@@ -15,6 +15,8 @@ from megatron_lite.context_parallel import ContextParallelAttention, stashed_loc
 from megatron_lite.context_parallel.core import OFF, AttentionStash
 from megatron_lite.context_parallel.ulysses import check_heads
 from megatron_lite.fused.elementwise import rotary
+from megatron_lite.fused.rope_qkv import available as rope_qkv_available
+from megatron_lite.fused.rope_qkv import rope_qkv
 from megatron_lite.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 _SDPA_BACKENDS = ("auto", "flash", "fused")
@@ -119,24 +121,33 @@ class SelfAttention(nn.Module):
         # Set to record / replay by the transformer block around full-recompute checkpoints.
         self.stash = AttentionStash()
 
+    def _split_and_rotate(self, qkv: torch.Tensor, rope):
+        """q `[s, b, np/tp, d]`, k and v `[s, b, ng/tp, d]` of `qkv` `[s, b, ng/tp, (np/ng + 2) * d]`,
+        q and k rotated when `rope` (cos, sin `[s, b, 1, d]`) is given."""
+        cfg, s, b = self.config, qkv.shape[0], qkv.shape[1]
+        d, per = self.head_dim, self.heads_per_group
+        if rope is not None and cfg.apply_rope_fusion and rope_qkv_available(
+                qkv, rope[0], per, cfg.rotary_interleaved):
+            return rope_qkv(qkv, *rope, per)  # one pass each way over qkv (fused/rope_qkv.py)
+        q, k, v = qkv.split([per * d, d, d], dim=-1)  # q: [s, b, ng/tp, np/ng * d], strided
+        if rope is None:
+            return q.reshape(s, b, self.local_groups * per, d), k, v  # [s, b, np/tp, d] (a copy with GQA)
+        cos, sin = rope  # [s, b, 1, d]
+        rot = rotary if cfg.apply_rope_fusion else rotary.reference
+        # Rotated as a view [s, b, ng/tp, np/ng, d] of the strided q: the rotation writes a
+        # fresh contiguous tensor anyway, so reshaping q to heads first would copy it once
+        # more (a [s, b, np/tp, d] copy per layer and micro-batch).
+        q = rot(q.view(s, b, self.local_groups, per, d), cos.unsqueeze(2), sin.unsqueeze(2),
+                cfg.rotary_interleaved).reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d]
+        return q, rot(k, cos, sin, cfg.rotary_interleaved), v
+
     def forward(self, x: torch.Tensor, rope=None) -> torch.Tensor:
         cfg = self.config
         qkv = self.linear_qkv(x)  # [s, b, ng/tp * (np/ng + 2) * d]
         s, b = qkv.shape[:2]
         d, per = self.head_dim, self.heads_per_group
         qkv = qkv.view(s, b, self.local_groups, (per + 2) * d)  # [s, b, ng/tp, (np/ng + 2) * d]
-        q, k, v = qkv.split([per * d, d, d], dim=-1)  # q: [s, b, ng/tp, np/ng * d], strided
-        if rope is not None:
-            cos, sin = rope  # [s, b, 1, d]
-            rot = rotary if cfg.apply_rope_fusion else rotary.reference
-            # Rotated as a view [s, b, ng/tp, np/ng, d] of the strided q: the rotation writes a
-            # fresh contiguous tensor anyway, so reshaping q to heads first would copy it once
-            # more (a [s, b, np/tp, d] copy per layer and micro-batch).
-            q = rot(q.view(s, b, self.local_groups, per, d), cos.unsqueeze(2), sin.unsqueeze(2),
-                    cfg.rotary_interleaved).reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d]
-            k = rot(k, cos, sin, cfg.rotary_interleaved)
-        else:
-            q = q.reshape(s, b, self.local_groups * per, d)  # [s, b, np/tp, d] (a copy with GQA)
+        q, k, v = self._split_and_rotate(qkv, rope)
         dropout_p = cfg.attention_dropout if self.training else 0.0
         attend = lambda q_, k_, v_: core_attention(  # noqa: E731
             q_, k_, v_, backend=cfg.attention_backend, dropout_p=dropout_p,

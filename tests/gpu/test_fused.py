@@ -5,6 +5,8 @@ import torch
 from megatron_lite.fused import norm_grads
 from megatron_lite.fused.cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron_lite.fused.elementwise import rms_norm, rotary, swiglu
+from megatron_lite.fused.rope_qkv import available as rope_qkv_available
+from megatron_lite.fused.rope_qkv import rope_qkv
 from megatron_lite.models.rope import inverse_frequencies, rotary_cos_sin
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
@@ -46,6 +48,38 @@ def test_compiled_elementwise_match_reference(dtype, tol):
     ref, ref_grads = _fwd_bwd(lambda t: rotary.reference(t, cos, sin, False), q)
     _close(out, ref, tol)
     _close(grads[0], ref_grads[0], tol)
+
+
+def _rope_qkv_reference(qkv, cos, sin, per):
+    """The compiled path of models/attention.py: split, then rotate q and k as views."""
+    s, b, groups, width = qkv.shape
+    d = width // (per + 2)
+    q, k, v = qkv.split([per * d, d, d], dim=-1)
+    q = rotary(q.view(s, b, groups, per, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
+    return q.reshape(s, b, groups * per, d), rotary(k, cos, sin, False), v
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("groups,per,d", [(8, 4, 64), (16, 1, 128), (3, 3, 64), (4, 4, 128)])
+def test_rope_on_qkv_matches_the_compiled_rotation(dtype, tol, groups, per, d):
+    """fused/rope_qkv.py: q, k, v and the whole QKV gradient (a gradient per output)."""
+    torch.manual_seed(0)
+    s, b = 96, 2
+    qkv = torch.randn(s, b, groups, (per + 2) * d, device="cuda", dtype=dtype)
+    pos = torch.arange(s, device="cuda").expand(b, s) + 5
+    cos, sin = rotary_cos_sin(pos, inverse_frequencies(d, 500000.0).cuda(), dtype=dtype)
+    assert rope_qkv_available(qkv, cos, per, False) and not rope_qkv_available(qkv, cos, per, True)
+    results = []
+    for fn in (rope_qkv, _rope_qkv_reference):
+        x = qkv.detach().clone().requires_grad_()
+        outs = fn(x, cos, sin, per)
+        grads = [torch.randn(o.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
+                 .to(dtype) for i, o in enumerate(outs)]
+        torch.autograd.backward(outs, grads)
+        results.append([o.detach() for o in outs] + [x.grad])
+    assert [t.shape for t in results[0]] == [t.shape for t in results[1]]
+    for got, want in zip(*results):
+        _close(got, want, tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
