@@ -38,9 +38,14 @@ def global_num_zeros(grads: list[torch.Tensor], group, device) -> torch.Tensor:
     return zeros
 
 
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clipping multiplies the grads by (spec §7.4): `max_norm / (norm + 1e-6)`, at most 1;
+    a 0-dim fp32 tensor on the norm's device, never read on the host."""
+    return (max_norm / (total_norm + 1.0e-6)).clamp(max=1.0)
+
+
 def clip_by_norm_(grads: list[torch.Tensor], total_norm: torch.Tensor, max_norm: float) -> None:
-    """Scale `grads` by `max_norm / (norm + 1e-6)` when that is below 1 (no host sync)."""
+    """Scale `grads` in place by `clip_coefficient(total_norm, max_norm)` (no host sync)."""
     if not grads:
         return
-    coeff = (max_norm / (total_norm + 1.0e-6)).clamp(max=1.0)
-    torch._foreach_mul_(grads, coeff)
+    torch._foreach_mul_(grads, clip_coefficient(total_norm, max_norm))

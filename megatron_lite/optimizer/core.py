@@ -8,7 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_lite.optimizer.clip_grads import clip_by_norm_, global_l2_norm, global_num_zeros
+from megatron_lite.optimizer.clip_grads import (
+    clip_by_norm_,
+    clip_coefficient,
+    global_l2_norm,
+    global_num_zeros,
+)
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,12 @@ def is_adam(inner) -> bool:
 
 def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor],
                           norm_grads: list[torch.Tensor], scaler, cfg: OptimizerConfig, group,
-                          device: torch.device) -> OptimizerStepResult:
+                          device: torch.device, fused_step=None) -> OptimizerStepResult:
     """Steps 2-5 of spec §7.3 on fp32 main grads `grads` (`norm_grads`: the subset counted
     in the norm, §7.4), all on `device`. `group`: the grad-stats group (None for a single rank).
-    Returns the step's OptimizerStepResult."""
+    `fused_step(coeff)`, when given, replaces the clip multiply and `inner.step()`: it applies
+    the clip coefficient (a 0-dim tensor, None without clipping) as it loads each grad
+    (optimizer/fused_adamw.py). Returns the step's OptimizerStepResult."""
     if scaler is not None:
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
         if grads:
@@ -106,12 +113,18 @@ def unscale_clip_and_step(inner: torch.optim.Optimizer, grads: list[torch.Tensor
         if inf:
             return OptimizerStepResult(False)
     grad_norm = global_l2_norm(norm_grads, group, device)
-    if cfg.clip_grad > 0:
+    clip = cfg.clip_grad > 0
+    if clip and fused_step is None:
         clip_by_norm_(grads, grad_norm, cfg.clip_grad)
-    else:
-        grad_norm = torch.zeros((), device=device)  # spec §3.2: 0.0 with --clip-grad 0
+    # With `fused_step` the grads are clipped only inside the fused pass, so zeros are counted
+    # on the unclipped grads: different only where clipping underflows an entry to 0.
     num_zeros = global_num_zeros(norm_grads, group, device) if cfg.log_num_zeros_in_grad else None
-    inner.step()
+    if fused_step is not None:
+        fused_step(clip_coefficient(grad_norm, cfg.clip_grad) if clip else None)
+    else:
+        inner.step()
+    if not clip:
+        grad_norm = torch.zeros((), device=device)  # spec §3.2: 0.0 with --clip-grad 0
     return OptimizerStepResult(True, grad_norm, num_zeros)
 
 

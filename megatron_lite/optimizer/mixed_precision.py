@@ -1,11 +1,14 @@
 """The optimizer without sharding: an fp32 main copy of every bf16/fp16 param (fp32 params are
 their own main params), loss-scale handling, clipping and the inner Adam/SGD step (spec
 §7.1-7.4). Grads arrive in `param.main_grad` (data_parallel/ddp.py), fully reduced over DP.
-Part of the mains may live on the host (`--optimizer-cpu-offload`, optimizer/cpu_offload.py)."""
+Part of the mains may live on the host (`--optimizer-cpu-offload`, optimizer/cpu_offload.py).
+On CUDA, Adam's clip, update and copy back into the model params run as one Triton pass per
+param (optimizer/fused_adamw.py)."""
 from __future__ import annotations
 
 import torch
 
+from megatron_lite.optimizer import fused_adamw
 from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_norm
 from megatron_lite.optimizer.core import (
     InnerOptimizerView,
@@ -62,6 +65,10 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
         # Device copies written back after the step (the hybrid step writes the host ones).
         self._low_precision = [(p, m) for p, m in zip(self.model_params[self._num_host:],
                                                       self.main_params[self._num_host:]) if m is not p]
+        # main -> model param written by the fused AdamW pass (optimizer/fused_adamw.py); None
+        # where the pass can't run: the host half of an offload, SGD, no CUDA or no Triton.
+        low_by_main = {m: p for p, m in self._low_precision}
+        self._low_by_main = low_by_main if fused_adamw.available(self.inner, low_by_main) else None
 
     def _stats_group(self):
         # spec §7.4: every DP replica holds the same reduced grads, so the norm and the inf
@@ -80,9 +87,10 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
             self.inner.host_grads = grads[:self._num_host]
         try:
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
+            fused = self._fused_step if self._fuses_step() else None
             result = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
-                                           self.cfg, self._stats_group(), self.device)
-            if result.update_successful and self._low_precision:
+                                           self.cfg, self._stats_group(), self.device, fused)
+            if result.update_successful and self._low_precision and fused is None:
                 low, mains = zip(*self._low_precision)
                 torch._foreach_copy_(list(low), list(mains))  # fp32 main -> bf16/fp16 model params
         finally:
@@ -93,6 +101,16 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
             if self._num_host:
                 self.inner.host_grads = []  # a skipped step (overflow) never consumed them
         return result
+
+    def _fuses_step(self) -> bool:
+        # Checked each step: the group options could change after construction (a loaded
+        # state dict, a tensor LR), and then torch's own step takes over on the same state.
+        return self._low_by_main is not None and all(map(fused_adamw.supported, self.inner.param_groups))
+
+    def _fused_step(self, coeff: torch.Tensor | None) -> None:
+        """Clip, AdamW and the copy into the bf16/fp16 model params in one pass per param
+        (spec §7.3 steps 3, 5, 6): replaces `_foreach_mul_`, `inner.step()` and `_foreach_copy_`."""
+        fused_adamw.adamw_step_(self.inner, coeff, self._low_by_main)
 
     @torch.no_grad()
     def params_norm(self) -> torch.Tensor:

@@ -51,12 +51,15 @@ def test_compiled_elementwise_match_reference(dtype, tol):
 
 
 def _rope_qkv_reference(qkv, cos, sin, per):
-    """The compiled path of models/attention.py: split, then rotate q and k as views."""
+    """models/attention.py's split and rotation of q and k as views, by the eager reference in
+    fp32 (one rounding per output, as the kernels; the compiled `rotary` would recompile per
+    shape past torch.compile's limit across these cases)."""
     s, b, groups, width = qkv.shape
     d = width // (per + 2)
     q, k, v = qkv.split([per * d, d, d], dim=-1)
-    q = rotary(q.view(s, b, groups, per, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
-    return q.reshape(s, b, groups * per, d), rotary(k, cos, sin, False), v
+    cos, sin = cos.float(), sin.float()
+    q = rotary.reference(q.view(s, b, groups, per, d), cos.unsqueeze(2), sin.unsqueeze(2), False)
+    return q.reshape(s, b, groups * per, d), rotary.reference(k, cos, sin, False), v
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
@@ -70,13 +73,13 @@ def test_rope_on_qkv_matches_the_compiled_rotation(dtype, tol, groups, per, d):
     cos, sin = rotary_cos_sin(pos, inverse_frequencies(d, 500000.0).cuda(), dtype=dtype)
     assert rope_qkv_available(qkv, cos, per, False) and not rope_qkv_available(qkv, cos, per, True)
     results = []
-    for fn in (rope_qkv, _rope_qkv_reference):
-        x = qkv.detach().clone().requires_grad_()
+    for fn, x in ((rope_qkv, qkv), (_rope_qkv_reference, qkv.float())):
+        x = x.detach().clone().requires_grad_()
         outs = fn(x, cos, sin, per)
         grads = [torch.randn(o.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
-                 .to(dtype) for i, o in enumerate(outs)]
+                 .to(dtype).to(o.dtype) for i, o in enumerate(outs)]
         torch.autograd.backward(outs, grads)
-        results.append([o.detach() for o in outs] + [x.grad])
+        results.append([o.detach().to(dtype) for o in outs] + [x.grad.to(dtype)])
     assert [t.shape for t in results[0]] == [t.shape for t in results[1]]
     for got, want in zip(*results):
         _close(got, want, tol)

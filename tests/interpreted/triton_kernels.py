@@ -14,13 +14,18 @@ import torch.nn.functional as F  # noqa: E402
 
 from megatron_lite.data_parallel.ddp import DDPConfig, DistributedDataParallel  # noqa: E402
 from megatron_lite.distributed.parallel_state import ParallelState  # noqa: E402
-from megatron_lite.fused import layernorm, norm_grads, rmsnorm  # noqa: E402
+from megatron_lite.fused import layernorm, norm_grads, rmsnorm, rope_qkv  # noqa: E402
 from megatron_lite.fused.cross_entropy import _FusedCrossEntropy  # noqa: E402
 from megatron_lite.fused.elementwise import _rms_norm_reference, _swiglu_reference  # noqa: E402
 from megatron_lite.fused.layernorm import _AddLayerNorm, _LayerNorm, _LayerNormKeep  # noqa: E402
 from megatron_lite.fused.rmsnorm import _AddRMSNorm, _RMSNorm, _RMSNormKeep  # noqa: E402
 from megatron_lite.fused.swiglu import _SwiGLU  # noqa: E402
-from megatron_lite.models import norms  # noqa: E402
+from megatron_lite.models import attention, norms  # noqa: E402
+from megatron_lite.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin  # noqa: E402
+from megatron_lite.optimizer import fused_adamw  # noqa: E402
+from megatron_lite.optimizer.clip_grads import clip_coefficient  # noqa: E402
+from megatron_lite.optimizer.core import OptimizerConfig  # noqa: E402
+from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer  # noqa: E402
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 from tests.model_utils import build, tiny_batch, tiny_config  # noqa: E402
 
@@ -114,6 +119,128 @@ def _norm_grad_cases(g):
         yield f"normgrad bf16 grad {(rows, n)}", [out], [partial.double().sum(0)]
 
 
+def _rope_qkv_reference(qkv, cos, sin, per):
+    """models/attention.py's split and rotation of q and k as views."""
+    s, b, groups, width = qkv.shape
+    d = width // (per + 2)
+    q, k, v = qkv.split([per * d, d, d], dim=-1)
+    q = apply_rotary(q.reshape(s, b, groups, per, d), cos.unsqueeze(2), sin.unsqueeze(2))
+    return q.reshape(s, b, groups * per, d), apply_rotary(k, cos, sin), v
+
+
+def _rope_qkv_cases(name, dtype, g):
+    """fused/rope_qkv.py's q, k, v and QKV gradient: GQA groups of 3 query heads (a head tile
+    past the row), MHA (one per group), 4 per group over a wide head."""
+    for s, b, groups, per, d in [(5, 2, 3, 3, 16), (4, 1, 2, 1, 8), (3, 2, 1, 4, 32)]:
+        qkv = torch.randn(s, b, groups, (per + 2) * d, generator=g).to(dtype)
+        cos, sin = rotary_cos_sin(torch.arange(s).repeat(b, 1) + 3, inverse_frequencies(d, 10000.0),
+                                  dtype=dtype)
+        yield (f"ropeqkv {name} {(s, b, groups, per, d)}",
+               _forward_backward_outputs(lambda x, c=cos, t=sin, n=per: rope_qkv._RopeQKV.apply(x, c, t, n),
+                                         qkv),
+               _forward_backward_outputs(lambda x, c=cos, t=sin, n=per:
+                                         _rope_qkv_reference(x, c.double(), t.double(), n), qkv.double()))
+
+
+def _forward_backward_outputs(fn, x):
+    """Outputs of `fn(x)` (several) and x's gradient, each output given its own gradient."""
+    x = x.detach().clone().requires_grad_(True)
+    outs = fn(x)
+    grads = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o.dtype)
+             for i, o in enumerate(outs, 1)]
+    torch.autograd.backward(outs, grads)
+    return [o.detach() for o in outs] + [x.grad]
+
+
+def _rope_model_loss_and_grads(fused: bool):
+    """The tiny Llama's loss and gradients with its RoPE by fused/rope_qkv.py (the CUDA check
+    patched; first the number of kernel calls, forward and backward) or by the rotation."""
+    calls, real = [], rope_qkv._RopeQKV.apply
+    originals = attention.rope_qkv_available, rope_qkv.available, rope_qkv._RopeQKV.apply
+    cpu_ok = lambda qkv, cos, per, interleaved: fused and not interleaved  # noqa: E731
+    attention.rope_qkv_available = rope_qkv.available = cpu_ok
+    rope_qkv._RopeQKV.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        cfg = tiny_config("llama")
+        model = build(cfg, ParallelState.create())
+        tokens, labels = tiny_batch(cfg)
+        loss = model(tokens, labels=labels).mean()
+        loss.backward()
+        return [torch.tensor(float(len(calls) if fused else cfg.num_layers)), loss.detach()] + [
+            p.grad for _, p in sorted(model.named_parameters())]
+    finally:
+        attention.rope_qkv_available, rope_qkv.available, rope_qkv._RopeQKV.apply = originals
+
+
+def _fp32(x: float) -> float:
+    """`x` rounded to fp32, as ATen's fused AdamW rounds its hyper-parameters."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def _adamw_cases(g):
+    """optimizer/fused_adamw.py's pass against torch's AdamW in fp64 on the same clipped grads:
+    3 steps (the LR changing, as the scheduler changes it) over a decayed [3, 1500] param (not a
+    block multiple, with a bf16 model copy) and an undecayed [100] one (no copy); the clip
+    coefficient (about 0.4) applied inside the pass. The reference's hyper-parameters are
+    rounded to fp32 as ATen's fused AdamW (and this pass) rounds them: 1 - 0.999 is 1.3e-5 off
+    in fp32, which the moments would show."""
+    params = [torch.randn(3, 1500, generator=g), torch.randn(100, generator=g)]
+    fused = [torch.nn.Parameter(p.clone()) for p in params]
+    ref = [torch.nn.Parameter(p.double()) for p in params]
+    copy = params[0].bfloat16()
+    groups = lambda ps: [{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}]  # noqa: E731
+    opt = torch.optim.AdamW(groups(fused), lr=1e-2)
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, betas=(_fp32(0.9), _fp32(0.999)), eps=_fp32(1e-8),
+                                foreach=False)
+    for group in ref_opt.param_groups:
+        group["weight_decay"] = _fp32(group["weight_decay"])
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        norm = torch.stack([x.norm() for x in grads]).norm()
+        coeff = clip_coefficient(norm, 0.4 * norm.item())
+        for group, ref_group in zip(opt.param_groups, ref_opt.param_groups):
+            group["lr"], ref_group["lr"] = 1e-2 / (step + 1), _fp32(1e-2 / (step + 1))
+        for p, r, grad in zip(fused, ref, grads):
+            p.grad, r.grad = grad.clone(), grad.double() * coeff.double()
+        fused_adamw.adamw_step_(opt, coeff, {fused[0]: copy})
+        ref_opt.step()
+    state = lambda o, ps, key: [o.state[p][key] for p in ps]  # noqa: E731
+    yield "adamw fp32 params", list(fused), list(ref)
+    yield ("adamw fp32 moments", state(opt, fused, "exp_avg") + state(opt, fused, "exp_avg_sq"),
+           state(ref_opt, ref, "exp_avg") + state(ref_opt, ref, "exp_avg_sq"))
+    yield "adamw fp32 steps", state(opt, fused, "step"), state(ref_opt, ref, "step")
+    # The interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): within one bf16 ulp.
+    yield "adamw bf16 model copy", [copy], [ref[0]]
+
+
+def _adamw_model_case(fused: bool):
+    """A MixedPrecisionOptimizer over bf16 params (and one fp32 param, its own main) after 3
+    clipped steps, with the fused pass (the CUDA check patched) or torch's AdamW + clip multiply
+    + copy: the fp32 mains and moments, and the bf16 params."""
+    g = torch.Generator().manual_seed(2)
+    named = [("fc.weight", torch.randn(64, 80, generator=g).bfloat16()),
+             ("fc.bias", torch.randn(64, generator=g).bfloat16()),
+             ("norm.weight", torch.rand(80, generator=g))]  # fp32: its own main, no copy
+    named = [(n, torch.nn.Parameter(p)) for n, p in named]
+    original = fused_adamw.available
+    fused_adamw.available = lambda inner, copies: fused and type(inner) is torch.optim.AdamW
+    try:
+        # Betas exact in fp32: torch's CPU AdamW takes 1 - beta2 from the double, the fused pass
+        # (as ATen's CUDA kernel) from the fp32 beta2, 1.3e-5 apart for 0.999.
+        cfg = OptimizerConfig(lr=1e-2, weight_decay=0.1, clip_grad=0.5, adam_beta1=_fp32(0.9),
+                              adam_beta2=_fp32(0.999))
+        opt = MixedPrecisionOptimizer(named, cfg, ParallelState.create())
+    finally:
+        fused_adamw.available = original
+    for _ in range(3):
+        for _, p in named:
+            p.main_grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    mains = opt.main_params
+    return ([*mains, *(opt.inner.state[m][k] for m in mains for k in ("exp_avg", "exp_avg_sq"))],
+            [p.detach() for _, p in named])
+
+
 def _model_main_grads(family: str, fused: bool):
     """A tiny model's fp32 main_grads after two micro-batches under DDP, the norms' gamma and
     beta gradients summed into them by fused/norm_grads.py or (not `fused`) by autograd; first
@@ -151,6 +278,11 @@ def _model_cases():
                _model_loss_and_grads(family, False))
         yield (f"normgrad-model fp32 {family}", _model_main_grads(family, True),
                _model_main_grads(family, False))
+    yield "ropeqkv-model fp32 llama", _rope_model_loss_and_grads(True), _rope_model_loss_and_grads(False)
+    (mains, params), (ref_mains, ref_params) = _adamw_model_case(True), _adamw_model_case(False)
+    yield "adamw-model fp32 mains and moments", mains, ref_mains
+    # bf16 params: the interpreter truncates where torch's copy rounds, one bf16 ulp apart.
+    yield "adamw-model bf16 params", params, ref_params
 
 
 def _relative_errors(got, want) -> float:
@@ -178,6 +310,7 @@ def _cases():
                                      x.double(), w.double(), b.double()))
         yield from _add_norm_cases(name, dtype, g)
         yield from _keep_norm_cases(name, dtype, g)
+        yield from _rope_qkv_cases(name, dtype, g)
         for smoothing in (0.0, 0.1):
             logits = (torch.randn(9, 2, 5003, generator=g) * 3).to(dtype)  # V not a block multiple
             target = torch.randint(0, 5003, (9, 2), generator=g)
@@ -186,6 +319,7 @@ def _cases():
             yield (f"cross_entropy {name} smoothing {smoothing}", _forward_backward(fused, logits),
                    _forward_backward(ref, logits.double()))
     yield from _norm_grad_cases(g)
+    yield from _adamw_cases(g)
 
 
 def main() -> None:

@@ -19,6 +19,10 @@ machines by a few percent, more than some of these choices are worth).
            log-softmax
   normgrad the Triton norms' gamma/beta gradients summed by ATen and added to main_grad by DDP's
            hook, not by fused/norm_grads.py straight into main_grad
+  adamw    the plain optimizer's clip multiply, torch's fused AdamW and the fp32 main -> bf16
+           model param copy as three passes, not optimizer/fused_adamw.py's one
+  rope     RoPE by the compiled rotation of q and k as views (fused/elementwise.py), not
+           fused/rope_qkv.py's kernels on the QKV output
 Several choices with rounds run each in a fresh process, interleaved (A B A B ...), and print
 each one's mean step and TFLOP/s beside the first's (README's Performance section lists runs):
 
@@ -36,14 +40,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import megatron_lite.fused.elementwise as elementwise  # noqa: E402
 import megatron_lite.fused.norm_grads as norm_grads  # noqa: E402
+import megatron_lite.models.attention as attention  # noqa: E402
 import megatron_lite.models.gpt as gpt  # noqa: E402
 import megatron_lite.models.norms as norms  # noqa: E402
+import megatron_lite.optimizer.fused_adamw as fused_adamw  # noqa: E402
 import megatron_lite.tensor_parallel.cross_entropy as cross_entropy  # noqa: E402
 import megatron_lite.tensor_parallel.embedding as embedding  # noqa: E402
 import megatron_lite.tensor_parallel.layers as layers  # noqa: E402
 from megatron_lite.fused.jit import jit_fuser  # noqa: E402
 
-UNDO = ("none", "swiglu", "rmsnorm", "addnorm", "tied", "layernorm", "bias", "ce", "normgrad")
+UNDO = ("none", "swiglu", "rmsnorm", "addnorm", "tied", "layernorm", "bias", "ce", "normgrad", "adamw",
+        "rope")
 
 
 def undo(choice: str) -> None:
@@ -66,6 +73,10 @@ def undo(choice: str) -> None:
         layers._bias_grad = lambda param, g2d: g2d.sum(0)
     elif choice == "normgrad":  # what fused/rmsnorm.py and layernorm.py did before norm_grads.py
         norm_grads.sum_partials = lambda partial, like, param: partial.sum(0).to(like.dtype)
+    elif choice == "adamw":  # read by MixedPrecisionOptimizer when it is built
+        fused_adamw.available = lambda inner, model_copies: False
+    elif choice == "rope":
+        attention.rope_qkv_available = lambda qkv, cos, per, interleaved: False
     elif choice == "ce":
         gpt.vocab_parallel_cross_entropy = (
             lambda logits, target, group, smoothing=0.0:
