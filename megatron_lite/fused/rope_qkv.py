@@ -81,6 +81,13 @@ if triton is not None:
         tl.store(dst + HALF, dx2.to(dqkv_ptr.dtype.element_ty), mask=real)
 
 
+def _num_warps(heads: int, half: int) -> int:
+    # A program holds a [heads, half] tile of several fp32 tensors: 4 warps for Llama-3.2-1B's
+    # 64 x 32 (measured), more for wider rows (Llama-3-8B's 64 x 64, 70B's 128 x 64) so that
+    # a thread's share stays in registers instead of spilling.
+    return min(16, max(4, heads * half // 512))
+
+
 class _RopeQKV(torch.autograd.Function):
     """`[s, b, ng, (per + 2) * d]` -> q `[s, b, ng * per, d]`, k `[s, b, ng, d]` rotated (fresh,
     contiguous) and v `[s, b, ng, d]` (a view of the input)."""
@@ -93,8 +100,9 @@ class _RopeQKV(torch.autograd.Function):
         q = qkv.new_empty(s, b, groups * per, d)  # [s, b, np/tp, d]
         k = qkv.new_empty(s, b, groups, d)  # [s, b, ng/tp, d]
         cos2, sin2 = cos.reshape(s * b, d), sin.reshape(s * b, d)  # [s*b, d], views of [s, b, 1, d]
-        _rope_qkv_forward_kernel[(s * b,)](qkv, cos2, sin2, q, k, n_heads, per, HALF=d // 2,
-                                           HEADS=triton.next_power_of_2(n_heads), num_warps=4)
+        heads = triton.next_power_of_2(n_heads)
+        _rope_qkv_forward_kernel[(s * b,)](qkv, cos2, sin2, q, k, n_heads, per, HALF=d // 2, HEADS=heads,
+                                           num_warps=_num_warps(heads, d // 2))
         ctx.save_for_backward(cos2, sin2)
         ctx.per, ctx.shape, ctx.dtype = per, qkv.shape, qkv.dtype
         v = qkv.view(s, b, groups, per + 2, d)[:, :, :, per + 1]  # [s, b, ng/tp, d], strided
@@ -111,8 +119,9 @@ class _RopeQKV(torch.autograd.Function):
                       else g.contiguous() for g, n in ((dq, groups * per), (dk, groups), (dv, groups)))
         dqkv = torch.empty(ctx.shape, dtype=ctx.dtype, device=cos2.device)  # [s, b, ng/tp, (np/ng + 2) * d]
         n_heads = groups * (per + 2)
+        heads = triton.next_power_of_2(n_heads)
         _rope_qkv_backward_kernel[(s * b,)](dq, dk, dv, cos2, sin2, dqkv, n_heads, per, HALF=d // 2,
-                                            HEADS=triton.next_power_of_2(n_heads), num_warps=4)
+                                            HEADS=heads, num_warps=_num_warps(heads, d // 2))
         return dqkv, None, None, None
 
 
