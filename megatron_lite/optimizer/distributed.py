@@ -1,13 +1,15 @@
 """The distributed optimizer (ZeRO-1, spec §8.3): each DP×CP rank keeps fp32 main params and
 optimizer state only for its shard `[r*n/D, (r+1)*n/D)` of every bucket, steps on the
 reduce-scattered grads of that shard, and all-gathers the updated params (through the DDP
-chunks, which own the buffers and the gather schedule)."""
+chunks, which own the buffers and the gather schedule). On CUDA, Adam's clip, update and write
+into the param buffer run as one Triton pass per shard piece (optimizer/fused_adamw.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from megatron_lite.optimizer import fused_adamw
 from megatron_lite.optimizer.clip_grads import counts_toward_norm, global_l2_norm
 from megatron_lite.optimizer.core import (
     InnerOptimizerView,
@@ -82,6 +84,12 @@ class DistributedOptimizer(InnerOptimizerView):
         # spec §7.4: every rank owns a disjoint shard, so norm and inf flag are reduced over
         # all ranks (TP duplicates are masked, DP shards are disjoint).
         self._group = ps.world_group
+        # main piece -> its slice of the bf16/fp16 param buffer, written by the fused AdamW
+        # pass (optimizer/fused_adamw.py) in place of the per-shard copy; fp32 buffers' mains
+        # are the buffer itself. None where the pass can't run (offload, SGD, CPU).
+        low_by_main = {piece: s.buffer.param_data[s.lo + a:s.lo + b] for s in self.shards
+                       if s.owns_main and not s.on_host for piece, a, b in s.slices}
+        self._low_by_main = low_by_main if fused_adamw.available(self.inner, low_by_main) else None
 
     @staticmethod
     def _bucket_plan(chunk, buf, bucket):
@@ -126,8 +134,9 @@ class DistributedOptimizer(InnerOptimizerView):
             self.inner.host_grads = host_grads
         try:
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
+            fused = fused_adamw.step_for(self.inner, self._low_by_main)
             result = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
-                                           self.cfg, self._group, self.device)
+                                           self.cfg, self._group, self.device, fused)
         finally:
             for shard in self.shards:
                 for piece, _, _ in shard.slices:
@@ -135,7 +144,7 @@ class DistributedOptimizer(InnerOptimizerView):
             if host_grads:
                 self.inner.host_grads = []  # a skipped step (overflow) never consumed them
         if result.update_successful:
-            for shard in self.shards:
+            for shard in self.shards if fused is None else ():  # the fused pass wrote the params
                 if shard.owns_main and not shard.on_host:  # the hybrid step wrote the host parts
                     shard.buffer.param_data[shard.lo:shard.hi].copy_(shard.main)  # fp32 -> bf16/fp16
             for chunk in self.chunks:

@@ -87,7 +87,7 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
             self.inner.host_grads = grads[:self._num_host]
         try:
             norm_grads = [g for g, keep in zip(grads, self._norm_mask) if keep]
-            fused = self._fused_step if self._fuses_step() else None
+            fused = fused_adamw.step_for(self.inner, self._low_by_main)
             result = unscale_clip_and_step(self.inner, grads, norm_grads, self.scaler,
                                            self.cfg, self._stats_group(), self.device, fused)
             if result.update_successful and self._low_precision and fused is None:
@@ -101,16 +101,6 @@ class MixedPrecisionOptimizer(InnerOptimizerView):
             if self._num_host:
                 self.inner.host_grads = []  # a skipped step (overflow) never consumed them
         return result
-
-    def _fuses_step(self) -> bool:
-        # Checked each step: the group options could change after construction (a loaded
-        # state dict, a tensor LR), and then torch's own step takes over on the same state.
-        return self._low_by_main is not None and all(map(fused_adamw.supported, self.inner.param_groups))
-
-    def _fused_step(self, coeff: torch.Tensor | None) -> None:
-        """Clip, AdamW and the copy into the bf16/fp16 model params in one pass per param
-        (spec §7.3 steps 3, 5, 6): replaces `_foreach_mul_`, `inner.step()` and `_foreach_copy_`."""
-        fused_adamw.adamw_step_(self.inner, coeff, self._low_by_main)
 
     @torch.no_grad()
     def params_norm(self) -> torch.Tensor:

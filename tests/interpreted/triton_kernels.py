@@ -25,6 +25,7 @@ from megatron_lite.models.rope import apply_rotary, inverse_frequencies, rotary_
 from megatron_lite.optimizer import fused_adamw  # noqa: E402
 from megatron_lite.optimizer.clip_grads import clip_coefficient  # noqa: E402
 from megatron_lite.optimizer.core import OptimizerConfig  # noqa: E402
+from megatron_lite.optimizer.distributed import DistributedOptimizer  # noqa: E402
 from megatron_lite.optimizer.mixed_precision import MixedPrecisionOptimizer  # noqa: E402
 from megatron_lite.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy  # noqa: E402
 from tests.model_utils import build, tiny_batch, tiny_config  # noqa: E402
@@ -241,6 +242,29 @@ def _adamw_model_case(fused: bool):
             [p.detach() for _, p in named])
 
 
+def _adamw_distributed_case(fused: bool):
+    """A DistributedOptimizer (DP 1, small buckets: 9 shards) over a tiny bf16 GPT after 3
+    clipped steps on seeded buffer grads, with the fused pass (the CUDA check patched) writing
+    each shard piece's slice of the bf16 param buffer, or with torch's step and the per-shard
+    copy: first whether the pass was chosen, then the fp32 mains, then the param buffers."""
+    cfg, ps = tiny_config("gpt", params_dtype=torch.bfloat16), ParallelState.create()
+    ddp = DistributedDataParallel(build(cfg, ps), ps, DDPConfig(use_distributed_optimizer=True,
+                                                                bucket_size=3000))
+    original = fused_adamw.available
+    fused_adamw.available = lambda inner, copies: fused and type(inner) is torch.optim.AdamW
+    try:
+        opt = DistributedOptimizer([ddp], OptimizerConfig(lr=1e-2, clip_grad=0.5, weight_decay=0.1), ps)
+    finally:
+        fused_adamw.available = original
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for buf in ddp.param_buffers:
+            buf.grad_data.copy_(torch.randn(buf.grad_data.shape, generator=g))
+        opt.step()
+    chosen = torch.tensor(float(opt._low_by_main is not None))
+    return [chosen] + [s.main for s in opt.shards], [b.param_data for b in ddp.param_buffers]
+
+
 def _model_main_grads(family: str, fused: bool):
     """A tiny model's fp32 main_grads after two micro-batches under DDP, the norms' gamma and
     beta gradients summed into them by fused/norm_grads.py or (not `fused`) by autograd; first
@@ -283,6 +307,9 @@ def _model_cases():
     yield "adamw-model fp32 mains and moments", mains, ref_mains
     # bf16 params: the interpreter truncates where torch's copy rounds, one bf16 ulp apart.
     yield "adamw-model bf16 params", params, ref_params
+    (mains, buffers), (ref_mains, ref_buffers) = _adamw_distributed_case(True), _adamw_distributed_case(False)
+    yield "adamw-distributed fp32 mains", mains, [torch.tensor(1.0)] + ref_mains[1:]
+    yield "adamw-distributed bf16 param buffers", buffers, ref_buffers
 
 
 def _relative_errors(got, want) -> float:

@@ -4,10 +4,10 @@ optimizer/fused_adamw.py, run on the CPU by Triton's interpreter, against their 
 references in fp64: outputs and every gradient, fp32 and bf16, shapes that are not block
 multiples, AdamW's params, moments and model copy over 3 clipped steps; and tiny GPT and Llama
 models with the fused residual adds, a Llama with RoPE on its QKV output, and a
-MixedPrecisionOptimizer with the fused AdamW pass, against the same without them (fp32). The
-GPU tests (tests/gpu/test_fused.py, test_cuda_fused_adamw.py) check the compiled kernels; this
-lets a CPU-only CI check their arithmetic and masking. Skipped where Triton is not installed
-(the test extra installs it)."""
+MixedPrecisionOptimizer and a DistributedOptimizer with the fused AdamW pass, against the same
+without them (fp32). The GPU tests (tests/gpu/test_fused.py, test_cuda_fused_adamw.py) check
+the compiled kernels; this lets a CPU-only CI check their arithmetic and masking. Skipped where
+Triton is not installed (the test extra installs it)."""
 import importlib.util
 import json
 import os
@@ -38,7 +38,8 @@ def errors() -> dict:
                                           ("cross_entropy", 4), ("addrmsnorm", 4), ("addlayernorm", 4),
                                           ("keeprmsnorm", 4), ("keeplayernorm", 4), ("addnorm-model", 2),
                                           ("normgrad", 4), ("normgrad-model", 2), ("adamw", 4),
-                                          ("adamw-model", 2), ("ropeqkv", 6), ("ropeqkv-model", 1)])
+                                          ("adamw-model", 2), ("adamw-distributed", 2), ("ropeqkv", 6),
+                                          ("ropeqkv-model", 1)])
 def test_kernel_matches_fp64_reference_under_the_interpreter(errors, kernel, count):
     cases = {name: err for name, err in errors.items() if name.startswith(kernel + " ")}
     assert len(cases) == count, errors
