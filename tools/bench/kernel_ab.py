@@ -19,8 +19,8 @@ machines by a few percent, more than some of these choices are worth).
            log-softmax
   normgrad the Triton norms' gamma/beta gradients summed by ATen and added to main_grad by DDP's
            hook, not by fused/norm_grads.py straight into main_grad
-  adamw    the plain optimizer's clip multiply, torch's fused AdamW and the fp32 main -> bf16
-           model param copy as three passes, not optimizer/fused_adamw.py's one
+  adamw    the optimizers' clip multiply, torch's fused AdamW and the fp32 main -> bf16 model
+           param copy as three passes, not optimizer/fused_adamw.py's one
   rope     RoPE by the compiled rotation of q and k as views (fused/elementwise.py), not
            fused/rope_qkv.py's kernels on the QKV output
 Several choices with rounds run each in a fresh process, interleaved (A B A B ...), and print
@@ -73,7 +73,7 @@ def undo(choice: str) -> None:
         layers._bias_grad = lambda param, g2d: g2d.sum(0)
     elif choice == "normgrad":  # what fused/rmsnorm.py and layernorm.py did before norm_grads.py
         norm_grads.sum_partials = lambda partial, like, param: partial.sum(0).to(like.dtype)
-    elif choice == "adamw":  # read by MixedPrecisionOptimizer when it is built
+    elif choice == "adamw":  # read by both optimizers when they are built
         fused_adamw.available = lambda inner, model_copies: False
     elif choice == "rope":
         attention.rope_qkv_available = lambda qkv, cos, per, interleaved: False
